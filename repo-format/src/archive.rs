@@ -1,0 +1,173 @@
+//! Turning content into blobs: large files and dumps are chunked one by one; small files are
+//! concatenated into one stream per directory so that they share chunks (and a compression
+//! context), each file then pointing at byte ranges of those chunks.
+
+use std::io::{ErrorKind, Read};
+use std::path::Path;
+
+use crate::chunker::Chunker;
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::repofile::pack::BlobKind;
+use crate::repofile::tree::ChunkRef;
+use crate::writer::Writer;
+
+/// Read size: large enough to keep the chunker fed with few system calls.
+const READ_SIZE: usize = 1 << 20;
+
+/// A file's content as stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileContent {
+    /// Byte ranges of data blobs, in order.
+    pub chunks: Vec<ChunkRef>,
+    /// Total length.
+    pub size: u64,
+    /// Unkeyed BLAKE3 of the content.
+    pub blake3: [u8; 32],
+}
+
+/// Chunk and store a stream of any length; memory stays at one maximum chunk plus one read.
+pub fn store_stream(w: &mut Writer<'_>, chunker: &Chunker, mut r: impl Read, what: &Path) -> Result<FileContent> {
+    let max = chunker.params().max as usize;
+    let mut buf: Vec<u8> = Vec::with_capacity(max + READ_SIZE);
+    let mut hasher = blake3::Hasher::new();
+    let mut out = FileContent::default();
+    let mut eof = false;
+    while !eof || !buf.is_empty() {
+        while !eof && buf.len() < max {
+            let old = buf.len();
+            buf.resize(old + READ_SIZE, 0);
+            match r.read(&mut buf[old..]) {
+                Ok(0) => {
+                    buf.truncate(old);
+                    eof = true;
+                }
+                Ok(n) => {
+                    hasher.update(&buf[old..old + n]);
+                    buf.truncate(old + n);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => buf.truncate(old),
+                Err(e) => return Err(Error::io(what, e)),
+            }
+        }
+        let mut pos = 0;
+        while let Some(n) = chunker.next_cut(&buf[pos..], eof) {
+            let id = w.add(BlobKind::Data, buf[pos..pos + n].to_vec())?;
+            out.chunks.push(ChunkRef { id: id.0.to_vec(), offset: 0, length: n as u32 });
+            out.size += n as u64;
+            pos += n;
+        }
+        buf.drain(..pos);
+    }
+    out.blake3 = *hasher.finalize().as_bytes();
+    Ok(out)
+}
+
+/// The shared stream of small files of one directory.
+pub struct SmallFiles {
+    chunker: Chunker,
+    buf: Vec<u8>,
+    /// Stream offset of `buf[0]`.
+    buf_start: u64,
+    /// Chunks cut so far: (id, stream offset, length).
+    cut: Vec<(Id, u64, u32)>,
+}
+
+/// A small file's place in the shared stream, resolved to chunk ranges after [`SmallFiles::flush`].
+#[derive(Clone, Copy, Debug)]
+pub struct StreamRange {
+    start: u64,
+    len: u64,
+}
+
+impl SmallFiles {
+    /// A new, empty stream.
+    pub fn new(chunker: Chunker) -> SmallFiles {
+        SmallFiles { chunker, buf: Vec::new(), buf_start: 0, cut: Vec::new() }
+    }
+
+    /// Append one file's bytes.
+    pub fn push(&mut self, w: &mut Writer<'_>, data: &[u8]) -> Result<StreamRange> {
+        let range = StreamRange { start: self.buf_start + self.buf.len() as u64, len: data.len() as u64 };
+        self.buf.extend_from_slice(data);
+        self.cut_chunks(w, false)?;
+        Ok(range)
+    }
+
+    fn cut_chunks(&mut self, w: &mut Writer<'_>, at_end: bool) -> Result<()> {
+        let mut pos = 0;
+        while let Some(n) = self.chunker.next_cut(&self.buf[pos..], at_end) {
+            let id = w.add(BlobKind::Data, self.buf[pos..pos + n].to_vec())?;
+            self.cut.push((id, self.buf_start + pos as u64, n as u32));
+            pos += n;
+        }
+        self.buf.drain(..pos);
+        self.buf_start += pos as u64;
+        Ok(())
+    }
+
+    /// Cut the rest of the stream: every range pushed so far can now be resolved.
+    pub fn flush(&mut self, w: &mut Writer<'_>) -> Result<()> {
+        self.cut_chunks(w, true)
+    }
+
+    /// The chunk ranges holding `r` (after `flush`).
+    pub fn resolve(&self, r: StreamRange) -> Vec<ChunkRef> {
+        let end = r.start + r.len;
+        let first = self.cut.partition_point(|&(_, s, l)| s + l as u64 <= r.start);
+        let mut out = Vec::new();
+        for &(id, s, l) in &self.cut[first..] {
+            if s >= end {
+                break;
+            }
+            let from = r.start.max(s);
+            let to = end.min(s + l as u64);
+            out.push(ChunkRef { id: id.0.to_vec(), offset: (from - s) as u32, length: (to - from) as u32 });
+        }
+        out
+    }
+
+    /// Forget resolved chunks (after a directory is done).
+    pub fn clear(&mut self) {
+        debug_assert!(self.buf.is_empty(), "clear before flush");
+        self.cut.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::chunker::ChunkerParams;
+    use crate::repository::{InitOptions, Repository};
+    use std::sync::Arc;
+
+    #[test]
+    fn small_files_share_chunks_and_resolve_exactly() {
+        let mut opts = InitOptions::encrypted("pw");
+        opts.kdf = crate::crypto::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(Arc::new(MemoryBackend::new()), &opts).unwrap();
+        let params = ChunkerParams { min: 1024, avg: 4096, max: 16384 };
+        let mut w = Writer::new(&repo, 1);
+        let mut sf = SmallFiles::new(Chunker::new(params, 5).unwrap());
+        let files: Vec<Vec<u8>> = (0..200u32).map(|i| (0..(i * 37 % 3000)).map(|j| (i ^ j) as u8).collect()).collect();
+        let ranges: Vec<_> = files.iter().map(|f| sf.push(&mut w, f).unwrap()).collect();
+        sf.flush(&mut w).unwrap();
+        let resolved: Vec<_> = ranges.iter().map(|r| sf.resolve(*r)).collect();
+        let distinct: std::collections::HashSet<_> = resolved.iter().flatten().map(|c| c.id.clone()).collect();
+        assert!(distinct.len() < files.len() / 4, "small files should share chunks");
+        drop(sf);
+        let (idx, _) = w.finish().unwrap();
+        let mut repo = repo;
+        let (id, f) = idx.unwrap();
+        repo.add_index(id, &f);
+        for (f, refs) in files.iter().zip(resolved) {
+            let mut got = Vec::new();
+            for c in refs {
+                let blob = repo.read_blob(&Id::from_slice(&c.id).unwrap()).unwrap();
+                got.extend_from_slice(&blob[c.offset as usize..(c.offset + c.length) as usize]);
+            }
+            assert_eq!(&got, f);
+        }
+    }
+}

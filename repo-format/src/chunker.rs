@@ -1,0 +1,180 @@
+//! Content-defined chunking with FastCDC 2020, its gear table keyed by the repository.
+//!
+//! [`Chunker`] finds cut points in a buffer that the caller fills from a stream: it needs at
+//! least `max` bytes before it can decide (or the end of the stream), so a caller's memory is
+//! bounded by one maximum chunk plus its read size, whatever the size of the input.
+
+use std::borrow::Cow;
+
+use fastcdc::v2020::{self, Normalization};
+
+use crate::error::{Error, Result};
+
+/// Minimum, average and maximum chunk sizes in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkerParams {
+    /// No chunk is smaller (but the last of a stream).
+    pub min: u32,
+    /// The target average.
+    pub avg: u32,
+    /// No chunk is larger.
+    pub max: u32,
+}
+
+impl ChunkerParams {
+    /// For file trees: on a real server tree the average chunk size barely changed the stored size
+    /// (see FORMAT.md, "Chunking"), so a large average keeps the index small.
+    pub const FILES: ChunkerParams = ChunkerParams {
+        min: 256 * 1024,
+        avg: 1024 * 1024,
+        max: 4 * 1024 * 1024,
+    };
+
+    /// For database dumps: rows change in place, and smaller chunks re-store less per changed row.
+    pub const DUMPS: ChunkerParams = ChunkerParams {
+        min: 16 * 1024,
+        avg: 64 * 1024,
+        max: 256 * 1024,
+    };
+
+    /// Check the bounds FastCDC only asserts in debug builds.
+    pub fn validate(&self) -> Result<()> {
+        let ok = (v2020::MINIMUM_MIN..=v2020::MINIMUM_MAX).contains(&(self.min as usize))
+            && (v2020::AVERAGE_MIN..=v2020::AVERAGE_MAX).contains(&(self.avg as usize))
+            && (v2020::MAXIMUM_MIN..=v2020::MAXIMUM_MAX).contains(&(self.max as usize))
+            && self.min < self.avg
+            && self.avg < self.max
+            && self.min % 2 == 0
+            && self.avg % 2 == 0
+            && self.max % 2 == 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "chunk sizes min {} avg {} max {} are out of FastCDC's bounds ({}..={}, {}..={}, {}..={}, even, min < avg < max)",
+                self.min,
+                self.avg,
+                self.max,
+                v2020::MINIMUM_MIN,
+                v2020::MINIMUM_MAX,
+                v2020::AVERAGE_MIN,
+                v2020::AVERAGE_MAX,
+                v2020::MAXIMUM_MIN,
+                v2020::MAXIMUM_MAX
+            )))
+        }
+    }
+}
+
+/// A keyed FastCDC 2020 cut-point finder.
+#[derive(Clone, Debug)]
+pub struct Chunker {
+    params: ChunkerParams,
+    mask_s: u64,
+    mask_l: u64,
+    gear: Cow<'static, [u64]>,
+    gear_ls: Cow<'static, [u64]>,
+}
+
+impl Chunker {
+    /// A chunker with the given sizes and gear seed (normalization level 1).
+    pub fn new(params: ChunkerParams, seed: u64) -> Result<Chunker> {
+        params.validate()?;
+        let (mask_s, mask_l) = v2020::select_masks(params.avg as usize, Normalization::Level1);
+        let (gear, gear_ls) = v2020::get_gear_with_seed(seed);
+        Ok(Chunker {
+            params,
+            mask_s,
+            mask_l,
+            gear,
+            gear_ls,
+        })
+    }
+
+    /// The sizes in use.
+    pub fn params(&self) -> ChunkerParams {
+        self.params
+    }
+
+    /// The length of the next chunk at the start of `buf`, or `None` if more input is needed to
+    /// decide. With `at_end`, every non-empty buffer yields a chunk.
+    pub fn next_cut(&self, buf: &[u8], at_end: bool) -> Option<usize> {
+        if buf.is_empty() || (!at_end && buf.len() < self.params.max as usize) {
+            return None;
+        }
+        let (_, len) = v2020::cut_gear(
+            buf,
+            self.params.min as usize,
+            self.params.avg as usize,
+            self.params.max as usize,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+            &self.gear,
+            &self.gear_ls,
+        );
+        Some(len.max(1))
+    }
+
+    /// Split a whole buffer (tests, benchmarks).
+    pub fn split<'a>(&self, mut data: &'a [u8]) -> Vec<&'a [u8]> {
+        let mut out = Vec::new();
+        while let Some(n) = self.next_cut(data, true) {
+            let (c, rest) = data.split_at(n);
+            out.push(c);
+            data = rest;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bounds_and_resync_after_insert() {
+        let c = Chunker::new(ChunkerParams::DUMPS, 42).unwrap();
+        let data = noise(4 << 20, 7);
+        let chunks = c.split(&data);
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), data.len());
+        for ch in &chunks[..chunks.len() - 1] {
+            assert!(ch.len() >= 16 * 1024 && ch.len() <= 256 * 1024);
+        }
+        let mut edited = data.clone();
+        edited.splice(2_000_000..2_000_000, b"inserted bytes".iter().copied());
+        let again = c.split(&edited);
+        let before: std::collections::HashSet<_> = chunks.iter().collect();
+        let changed = again.iter().filter(|c| !before.contains(c)).count();
+        assert!(changed <= 3, "an insertion re-cut {changed} chunks");
+    }
+
+    #[test]
+    fn seed_changes_boundaries() {
+        let data = noise(2 << 20, 9);
+        let a = Chunker::new(ChunkerParams::DUMPS, 1).unwrap().split(&data).len();
+        let b: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 2).unwrap().split(&data).iter().map(|c| c.len()).collect();
+        let a2: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 1).unwrap().split(&data).iter().map(|c| c.len()).collect();
+        assert_eq!(a, a2.len());
+        assert_ne!(a2, b);
+    }
+
+    #[test]
+    fn rejects_bad_params() {
+        let bad = ChunkerParams { min: 10, avg: 20, max: 30 };
+        assert!(Chunker::new(bad, 0).is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! Packs: many sealed blobs followed by their sealed header, so that a pack describes itself and
+//! the index can be rebuilt from packs alone.
+//!
+//! ```text
+//! pack   = blob_1 || … || blob_n || sealed(header) || header_len (u32 LE, length of sealed(header))
+//! header = version (u8 = 1) || entry_1 || … || entry_n
+//! entry  = kind (u8) || id (32) || stored_len (u32 LE) || raw_len (u32 LE)      (41 bytes)
+//! blob   = sealed(compression (u8) || payload)
+//! ```
+//! Offsets are implicit: blob i starts where blob i-1 ends, the first at 0.
+
+use std::ops::Range;
+
+use crate::backend::Backend;
+use crate::crypto::Keys;
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::magic::{self, Domain};
+
+/// What a blob holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlobKind {
+    /// File or dump content.
+    Data = 0,
+    /// A serialized [`crate::repofile::tree::Tree`].
+    Tree = 1,
+}
+
+impl BlobKind {
+    fn domain(self) -> Domain {
+        match self {
+            BlobKind::Data => Domain::DataBlob,
+            BlobKind::Tree => Domain::TreeBlob,
+        }
+    }
+
+    pub(crate) fn from_u8(b: u8) -> Option<BlobKind> {
+        match b {
+            0 => Some(BlobKind::Data),
+            1 => Some(BlobKind::Tree),
+            _ => None,
+        }
+    }
+}
+
+/// One blob's place in a pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackEntry {
+    /// Data or tree.
+    pub kind: BlobKind,
+    /// Keyed BLAKE3 of the plaintext.
+    pub id: Id,
+    /// Offset of the sealed blob in the pack.
+    pub offset: u32,
+    /// Length of the sealed blob.
+    pub stored_len: u32,
+    /// Length of the plaintext.
+    pub raw_len: u32,
+}
+
+impl PackEntry {
+    /// Byte range of the blob in its pack.
+    pub fn range(&self) -> Range<u64> {
+        self.offset as u64..self.offset as u64 + self.stored_len as u64
+    }
+}
+
+const ENTRY_LEN: usize = 41;
+
+/// Compress (when it pays) and seal one blob.
+pub fn encode_blob(
+    keys: &Keys,
+    kind: BlobKind,
+    raw: &[u8],
+    compressor: Option<&mut zstd::bulk::Compressor<'_>>,
+) -> Vec<u8> {
+    let mut plain = Vec::with_capacity(raw.len() + 1);
+    let compressed = compressor.and_then(|c| c.compress(raw).ok());
+    match compressed {
+        // Store raw when compression saves less than 1/64 of the size: decompressing would cost
+        // read-back time for nothing.
+        Some(z) if z.len() + raw.len() / 64 < raw.len() => {
+            plain.push(magic::COMPRESSION_ZSTD);
+            plain.extend_from_slice(&z);
+        }
+        _ => {
+            plain.push(magic::COMPRESSION_NONE);
+            plain.extend_from_slice(raw);
+        }
+    }
+    keys.seal(kind.domain(), &plain)
+}
+
+/// Open, decompress and verify one blob against its id.
+pub fn decode_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
+    let what = || format!("blob {} ({:?})", entry.id, entry.kind);
+    let plain = keys
+        .open(entry.kind.domain(), stored)
+        .ok_or_else(|| Error::corrupt(what(), "authentication failed"))?;
+    let (flag, payload) = plain
+        .split_first()
+        .ok_or_else(|| Error::corrupt(what(), "empty blob"))?;
+    let raw = match *flag {
+        magic::COMPRESSION_NONE => payload.to_vec(),
+        magic::COMPRESSION_ZSTD => zstd::bulk::decompress(payload, entry.raw_len as usize)
+            .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?,
+        other => return Err(Error::corrupt(what(), format!("unknown compression {other}"))),
+    };
+    if raw.len() != entry.raw_len as usize || keys.blob_id(&raw) != entry.id {
+        return Err(Error::corrupt(what(), "content does not match its id"));
+    }
+    Ok(raw)
+}
+
+/// Builds one pack in memory.
+#[derive(Default)]
+pub struct PackBuilder {
+    data: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl PackBuilder {
+    /// An empty pack.
+    pub fn new() -> PackBuilder {
+        PackBuilder::default()
+    }
+
+    /// Bytes of blobs so far.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether no blob was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Append a sealed blob.
+    pub fn add(&mut self, kind: BlobKind, id: Id, sealed: &[u8], raw_len: u32) {
+        self.entries.push(PackEntry {
+            kind,
+            id,
+            offset: self.data.len() as u32,
+            stored_len: sealed.len() as u32,
+            raw_len,
+        });
+        self.data.extend_from_slice(sealed);
+    }
+
+    /// Seal the header and return the pack's bytes, storage id and entries.
+    pub fn finish(mut self, keys: &Keys) -> (Vec<u8>, Id, Vec<PackEntry>) {
+        let mut header = Vec::with_capacity(1 + self.entries.len() * ENTRY_LEN);
+        header.push(magic::PACK_HEADER_VERSION);
+        for e in &self.entries {
+            header.push(e.kind as u8);
+            header.extend_from_slice(&e.id.0);
+            header.extend_from_slice(&e.stored_len.to_le_bytes());
+            header.extend_from_slice(&e.raw_len.to_le_bytes());
+        }
+        let sealed = keys.seal(Domain::PackHeader, &header);
+        self.data.extend_from_slice(&sealed);
+        self.data.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        let id = Id::of_stored(&self.data);
+        (self.data, id, self.entries)
+    }
+}
+
+/// Read and decode the header of the pack `name` whose size is `size`.
+pub fn read_header(backend: &dyn Backend, keys: &Keys, name: &str, size: u64) -> Result<Vec<PackEntry>> {
+    if size < 4 {
+        return Err(Error::corrupt(name, "too short to be a pack"));
+    }
+    let tail = backend.get(name, Some(size - 4..size))?;
+    let hlen = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
+    if hlen + 4 > size {
+        return Err(Error::corrupt(name, "header length points before the start of the pack"));
+    }
+    let sealed = backend.get(name, Some(size - 4 - hlen..size - 4))?;
+    let header = keys
+        .open(Domain::PackHeader, &sealed)
+        .ok_or_else(|| Error::corrupt(name, "header authentication failed"))?;
+    parse_header(name, &header, size - 4 - hlen)
+}
+
+fn parse_header(name: &str, header: &[u8], blobs_end: u64) -> Result<Vec<PackEntry>> {
+    let (&version, body) = header
+        .split_first()
+        .ok_or_else(|| Error::corrupt(name, "empty header"))?;
+    if version != magic::PACK_HEADER_VERSION {
+        return Err(Error::UnsupportedVersion { object: name.into(), found: version as u32, supported: 1 });
+    }
+    if body.len() % ENTRY_LEN != 0 {
+        return Err(Error::corrupt(name, "header length is not a whole number of entries"));
+    }
+    let mut offset = 0u64;
+    let mut out = Vec::with_capacity(body.len() / ENTRY_LEN);
+    for e in body.chunks_exact(ENTRY_LEN) {
+        let kind = BlobKind::from_u8(e[0]).ok_or_else(|| Error::corrupt(name, format!("unknown blob kind {}", e[0])))?;
+        let stored_len = u32::from_le_bytes(e[33..37].try_into().expect("4 bytes"));
+        let raw_len = u32::from_le_bytes(e[37..41].try_into().expect("4 bytes"));
+        out.push(PackEntry {
+            kind,
+            id: Id::from_slice(&e[1..33]).expect("32 bytes"),
+            offset: offset as u32,
+            stored_len,
+            raw_len,
+        });
+        offset += stored_len as u64;
+    }
+    if offset != blobs_end {
+        return Err(Error::corrupt(name, format!("header describes {offset} bytes of blobs, pack holds {blobs_end}")));
+    }
+    Ok(out)
+}
+
+/// Decode the header of a pack held whole in memory.
+pub fn header_from_bytes(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<PackEntry>> {
+    let size = bytes.len();
+    if size < 4 {
+        return Err(Error::corrupt(name, "too short to be a pack"));
+    }
+    let hlen = u32::from_le_bytes(bytes[size - 4..].try_into().expect("4 bytes")) as usize;
+    if hlen + 4 > size {
+        return Err(Error::corrupt(name, "header length points before the start of the pack"));
+    }
+    let header = keys
+        .open(Domain::PackHeader, &bytes[size - 4 - hlen..size - 4])
+        .ok_or_else(|| Error::corrupt(name, "header authentication failed"))?;
+    parse_header(name, &header, (size - 4 - hlen) as u64)
+}

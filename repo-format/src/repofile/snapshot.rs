@@ -1,0 +1,99 @@
+//! Snapshots: the single commit point of a backup. A snapshot exists once its object exists;
+//! everything it references was written before it.
+
+use std::collections::HashMap;
+
+use prost::Message;
+
+/// Counts recorded at commit.
+#[derive(Clone, PartialEq, Message)]
+pub struct SnapshotStats {
+    /// Regular files.
+    #[prost(uint64, tag = "1")]
+    pub files: u64,
+    /// Directories.
+    #[prost(uint64, tag = "2")]
+    pub dirs: u64,
+    /// Other entries (links, devices…).
+    #[prost(uint64, tag = "3")]
+    pub others: u64,
+    /// Bytes of file content.
+    #[prost(uint64, tag = "4")]
+    pub bytes: u64,
+    /// Blobs this snapshot added to the repository.
+    #[prost(uint64, tag = "5")]
+    pub blobs_added: u64,
+    /// Plaintext bytes of those blobs.
+    #[prost(uint64, tag = "6")]
+    pub bytes_added: u64,
+    /// Stored (compressed, sealed) bytes of those blobs.
+    #[prost(uint64, tag = "7")]
+    pub stored_added: u64,
+}
+
+/// A snapshot of one source at one time.
+#[derive(Clone, PartialEq, Message)]
+pub struct Snapshot {
+    /// Version of the snapshot message ([`crate::magic::METADATA_VERSION`]).
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// Start of the backup, nanoseconds since the epoch (UTC).
+    #[prost(sint64, tag = "2")]
+    pub time_ns: i64,
+    /// End of the backup.
+    #[prost(sint64, tag = "3")]
+    pub end_time_ns: i64,
+    /// Host the collector ran on.
+    #[prost(string, tag = "4")]
+    pub host: String,
+    /// The agent the source was pulled from.
+    #[prost(string, tag = "5")]
+    pub agent: String,
+    /// Source name.
+    #[prost(string, tag = "6")]
+    pub source: String,
+    /// Source kind: path, postgres, mariadb, sqlite, redis, command, docker-volume…
+    #[prost(string, tag = "7")]
+    pub source_kind: String,
+    /// Restore role: db, blobs, data or config.
+    #[prost(string, tag = "8")]
+    pub role: String,
+    /// Category label (user-source-data, derived-data…).
+    #[prost(string, tag = "9")]
+    pub category: String,
+    /// Free-form tags.
+    #[prost(string, repeated, tag = "10")]
+    pub tags: Vec<String>,
+    /// Root tree blob id (32 bytes).
+    #[prost(bytes = "vec", tag = "11")]
+    pub tree: Vec<u8>,
+    /// The previous snapshot of the same source, when one was used.
+    #[prost(bytes = "vec", tag = "12")]
+    pub parent: Vec<u8>,
+    /// Counts.
+    #[prost(message, optional, tag = "13")]
+    pub stats: Option<SnapshotStats>,
+    /// Free-form metadata (server and tool versions, table counts…).
+    #[prost(map = "string, string", tag = "14")]
+    pub metadata: HashMap<String, String>,
+    /// Version of the program that wrote it.
+    #[prost(string, tag = "15")]
+    pub program_version: String,
+}
+
+impl Snapshot {
+    /// Start time as a UTC date.
+    pub fn time(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp_nanos(self.time_ns)
+    }
+
+    /// The (agent, source) group retention works on.
+    pub fn group(&self) -> (String, String) {
+        (self.agent.clone(), self.source.clone())
+    }
+
+    /// Encoded protobuf.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+}

@@ -1,0 +1,365 @@
+//! Opening, creating and reading a repository.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use prost::Message;
+
+use crate::backend::{Backend, BackendError, PutOutcome};
+use crate::chunker::{Chunker, ChunkerParams};
+use crate::crypto::{KdfParams, Keys};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::{Location, MasterIndex};
+use crate::magic::{self, Domain};
+use crate::repofile::config::{self, RepoConfig};
+use crate::repofile::index::IndexFile;
+use crate::repofile::pack::{self, BlobKind};
+use crate::repofile::snapshot::Snapshot;
+use crate::repofile::tree::Tree;
+use crate::repofile::{self as rf, key};
+
+/// Parameters fixed at `init`.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// `None` makes an unencrypted repository (never the default of the CLI).
+    pub passphrase: Option<Vec<u8>>,
+    /// Argon2id costs for the first key.
+    pub kdf: KdfParams,
+    /// zstd level, 1..=22.
+    pub compression_level: i32,
+    /// Target pack size in bytes.
+    pub pack_size: u32,
+    /// Chunk sizes for files.
+    pub chunker_files: ChunkerParams,
+    /// Chunk sizes for dumps.
+    pub chunker_dumps: ChunkerParams,
+    /// Files below this size share chunks.
+    pub small_file_threshold: u32,
+}
+
+impl InitOptions {
+    /// Defaults for an encrypted repository.
+    pub fn encrypted(passphrase: impl Into<Vec<u8>>) -> InitOptions {
+        InitOptions {
+            passphrase: Some(passphrase.into()),
+            kdf: KdfParams::default(),
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
+            pack_size: DEFAULT_PACK_SIZE,
+            chunker_files: ChunkerParams::FILES,
+            chunker_dumps: ChunkerParams::DUMPS,
+            small_file_threshold: DEFAULT_SMALL_FILE_THRESHOLD,
+        }
+    }
+}
+
+/// zstd level for new repositories (see FORMAT.md, "Compression", for the measurement).
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+/// Target pack size: large enough that a 50 TB repository has a few million objects.
+pub const DEFAULT_PACK_SIZE: u32 = 32 * 1024 * 1024;
+/// Files below 16 KiB share chunks with their neighbours (see ARCHITECTURE.md, "Small files").
+pub const DEFAULT_SMALL_FILE_THRESHOLD: u32 = 16 * 1024;
+
+/// An open repository.
+#[derive(Debug)]
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    keys: Keys,
+    config: RepoConfig,
+    index: MasterIndex,
+    /// Index files read by the last [`Repository::load_index`] (not superseded).
+    index_files: Vec<Id>,
+}
+
+impl Repository {
+    /// Create a repository in an empty backend.
+    pub fn init(backend: Arc<dyn Backend>, opts: &InitOptions) -> Result<Repository> {
+        if backend.list(rf::CONFIG_NAME)?.iter().any(|o| o.name == rf::CONFIG_NAME) {
+            return Err(Error::AlreadyInitialised { location: backend.location() });
+        }
+        opts.chunker_files.validate()?;
+        opts.chunker_dumps.validate()?;
+        if !(1..=22).contains(&opts.compression_level) {
+            return Err(Error::Invalid(format!("compression level {} is not in 1..=22", opts.compression_level)));
+        }
+        if opts.pack_size < 1024 * 1024 {
+            return Err(Error::Invalid("pack size must be at least 1 MiB".into()));
+        }
+        let keys = Keys::generate(opts.passphrase.is_some());
+        let cfg = RepoConfig {
+            version: magic::REPO_VERSION,
+            id: Id::random().0.to_vec(),
+            created_unix: chrono::Utc::now().timestamp(),
+            chunker_files: Some(opts.chunker_files.into()),
+            chunker_dumps: Some(opts.chunker_dumps.into()),
+            compression_level: opts.compression_level,
+            pack_size: opts.pack_size,
+            small_file_threshold: opts.small_file_threshold,
+            plain_master_secret: if keys.encrypted() { Vec::new() } else { keys.master().to_vec() },
+        };
+        if let Some(pass) = &opts.passphrase {
+            let kf = key::wrap(&keys, pass, opts.kdf, &hostname())?;
+            put_named(&*backend, rf::KEY_DIR, &kf.encode_to_vec())?;
+        }
+        // The config goes last: a repository exists once its config does.
+        if backend.put_if_absent(rf::CONFIG_NAME, &config::encode(&cfg, &keys))? == PutOutcome::AlreadyExists {
+            return Err(Error::AlreadyInitialised { location: backend.location() });
+        }
+        Ok(Repository { backend, keys, config: cfg, index: MasterIndex::new(), index_files: Vec::new() })
+    }
+
+    /// Open a repository; the passphrase is needed unless it is unencrypted.
+    pub fn open(backend: Arc<dyn Backend>, passphrase: Option<&[u8]>) -> Result<Repository> {
+        let raw = match backend.get(rf::CONFIG_NAME, None) {
+            Ok(b) => b,
+            Err(BackendError::NotFound(_)) => return Err(Error::NoRepository { location: backend.location() }),
+            Err(e) => return Err(e.into()),
+        };
+        let head = config::parse_head(&raw)?;
+        let keys = if head.cipher == magic::CIPHER_NONE {
+            let cfg = RepoConfig::decode(head.payload).map_err(|e| Error::corrupt("config", e))?;
+            let master: [u8; 32] = cfg
+                .plain_master_secret
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::corrupt("config", "unencrypted repository without its 32-byte secret"))?;
+            Keys::from_master(zeroize::Zeroizing::new(master), false)
+        } else {
+            let pass = passphrase.ok_or_else(|| Error::Invalid(
+                "this repository is encrypted: give a passphrase (--passphrase-file, MAGPIE_PASSPHRASE or the systemd credential magpie-passphrase)".into(),
+            ))?;
+            Self::unlock_keys(&*backend, pass)?
+        };
+        let config = config::decode_payload(head.payload, &keys)?;
+        if config.version > magic::REPO_VERSION {
+            return Err(Error::UnsupportedVersion { object: "config".into(), found: config.version, supported: magic::REPO_VERSION });
+        }
+        Ok(Repository { backend, keys, config, index: MasterIndex::new(), index_files: Vec::new() })
+    }
+
+    fn unlock_keys(backend: &dyn Backend, pass: &[u8]) -> Result<Keys> {
+        let mut names = backend.list(rf::KEY_DIR)?;
+        names.sort_by(|a, b| a.name.cmp(&b.name));
+        for o in &names {
+            let bytes = backend.get(&o.name, None)?;
+            if let Some(k) = key::unwrap(&o.name, &bytes, pass)? {
+                return Ok(k);
+            }
+        }
+        Err(Error::WrongPassphrase { location: backend.location() })
+    }
+
+    /// The storage backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The fixed parameters.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// The resident index (load it first).
+    pub fn index(&self) -> &MasterIndex {
+        &self.index
+    }
+
+    /// Index files behind the resident index.
+    pub fn index_files(&self) -> &[Id] {
+        &self.index_files
+    }
+
+    /// A chunker for files or dumps.
+    pub fn chunker(&self, dumps: bool) -> Result<Chunker> {
+        let p = if dumps { self.config.dumps_params() } else { self.config.files_params() };
+        Chunker::new(p, self.keys.chunker_seed())
+    }
+
+    /// Read, verify and open a content-addressed object (`dir` + storage id).
+    pub fn read_object(&self, name: &str, domain: Domain) -> Result<Vec<u8>> {
+        let bytes = self.backend.get(name, None)?;
+        let want = rf::id_of_name(name).ok_or_else(|| Error::corrupt(name, "name is not a storage id"))?;
+        if Id::of_stored(&bytes) != want {
+            return Err(Error::corrupt(name, "content does not match its name (BLAKE3)"));
+        }
+        self.keys
+            .open(domain, &bytes)
+            .ok_or_else(|| Error::corrupt(name, "authentication failed"))
+    }
+
+    /// Seal and store an object under `dir/<storage id>`.
+    pub fn write_object(&self, dir: &str, domain: Domain, plain: &[u8]) -> Result<Id> {
+        put_named(&*self.backend, dir, &self.keys.seal(domain, plain))
+    }
+
+    /// Load every index file not superseded by another.
+    pub fn load_index(&mut self) -> Result<()> {
+        let (files, _) = self.read_index_files()?;
+        let superseded: HashSet<Id> = files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
+        let mut index = MasterIndex::new();
+        let mut names = Vec::new();
+        for (id, f) in files.iter().filter(|(id, _)| !superseded.contains(id)) {
+            index.add_file(f);
+            names.push(*id);
+        }
+        index.finalize();
+        self.index = index;
+        self.index_files = names;
+        Ok(())
+    }
+
+    /// Decode every index file. Unreadable ones are returned apart (for check and repair);
+    /// `load_index` fails on the first.
+    pub fn read_index_files(&self) -> Result<(Vec<(Id, IndexFile)>, Vec<Error>)> {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        let mut objs = self.backend.list(rf::INDEX_DIR)?;
+        objs.sort_by(|a, b| a.name.cmp(&b.name));
+        for o in objs {
+            let Some(id) = rf::id_of_name(&o.name) else { continue };
+            match self.read_object(&o.name, Domain::Index).and_then(|p| IndexFile::decode(&o.name, &p)) {
+                Ok(f) => ok.push((id, f)),
+                Err(e) => bad.push(e),
+            }
+        }
+        if let Some(e) = bad.first() {
+            tracing::debug!("unreadable index file: {e}");
+        }
+        Ok((ok, bad))
+    }
+
+    /// Add a freshly written index file to the resident index.
+    pub fn add_index(&mut self, id: Id, file: &IndexFile) {
+        self.index.add_file(file);
+        self.index.finalize();
+        self.index_files.push(id);
+    }
+
+    /// Where a blob is.
+    pub fn locate(&self, id: &Id) -> Result<Location> {
+        self.index.get(id).ok_or(Error::BlobMissing(*id))
+    }
+
+    /// Read, open, decompress and verify one blob.
+    pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        let loc = self.locate(id)?;
+        let stored = self.backend.get(&rf::pack_name(&loc.pack), Some(loc.entry.range()))?;
+        pack::decode_blob(&self.keys, &loc.entry, &stored).map_err(|e| match e {
+            Error::Corrupt { object, reason } => Error::Corrupt { object: format!("{object} in pack {}", loc.pack), reason },
+            e => e,
+        })
+    }
+
+    /// Read and decode a tree blob.
+    pub fn read_tree(&self, id: &Id) -> Result<Tree> {
+        let loc = self.locate(id)?;
+        if loc.entry.kind != BlobKind::Tree {
+            return Err(Error::corrupt(format!("blob {id}"), "is not a tree"));
+        }
+        let raw = self.read_blob(id)?;
+        let tree = Tree::decode(raw.as_slice()).map_err(|e| Error::corrupt(format!("tree {id}"), e))?;
+        if tree.version > magic::METADATA_VERSION {
+            return Err(Error::UnsupportedVersion { object: format!("tree {id}"), found: tree.version, supported: magic::METADATA_VERSION });
+        }
+        Ok(tree)
+    }
+
+    /// Commit a snapshot: the last write of a backup.
+    pub fn save_snapshot(&self, snap: &Snapshot) -> Result<Id> {
+        self.write_object(rf::SNAPSHOT_DIR, Domain::Snapshot, &snap.to_bytes())
+    }
+
+    /// Read one snapshot.
+    pub fn load_snapshot(&self, id: &Id) -> Result<Snapshot> {
+        let name = format!("{}{id}", rf::SNAPSHOT_DIR);
+        let plain = self.read_object(&name, Domain::Snapshot)?;
+        let s = Snapshot::decode(plain.as_slice()).map_err(|e| Error::corrupt(&name, e))?;
+        if s.version > magic::METADATA_VERSION {
+            return Err(Error::UnsupportedVersion { object: name, found: s.version, supported: magic::METADATA_VERSION });
+        }
+        Ok(s)
+    }
+
+    /// Ids of all snapshots.
+    pub fn snapshot_ids(&self) -> Result<Vec<Id>> {
+        let mut ids: Vec<Id> = self
+            .backend
+            .list(rf::SNAPSHOT_DIR)?
+            .iter()
+            .filter_map(|o| rf::id_of_name(&o.name))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// All snapshots, oldest first; fails on the first unreadable one.
+    pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        let mut out = self
+            .snapshot_ids()?
+            .into_iter()
+            .map(|id| Ok((id, self.load_snapshot(&id)?)))
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by_key(|(id, s)| (s.time_ns, *id));
+        Ok(out)
+    }
+
+    /// Resolve `latest`, a full id or a unique hex prefix.
+    pub fn find_snapshot(&self, what: &str) -> Result<Id> {
+        if what == "latest" {
+            return self
+                .snapshots()?
+                .last()
+                .map(|(id, _)| *id)
+                .ok_or_else(|| Error::SnapshotNotFound(what.into()));
+        }
+        let want = what.to_ascii_lowercase();
+        let matches: Vec<Id> = self.snapshot_ids()?.into_iter().filter(|id| id.to_hex().starts_with(&want)).collect();
+        match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(Error::SnapshotNotFound(what.into())),
+            _ => Err(Error::AmbiguousSnapshot(what.into())),
+        }
+    }
+
+    /// Remove a snapshot object (its data stays until `compact`).
+    pub fn delete_snapshot(&self, id: &Id) -> Result<()> {
+        Ok(self.backend.delete(&format!("{}{id}", rf::SNAPSHOT_DIR))?)
+    }
+
+    /// Replace the passphrase: the new key file is written before the old ones are removed, so a
+    /// crash in between leaves both passphrases working.
+    pub fn change_passphrase(&self, new: &[u8], kdf: KdfParams) -> Result<()> {
+        if !self.keys.encrypted() {
+            return Err(Error::Invalid("this repository is not encrypted; it has no passphrase".into()));
+        }
+        let old: Vec<String> = self.backend.list(rf::KEY_DIR)?.into_iter().map(|o| o.name).collect();
+        let kf = key::wrap(&self.keys, new, kdf, &hostname())?;
+        let new_id = put_named(&*self.backend, rf::KEY_DIR, &kf.encode_to_vec())?;
+        for name in old.iter().filter(|n| rf::id_of_name(n) != Some(new_id)) {
+            self.backend.delete(name)?;
+        }
+        Ok(())
+    }
+}
+
+/// Store bytes under `dir/<storage id>`.
+pub(crate) fn put_named(backend: &dyn Backend, dir: &str, bytes: &[u8]) -> Result<Id> {
+    let id = Id::of_stored(bytes);
+    backend.put_if_absent(&format!("{dir}{id}"), bytes)?;
+    Ok(id)
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
