@@ -1,1 +1,97 @@
-fn main() {}
+//! `collector`: the backup host's side of magpie.
+
+mod commands;
+mod secret;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit codes (documented in the README).
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// `check` found damage, or `--repair` could not save everything.
+    pub const DAMAGE: u8 = 1;
+    /// Bad command line or configuration (clap uses 2 too).
+    pub const USAGE: u8 = 2;
+    /// Any other error (I/O, permissions…).
+    pub const ERROR: u8 = 3;
+    /// No repository at the location given.
+    pub const NO_REPOSITORY: u8 = 10;
+    /// The passphrase opens no key.
+    pub const WRONG_PASSPHRASE: u8 = 11;
+    /// Another process holds a conflicting lock.
+    pub const LOCKED: u8 = 12;
+    /// An object failed verification during a command other than check.
+    pub const CORRUPT: u8 = 13;
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "collector", version, about = "magpie collector: pull-based, encrypted, deduplicated backups")]
+pub struct Cli {
+    /// Repository directory.
+    #[arg(long, short = 'r', global = true, env = "MAGPIE_REPOSITORY")]
+    repo: Option<PathBuf>,
+    /// File whose first line is the passphrase (else $MAGPIE_PASSPHRASE, else the systemd
+    /// credential `magpie-passphrase`).
+    #[arg(long, global = true)]
+    passphrase_file: Option<PathBuf>,
+    /// More log output (-v info, -vv debug).
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: commands::Command,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match commands::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use repo_format::Error as E;
+    for cause in e.chain() {
+        if let Some(re) = cause.downcast_ref::<E>() {
+            return match re {
+                E::NoRepository { .. } => exit::NO_REPOSITORY,
+                E::WrongPassphrase { .. } => exit::WRONG_PASSPHRASE,
+                E::Locked { .. } => exit::LOCKED,
+                E::Corrupt { .. } | E::BlobMissing(_) => exit::CORRUPT,
+                E::Invalid(_) | E::SnapshotNotFound(_) | E::AmbiguousSnapshot(_) | E::AlreadyInitialised { .. } => exit::USAGE,
+                _ => exit::ERROR,
+            };
+        }
+        if cause.downcast_ref::<commands::UsageError>().is_some() {
+            return exit::USAGE;
+        }
+    }
+    exit::ERROR
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

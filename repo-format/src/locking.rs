@@ -225,13 +225,16 @@ fn try_lock(repo: &Repository, exclusive: bool, command: &str) -> Result<LockGua
 fn refresh_loop(backend: &dyn Backend, keys: &Keys, held: &Held, mut lock: LockFile) {
     let mut stop = held.stop.lock().expect("lock state");
     loop {
-        let (s, timeout) = held.wake.wait_timeout(stop, REFRESH_EVERY).expect("lock state");
-        stop = s;
+        let deadline = std::time::Instant::now() + REFRESH_EVERY;
+        while !*stop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            stop = held.wake.wait_timeout(stop, left).expect("lock state").0;
+        }
         if *stop {
             return;
-        }
-        if !timeout.timed_out() {
-            continue;
         }
         lock.refreshed_unix = chrono::Utc::now().timestamp();
         match write_lock(backend, keys, &lock) {

@@ -199,7 +199,22 @@ impl Repository {
 
     /// Load every index file not superseded by another.
     pub fn load_index(&mut self) -> Result<()> {
-        let (files, _) = self.read_index_files()?;
+        let (files, bad) = self.read_index_files()?;
+        if let Some(e) = bad.into_iter().next() {
+            return Err(match e {
+                Error::Corrupt { object, reason } => Error::Corrupt {
+                    object,
+                    reason: format!("{reason}; run `collector check --repair` to rebuild the index from the packs"),
+                },
+                e => e,
+            });
+        }
+        self.install_index(&files);
+        Ok(())
+    }
+
+    /// Make the resident index from decoded index files, skipping superseded ones.
+    pub fn install_index(&mut self, files: &[(Id, IndexFile)]) {
         let superseded: HashSet<Id> = files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
         let mut index = MasterIndex::new();
         let mut names = Vec::new();
@@ -210,7 +225,6 @@ impl Repository {
         index.finalize();
         self.index = index;
         self.index_files = names;
-        Ok(())
     }
 
     /// Decode every index file. Unreadable ones are returned apart (for check and repair);
@@ -226,9 +240,6 @@ impl Repository {
                 Ok(f) => ok.push((id, f)),
                 Err(e) => bad.push(e),
             }
-        }
-        if let Some(e) = bad.first() {
-            tracing::debug!("unreadable index file: {e}");
         }
         Ok((ok, bad))
     }

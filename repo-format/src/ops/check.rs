@@ -86,7 +86,7 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
             indexed.entry(*pack).or_insert_with(|| entries.clone());
         }
     }
-    repo.load_index()?;
+    repo.install_index(&files);
     report.blobs = repo.index().len();
 
     // Packs.

@@ -1,0 +1,87 @@
+//! Prune then compact: the right snapshots go, their data is freed, the rest is intact.
+
+mod common;
+
+use std::fs;
+use std::sync::Arc;
+
+use chrono::{Duration, TimeZone, Utc};
+use repo_format::backend::LocalBackend;
+use repo_format::ops::{check, compact, prune};
+use repo_format::retention::Policy;
+
+#[test]
+fn prune_and_compact_free_space_and_keep_the_rest_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    let (_b, mut repo) = common::local_repo(&dir);
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("constant"), common::noise(1 << 20, 1)).unwrap();
+    let start = Utc.with_ymd_and_hms(2026, 1, 1, 3, 0, 0).unwrap();
+    let mut expected = Vec::new();
+    for day in 0..10 {
+        // Each day a new 1 MiB file replaces the last: old days become garbage when pruned.
+        fs::write(src.join("daily"), common::noise(1 << 20, 100 + day)).unwrap();
+        let (id, _) = common::backup_at(&mut repo, &src, "s", start + Duration::days(day as i64));
+        expected.push((id, common::snapshot_dir(&src)));
+    }
+    let policy = Policy { last: 3, ..Default::default() };
+    let now = start + Duration::days(11);
+    let plan = prune::plan(&repo, &policy, now, &Utc).unwrap();
+    assert_eq!(plan.iter().filter(|d| d.keep.is_none()).count(), 7);
+    // A plan changes nothing by itself (dry run).
+    assert_eq!(repo.snapshot_ids().unwrap().len(), 10);
+    assert_eq!(prune::apply(&repo, &plan).unwrap(), 7);
+    let before = dir_size(&dir);
+    let r = compact::compact(&mut repo, compact::CompactOptions::default()).unwrap();
+    let after = dir_size(&dir);
+    assert!(r.bytes_freed > 6 << 20, "{r:?}");
+    assert!(before - after > 6 << 20, "repository shrank by {} bytes only", before - after);
+    let mut repo = common::reopen(Arc::new(LocalBackend::new(&dir)));
+    let c = check::check(&mut repo, check::CheckOptions { verify_data: true }).unwrap();
+    assert!(c.is_clean() && c.notes.is_empty(), "{:?} {:?}", c.problems, c.notes);
+    for (id, content) in &expected[7..] {
+        let out = tmp.path().join(format!("out-{}", id.short()));
+        common::restore(&repo, id, &out);
+        assert_eq!(&common::snapshot_dir(&out), content);
+    }
+}
+
+#[test]
+fn compact_removes_packs_left_by_an_interrupted_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    let (_b, mut repo) = common::local_repo(&dir);
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), common::noise(300_000, 1)).unwrap();
+    let (snap, _) = common::backup(&mut repo, &src, "s");
+    // A pack that made it to storage without its index (the writer died before finish).
+    let mut pb = repo_format::repofile::pack::PackBuilder::new();
+    let data = common::noise(1000, 2);
+    let sealed = repo_format::repofile::pack::encode_blob(repo.keys(), repo_format::BlobKind::Data, &data, None);
+    pb.add(repo_format::BlobKind::Data, repo.keys().blob_id(&data), &sealed, 1000);
+    let (bytes, id, _) = pb.finish(repo.keys());
+    repo_format::backend::Backend::put_if_absent(&**repo.backend(), &repo_format::repofile::pack_name(&id), &bytes).unwrap();
+    let c = check::check(&mut repo, Default::default()).unwrap();
+    assert!(c.is_clean(), "an unindexed pack is not damage");
+    assert!(c.notes.iter().any(|n| n.contains(&id.to_hex())));
+    let r = compact::compact(&mut repo, Default::default()).unwrap();
+    assert_eq!(r.packs_deleted, 1);
+    let c = check::check(&mut repo, check::CheckOptions { verify_data: true }).unwrap();
+    assert!(c.is_clean() && c.notes.is_empty(), "{:?}", c.notes);
+    common::restore(&repo, &snap, &tmp.path().join("out"));
+    assert_eq!(common::snapshot_dir(&src), common::snapshot_dir(&tmp.path().join("out")));
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    fs::read_dir(p)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() { dir_size(&e.path()) } else { m.len() }
+        })
+        .sum()
+}
