@@ -29,7 +29,11 @@ pub mod exit {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "collector", version, about = "magpie collector: pull-based, encrypted, deduplicated backups")]
+#[command(
+    name = "collector",
+    version,
+    about = "magpie collector: pull-based, encrypted, deduplicated backups"
+)]
 pub struct Cli {
     /// Repository directory.
     #[arg(long, short = 'r', global = true, env = "MAGPIE_REPOSITORY")]
@@ -53,7 +57,9 @@ fn main() -> ExitCode {
         _ => "debug",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match commands::run(cli) {
@@ -74,7 +80,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 E::WrongPassphrase { .. } => exit::WRONG_PASSPHRASE,
                 E::Locked { .. } => exit::LOCKED,
                 E::Corrupt { .. } | E::BlobMissing(_) => exit::CORRUPT,
-                E::Invalid(_) | E::SnapshotNotFound(_) | E::AmbiguousSnapshot(_) | E::AlreadyInitialised { .. } => exit::USAGE,
+                E::Invalid(_)
+                | E::SnapshotNotFound(_)
+                | E::AmbiguousSnapshot(_)
+                | E::AlreadyInitialised { .. } => exit::USAGE,
                 _ => exit::ERROR,
             };
         }

@@ -27,7 +27,12 @@ pub struct FileContent {
 }
 
 /// Chunk and store a stream of any length; memory stays at one maximum chunk plus one read.
-pub fn store_stream(w: &mut Writer<'_>, chunker: &Chunker, mut r: impl Read, what: &Path) -> Result<FileContent> {
+pub fn store_stream(
+    w: &mut Writer<'_>,
+    chunker: &Chunker,
+    mut r: impl Read,
+    what: &Path,
+) -> Result<FileContent> {
     let max = chunker.params().max as usize;
     let mut buf: Vec<u8> = Vec::with_capacity(max + READ_SIZE);
     let mut hasher = blake3::Hasher::new();
@@ -53,7 +58,11 @@ pub fn store_stream(w: &mut Writer<'_>, chunker: &Chunker, mut r: impl Read, wha
         let mut pos = 0;
         while let Some(n) = chunker.next_cut(&buf[pos..], eof) {
             let id = w.add(BlobKind::Data, buf[pos..pos + n].to_vec())?;
-            out.chunks.push(ChunkRef { id: id.0.to_vec(), offset: 0, length: n as u32 });
+            out.chunks.push(ChunkRef {
+                id: id.0.to_vec(),
+                offset: 0,
+                length: n as u32,
+            });
             out.size += n as u64;
             pos += n;
         }
@@ -83,12 +92,20 @@ pub struct StreamRange {
 impl SmallFiles {
     /// A new, empty stream.
     pub fn new(chunker: Chunker) -> SmallFiles {
-        SmallFiles { chunker, buf: Vec::new(), buf_start: 0, cut: Vec::new() }
+        SmallFiles {
+            chunker,
+            buf: Vec::new(),
+            buf_start: 0,
+            cut: Vec::new(),
+        }
     }
 
     /// Append one file's bytes.
     pub fn push(&mut self, w: &mut Writer<'_>, data: &[u8]) -> Result<StreamRange> {
-        let range = StreamRange { start: self.buf_start + self.buf.len() as u64, len: data.len() as u64 };
+        let range = StreamRange {
+            start: self.buf_start + self.buf.len() as u64,
+            len: data.len() as u64,
+        };
         self.buf.extend_from_slice(data);
         self.cut_chunks(w, false)?;
         Ok(range)
@@ -114,7 +131,9 @@ impl SmallFiles {
     /// The chunk ranges holding `r` (after `flush`).
     pub fn resolve(&self, r: StreamRange) -> Vec<ChunkRef> {
         let end = r.start + r.len;
-        let first = self.cut.partition_point(|&(_, s, l)| s + l as u64 <= r.start);
+        let first = self
+            .cut
+            .partition_point(|&(_, s, l)| s + l as u64 <= r.start);
         let mut out = Vec::new();
         for &(id, s, l) in &self.cut[first..] {
             if s >= end {
@@ -122,7 +141,11 @@ impl SmallFiles {
             }
             let from = r.start.max(s);
             let to = end.min(s + l as u64);
-            out.push(ChunkRef { id: id.0.to_vec(), offset: (from - s) as u32, length: (to - from) as u32 });
+            out.push(ChunkRef {
+                id: id.0.to_vec(),
+                offset: (from - s) as u32,
+                length: (to - from) as u32,
+            });
         }
         out
     }
@@ -145,17 +168,31 @@ mod tests {
     #[test]
     fn small_files_share_chunks_and_resolve_exactly() {
         let mut opts = InitOptions::encrypted("pw");
-        opts.kdf = crate::crypto::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        opts.kdf = crate::crypto::KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
         let repo = Repository::init(Arc::new(MemoryBackend::new()), &opts).unwrap();
-        let params = ChunkerParams { min: 1024, avg: 4096, max: 16384 };
+        let params = ChunkerParams {
+            min: 1024,
+            avg: 4096,
+            max: 16384,
+        };
         let mut w = Writer::new(&repo, 1);
         let mut sf = SmallFiles::new(Chunker::new(params, 5).unwrap());
-        let files: Vec<Vec<u8>> = (0..200u32).map(|i| (0..(i * 37 % 3000)).map(|j| (i ^ j) as u8).collect()).collect();
+        let files: Vec<Vec<u8>> = (0..200u32)
+            .map(|i| (0..(i * 37 % 3000)).map(|j| (i ^ j) as u8).collect())
+            .collect();
         let ranges: Vec<_> = files.iter().map(|f| sf.push(&mut w, f).unwrap()).collect();
         sf.flush(&mut w).unwrap();
         let resolved: Vec<_> = ranges.iter().map(|r| sf.resolve(*r)).collect();
-        let distinct: std::collections::HashSet<_> = resolved.iter().flatten().map(|c| c.id.clone()).collect();
-        assert!(distinct.len() < files.len() / 4, "small files should share chunks");
+        let distinct: std::collections::HashSet<_> =
+            resolved.iter().flatten().map(|c| c.id.clone()).collect();
+        assert!(
+            distinct.len() < files.len() / 4,
+            "small files should share chunks"
+        );
         drop(sf);
         let (idx, _) = w.finish().unwrap();
         let mut repo = repo;

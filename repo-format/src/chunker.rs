@@ -30,11 +30,12 @@ impl ChunkerParams {
         max: 4 * 1024 * 1024,
     };
 
-    /// For database dumps: rows change in place, and smaller chunks re-store less per changed row.
+    /// For database dumps: changed rows are spread through the dump (PostgreSQL even moves
+    /// updated rows to the end), so small chunks re-store far less per day (see FORMAT.md).
     pub const DUMPS: ChunkerParams = ChunkerParams {
-        min: 16 * 1024,
-        avg: 64 * 1024,
-        max: 256 * 1024,
+        min: 2 * 1024,
+        avg: 8 * 1024,
+        max: 32 * 1024,
     };
 
     /// Check the bounds FastCDC only asserts in debug builds.
@@ -44,9 +45,9 @@ impl ChunkerParams {
             && (v2020::MAXIMUM_MIN..=v2020::MAXIMUM_MAX).contains(&(self.max as usize))
             && self.min < self.avg
             && self.avg < self.max
-            && self.min % 2 == 0
-            && self.avg % 2 == 0
-            && self.max % 2 == 0;
+            && self.min.is_multiple_of(2)
+            && self.avg.is_multiple_of(2)
+            && self.max.is_multiple_of(2);
         if ok {
             Ok(())
         } else {
@@ -152,7 +153,7 @@ mod tests {
         let chunks = c.split(&data);
         assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), data.len());
         for ch in &chunks[..chunks.len() - 1] {
-            assert!(ch.len() >= 16 * 1024 && ch.len() <= 256 * 1024);
+            assert!(ch.len() >= 2 * 1024 && ch.len() <= 32 * 1024);
         }
         let mut edited = data.clone();
         edited.splice(2_000_000..2_000_000, b"inserted bytes".iter().copied());
@@ -165,16 +166,33 @@ mod tests {
     #[test]
     fn seed_changes_boundaries() {
         let data = noise(2 << 20, 9);
-        let a = Chunker::new(ChunkerParams::DUMPS, 1).unwrap().split(&data).len();
-        let b: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 2).unwrap().split(&data).iter().map(|c| c.len()).collect();
-        let a2: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 1).unwrap().split(&data).iter().map(|c| c.len()).collect();
+        let a = Chunker::new(ChunkerParams::DUMPS, 1)
+            .unwrap()
+            .split(&data)
+            .len();
+        let b: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 2)
+            .unwrap()
+            .split(&data)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        let a2: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 1)
+            .unwrap()
+            .split(&data)
+            .iter()
+            .map(|c| c.len())
+            .collect();
         assert_eq!(a, a2.len());
         assert_ne!(a2, b);
     }
 
     #[test]
     fn rejects_bad_params() {
-        let bad = ChunkerParams { min: 10, avg: 20, max: 30 };
+        let bad = ChunkerParams {
+            min: 10,
+            avg: 20,
+            max: 30,
+        };
         assert!(Chunker::new(bad, 0).is_err());
     }
 }

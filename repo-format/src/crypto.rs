@@ -105,7 +105,13 @@ pub(crate) fn seal_with(c: &XChaCha20Poly1305, domain: Domain, plaintext: &[u8])
     fill_random(&mut nonce);
     let aad = [domain as u8];
     let ct = c
-        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: &aad })
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
         .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
     let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
     out.extend_from_slice(&nonce);
@@ -119,7 +125,8 @@ pub(crate) fn open_with(c: &XChaCha20Poly1305, domain: Domain, sealed: &[u8]) ->
     }
     let (nonce, ct) = sealed.split_at(NONCE_LEN);
     let aad = [domain as u8];
-    c.decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: &aad }).ok()
+    c.decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
+        .ok()
 }
 
 /// Argon2id cost parameters, recorded in each key file.
@@ -171,7 +178,10 @@ mod tests {
         let s = k.seal(Domain::Snapshot, b"hello");
         assert_eq!(s.len(), 5 + OVERHEAD);
         assert_eq!(k.open(Domain::Snapshot, &s).unwrap(), b"hello");
-        assert!(k.open(Domain::Index, &s).is_none(), "a snapshot must not open as an index");
+        assert!(
+            k.open(Domain::Index, &s).is_none(),
+            "a snapshot must not open as an index"
+        );
         let mut bad = s.clone();
         bad[30] ^= 1;
         assert!(k.open(Domain::Snapshot, &bad).is_none());

@@ -20,7 +20,9 @@ pub enum Error {
     Backend(#[from] BackendError),
 
     /// No key file could be opened with the passphrase given.
-    #[error("wrong passphrase: no key in {location} opens with it (check --passphrase-file or MAGPIE_PASSPHRASE)")]
+    #[error(
+        "wrong passphrase: no key in {location} opens with it (check --passphrase-file or MAGPIE_PASSPHRASE)"
+    )]
     WrongPassphrase {
         /// Where the repository is.
         location: String,
@@ -41,7 +43,9 @@ pub enum Error {
     },
 
     /// The repository was written by a newer format version.
-    #[error("{object}: format version {found} is newer than this program supports ({supported}); upgrade magpie")]
+    #[error(
+        "{object}: format version {found} is newer than this program supports ({supported}); upgrade magpie"
+    )]
     UnsupportedVersion {
         /// The object carrying the version.
         object: String,

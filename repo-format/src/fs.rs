@@ -38,7 +38,10 @@ pub fn import_dir(w: &mut Writer<'_>, root: &Path) -> Result<(Id, SnapshotStats)
     };
     let meta = fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
     if !meta.is_dir() {
-        return Err(Error::Invalid(format!("{} is not a directory", root.display())));
+        return Err(Error::Invalid(format!(
+            "{} is not a directory",
+            root.display()
+        )));
     }
     let id = imp.dir(w, root, Path::new(""))?;
     Ok((id, imp.stats))
@@ -96,7 +99,11 @@ impl Importer {
                     node.content = self.small.resolve(range);
                     node.blake3 = hash.to_vec();
                     if let Some((_, slot @ None)) = self.links.get_mut(&(node.device, node.inode)) {
-                        *slot = Some(FileContent { chunks: node.content.clone(), size: node.size, blake3: hash });
+                        *slot = Some(FileContent {
+                            chunks: node.content.clone(),
+                            size: node.size,
+                            blake3: hash,
+                        });
                     }
                 }
                 Pending::Link(key) => {
@@ -118,7 +125,10 @@ impl Importer {
             nodes.push(node);
         }
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        let tree = Tree { version: magic::METADATA_VERSION, nodes };
+        let tree = Tree {
+            version: magic::METADATA_VERSION,
+            nodes,
+        };
         w.add(BlobKind::Tree, tree.encode_to_vec())
     }
 
@@ -128,7 +138,10 @@ impl Importer {
             .flatten()
             .filter_map(|n| {
                 let value = xattr::get(p, &n).ok()??;
-                Some(Xattr { name: n.as_bytes().to_vec(), value })
+                Some(Xattr {
+                    name: n.as_bytes().to_vec(),
+                    value,
+                })
             })
             .collect();
         xattrs.sort_by(|a, b| a.name.cmp(&b.name));
@@ -149,12 +162,23 @@ impl Importer {
         }
     }
 
-    fn leaf(&mut self, w: &mut Writer<'_>, p: &Path, rel: &Path, m: &fs::Metadata, node: &mut Node) -> Result<Pending> {
+    fn leaf(
+        &mut self,
+        w: &mut Writer<'_>,
+        p: &Path,
+        rel: &Path,
+        m: &fs::Metadata,
+        node: &mut Node,
+    ) -> Result<Pending> {
         let ft = m.file_type();
         use std::os::unix::fs::FileTypeExt;
         if ft.is_symlink() {
             node.kind = NodeKind::Symlink as i32;
-            node.link_target = fs::read_link(p).map_err(|e| Error::io(p, e))?.as_os_str().as_bytes().to_vec();
+            node.link_target = fs::read_link(p)
+                .map_err(|e| Error::io(p, e))?
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
             self.stats.others += 1;
             return Ok(Pending::Done);
         }
@@ -175,24 +199,31 @@ impl Importer {
         self.stats.files += 1;
         node.kind = NodeKind::File as i32;
         let key = (m.dev(), m.ino());
-        if m.nlink() > 1 {
-            if let Some((first, content)) = self.links.get(&key) {
-                node.kind = NodeKind::Hardlink as i32;
-                node.link_target = first.as_os_str().as_bytes().to_vec();
-                if let Some(c) = content {
-                    node.content = c.chunks.clone();
-                    node.blake3 = c.blake3.to_vec();
-                    node.size = c.size;
-                }
-                self.stats.bytes += node.size;
-                return Ok(if content.is_some() { Pending::Done } else { Pending::Link(key) });
+        if m.nlink() > 1
+            && let Some((first, content)) = self.links.get(&key)
+        {
+            node.kind = NodeKind::Hardlink as i32;
+            node.link_target = first.as_os_str().as_bytes().to_vec();
+            if let Some(c) = content {
+                node.content = c.chunks.clone();
+                node.blake3 = c.blake3.to_vec();
+                node.size = c.size;
             }
+            self.stats.bytes += node.size;
+            return Ok(if content.is_some() {
+                Pending::Done
+            } else {
+                Pending::Link(key)
+            });
         }
         let mut f = File::open(p).map_err(|e| Error::io(p, e))?;
         let state = if m.len() < self.threshold {
             // Read at most one byte past the threshold: a file that grew is stored whole.
             let mut data = Vec::with_capacity(m.len() as usize);
-            (&mut f).take(self.threshold + 1).read_to_end(&mut data).map_err(|e| Error::io(p, e))?;
+            (&mut f)
+                .take(self.threshold + 1)
+                .read_to_end(&mut data)
+                .map_err(|e| Error::io(p, e))?;
             if (data.len() as u64) <= self.threshold {
                 node.size = data.len() as u64;
                 let hash = *blake3::hash(&data).as_bytes();
@@ -246,7 +277,10 @@ impl Names {
                 })
                 .collect()
         };
-        Names { users: parse("/etc/passwd"), groups: parse("/etc/group") }
+        Names {
+            users: parse("/etc/passwd"),
+            groups: parse("/etc/group"),
+        }
     }
     fn user(&self, uid: u32) -> String {
         self.users.get(&uid).cloned().unwrap_or_default()
@@ -287,12 +321,15 @@ pub fn restore(repo: &Repository, root: &Id, target: &Path) -> Result<RestoreSta
 }
 
 fn is_root() -> bool {
-    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 /// A name from a snapshot is one path component: no separator, no `.` or `..`, no NUL.
 pub fn check_name(name: &[u8]) -> Result<&OsStr> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
         return Err(Error::corrupt(
             format!("entry {:?}", String::from_utf8_lossy(name)),
             "is not a plain file name; refusing to restore it (it could escape the target)",
@@ -332,7 +369,10 @@ struct Restorer<'a> {
 impl Restorer<'_> {
     fn dir(&mut self, tree_id: &Id, path: &Path) -> Result<()> {
         let tree = self.repo.read_tree(tree_id)?;
-        let (dirs, leaves): (Vec<&Node>, Vec<&Node>) = tree.nodes.iter().partition(|n| n.node_kind() == NodeKind::Dir);
+        let (dirs, leaves): (Vec<&Node>, Vec<&Node>) = tree
+            .nodes
+            .iter()
+            .partition(|n| n.node_kind() == NodeKind::Dir);
         for node in leaves {
             let p = path.join(check_name(&node.name)?);
             self.leaf(node, &p)?;
@@ -341,11 +381,17 @@ impl Restorer<'_> {
             let p = path.join(check_name(&node.name)?);
             match fs::symlink_metadata(&p) {
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => return Err(Error::Invalid(format!("{} exists and is not a directory; refusing to restore into it", p.display()))),
+                Ok(_) => {
+                    return Err(Error::Invalid(format!(
+                        "{} exists and is not a directory; refusing to restore into it",
+                        p.display()
+                    )));
+                }
                 Err(_) => fs::create_dir(&p).map_err(|e| Error::io(&p, e))?,
             }
             self.stats.dirs += 1;
-            let sub = Id::from_slice(&node.subtree).ok_or_else(|| Error::corrupt(p.display(), "directory without a tree"))?;
+            let sub = Id::from_slice(&node.subtree)
+                .ok_or_else(|| Error::corrupt(p.display(), "directory without a tree"))?;
             self.dir(&sub, &p)?;
             self.metadata(node, &p)?;
         }
@@ -356,8 +402,13 @@ impl Restorer<'_> {
         match node.node_kind() {
             NodeKind::File => self.file(node, p),
             NodeKind::Hardlink => {
-                let first = self.target.join(Path::new(OsStr::from_bytes(&node.link_target)));
-                let inside = node.link_target.split(|&b| b == b'/').all(|c| check_name(c).is_ok());
+                let first = self
+                    .target
+                    .join(Path::new(OsStr::from_bytes(&node.link_target)));
+                let inside = node
+                    .link_target
+                    .split(|&b| b == b'/')
+                    .all(|c| check_name(c).is_ok());
                 if inside && fs::symlink_metadata(&first).is_ok_and(|m| m.is_file()) {
                     let _ = fs::remove_file(p);
                     fs::hard_link(&first, p).map_err(|e| Error::io(p, e))?;
@@ -370,15 +421,19 @@ impl Restorer<'_> {
             }
             NodeKind::Symlink => {
                 let _ = fs::remove_file(p);
-                std::os::unix::fs::symlink(OsStr::from_bytes(&node.link_target), p).map_err(|e| Error::io(p, e))?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(&node.link_target), p)
+                    .map_err(|e| Error::io(p, e))?;
                 if self.owners {
-                    std::os::unix::fs::lchown(p, Some(node.uid), Some(node.gid)).map_err(|e| Error::io(p, e))?;
+                    std::os::unix::fs::lchown(p, Some(node.uid), Some(node.gid))
+                        .map_err(|e| Error::io(p, e))?;
                 }
                 self.stats.symlinks += 1;
                 Ok(())
             }
             other => {
-                self.stats.skipped.push(format!("{}: {other:?} (metadata only)", p.display()));
+                self.stats
+                    .skipped
+                    .push(format!("{}: {other:?} (metadata only)", p.display()));
                 Ok(())
             }
         }
@@ -390,7 +445,11 @@ impl Restorer<'_> {
         crate::crypto::fill_random(&mut suffix);
         let tmp = dir.join(format!(".magpie-restore-{}", hex::encode(suffix)));
         let result = (|| {
-            let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| Error::io(&tmp, e))?;
             let mut hasher = blake3::Hasher::new();
             for c in &node.content {
                 let data = self.chunk(c)?;
@@ -398,7 +457,10 @@ impl Restorer<'_> {
                 f.write_all(&data).map_err(|e| Error::io(&tmp, e))?;
             }
             if !node.blake3.is_empty() && hasher.finalize().as_bytes() != node.blake3.as_slice() {
-                return Err(Error::corrupt(p.display(), "restored content does not match the BLAKE3 recorded at backup"));
+                return Err(Error::corrupt(
+                    p.display(),
+                    "restored content does not match the BLAKE3 recorded at backup",
+                ));
             }
             drop(f);
             self.metadata(node, &tmp)?;
@@ -414,23 +476,33 @@ impl Restorer<'_> {
     }
 
     fn chunk(&mut self, c: &ChunkRef) -> Result<Vec<u8>> {
-        let id = Id::from_slice(&c.id).ok_or_else(|| Error::corrupt("tree", "chunk reference without a 32-byte id"))?;
+        let id = Id::from_slice(&c.id)
+            .ok_or_else(|| Error::corrupt("tree", "chunk reference without a 32-byte id"))?;
         let blob = self.cache.get(self.repo, &id)?;
         let (s, e) = (c.offset as usize, c.offset as usize + c.length as usize);
-        blob.get(s..e)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| Error::corrupt(format!("blob {id}"), format!("range {s}..{e} is past its end ({})", blob.len())))
+        blob.get(s..e).map(<[u8]>::to_vec).ok_or_else(|| {
+            Error::corrupt(
+                format!("blob {id}"),
+                format!("range {s}..{e} is past its end ({})", blob.len()),
+            )
+        })
     }
 
     fn metadata(&self, node: &Node, p: &Path) -> Result<()> {
         if self.owners {
-            std::os::unix::fs::chown(p, Some(node.uid), Some(node.gid)).map_err(|e| Error::io(p, e))?;
+            std::os::unix::fs::chown(p, Some(node.uid), Some(node.gid))
+                .map_err(|e| Error::io(p, e))?;
         }
-        fs::set_permissions(p, fs::Permissions::from_mode(node.mode)).map_err(|e| Error::io(p, e))?;
+        fs::set_permissions(p, fs::Permissions::from_mode(node.mode))
+            .map_err(|e| Error::io(p, e))?;
         for x in &node.xattrs {
             // Some file systems refuse some namespaces; the content matters more than the xattr.
             if let Err(e) = xattr::set(p, OsStr::from_bytes(&x.name), &x.value) {
-                tracing::warn!("{}: extended attribute {:?} not restored: {e}", p.display(), String::from_utf8_lossy(&x.name));
+                tracing::warn!(
+                    "{}: extended attribute {:?} not restored: {e}",
+                    p.display(),
+                    String::from_utf8_lossy(&x.name)
+                );
             }
         }
         let mtime = std::time::UNIX_EPOCH
@@ -444,9 +516,14 @@ impl Restorer<'_> {
 /// Find the node at `path` (components separated by `/`) under the tree `root`; the empty path
 /// names the root directory itself.
 pub fn lookup(repo: &Repository, root: &Id, path: &str) -> Result<Option<Node>> {
-    let mut node = Node { kind: NodeKind::Dir as i32, subtree: root.0.to_vec(), ..Default::default() };
+    let mut node = Node {
+        kind: NodeKind::Dir as i32,
+        subtree: root.0.to_vec(),
+        ..Default::default()
+    };
     for comp in path.split('/').filter(|c| !c.is_empty()) {
-        let Some(sub) = Id::from_slice(&node.subtree).filter(|_| node.node_kind() == NodeKind::Dir) else {
+        let Some(sub) = Id::from_slice(&node.subtree).filter(|_| node.node_kind() == NodeKind::Dir)
+        else {
             return Ok(None);
         };
         let tree = repo.read_tree(&sub)?;
@@ -459,8 +536,17 @@ pub fn lookup(repo: &Repository, root: &Id, path: &str) -> Result<Option<Node>> 
 }
 
 /// Visit every node under the tree `root` depth-first, with its path relative to the root.
-pub fn walk(repo: &Repository, root: &Id, visit: &mut dyn FnMut(&str, &Node) -> Result<()>) -> Result<()> {
-    fn rec(repo: &Repository, id: &Id, prefix: &str, visit: &mut dyn FnMut(&str, &Node) -> Result<()>) -> Result<()> {
+pub fn walk(
+    repo: &Repository,
+    root: &Id,
+    visit: &mut dyn FnMut(&str, &Node) -> Result<()>,
+) -> Result<()> {
+    fn rec(
+        repo: &Repository,
+        id: &Id,
+        prefix: &str,
+        visit: &mut dyn FnMut(&str, &Node) -> Result<()>,
+    ) -> Result<()> {
         for n in repo.read_tree(id)?.nodes {
             let path = format!("{prefix}{}", String::from_utf8_lossy(&n.name));
             visit(&path, &n)?;

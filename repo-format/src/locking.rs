@@ -53,11 +53,17 @@ impl LockInfo {
             None => format!("an unreadable lock {}", self.name),
             Some(l) => format!(
                 "{} lock of `{}` (pid {} on {}, since {})",
-                if l.exclusive { "an exclusive" } else { "a shared" },
+                if l.exclusive {
+                    "an exclusive"
+                } else {
+                    "a shared"
+                },
                 l.command,
                 l.pid,
                 l.host,
-                chrono::DateTime::from_timestamp(l.created_unix, 0).map(|t| t.to_rfc3339()).unwrap_or_default()
+                chrono::DateTime::from_timestamp(l.created_unix, 0)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default()
             ),
         }
     }
@@ -85,13 +91,19 @@ pub fn list_locks(backend: &dyn Backend, keys: &Keys) -> Result<Vec<LockInfo>> {
     let mut out = Vec::new();
     for o in backend.list(LOCK_DIR)? {
         let lock = match backend.get(&o.name, None) {
-            Ok(b) => keys.open(Domain::Lock, &b).and_then(|p| LockFile::decode(p.as_slice()).ok()),
+            Ok(b) => keys
+                .open(Domain::Lock, &b)
+                .and_then(|p| LockFile::decode(p.as_slice()).ok()),
             // Removed since the listing.
             Err(crate::backend::BackendError::NotFound(_)) => continue,
             Err(e) => return Err(e.into()),
         };
         let stale = lock.as_ref().is_some_and(|l| is_stale(l, now, &host));
-        out.push(LockInfo { name: o.name, lock, stale });
+        out.push(LockInfo {
+            name: o.name,
+            lock,
+            stale,
+        });
     }
     Ok(out)
 }
@@ -123,7 +135,11 @@ pub struct LockGuard {
 
 impl std::fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LockGuard({})", self.held.name.lock().map(|n| n.clone()).unwrap_or_default())
+        write!(
+            f,
+            "LockGuard({})",
+            self.held.name.lock().map(|n| n.clone()).unwrap_or_default()
+        )
     }
 }
 
@@ -142,7 +158,12 @@ impl Drop for LockGuard {
 }
 
 /// Take a lock, retrying for up to `wait` while another holder conflicts.
-pub fn lock(repo: &Repository, exclusive: bool, command: &str, wait: Duration) -> Result<LockGuard> {
+pub fn lock(
+    repo: &Repository,
+    exclusive: bool,
+    command: &str,
+    wait: Duration,
+) -> Result<LockGuard> {
     let deadline = std::time::Instant::now() + wait;
     loop {
         match try_lock(repo, exclusive, command) {
@@ -171,7 +192,11 @@ fn new_lock(exclusive: bool, command: &str) -> LockFile {
 }
 
 fn write_lock(backend: &dyn Backend, keys: &Keys, l: &LockFile) -> Result<String> {
-    let id: Id = put_named(backend, LOCK_DIR, &keys.seal(Domain::Lock, &l.encode_to_vec()))?;
+    let id: Id = put_named(
+        backend,
+        LOCK_DIR,
+        &keys.seal(Domain::Lock, &l.encode_to_vec()),
+    )?;
     Ok(format!("{LOCK_DIR}{id}"))
 }
 
@@ -188,7 +213,10 @@ fn try_lock(repo: &Repository, exclusive: bool, command: &str) -> Result<LockGua
             if other.stale {
                 let ours = other.lock.as_ref().is_some_and(|l| l.host == mine.host);
                 if ours {
-                    tracing::info!("removing stale lock of a process that is gone: {}", other.describe());
+                    tracing::info!(
+                        "removing stale lock of a process that is gone: {}",
+                        other.describe()
+                    );
                     backend.delete(&other.name)?;
                 }
                 continue;
@@ -206,7 +234,8 @@ fn try_lock(repo: &Repository, exclusive: bool, command: &str) -> Result<LockGua
             backend.delete(&name)?;
             return Err(Error::Locked {
                 holder: other.describe(),
-                advice: "wait for it to finish; if that process is gone, run `collector unlock`".into(),
+                advice: "wait for it to finish; if that process is gone, run `collector unlock`"
+                    .into(),
             });
         }
         Err(e) => {
@@ -214,12 +243,20 @@ fn try_lock(repo: &Repository, exclusive: bool, command: &str) -> Result<LockGua
             return Err(e);
         }
     }
-    let held = Arc::new(Held { name: Mutex::new(name), stop: Mutex::new(false), wake: Condvar::new() });
+    let held = Arc::new(Held {
+        name: Mutex::new(name),
+        stop: Mutex::new(false),
+        wake: Condvar::new(),
+    });
     let refresher = {
         let (backend, held, keys) = (backend.clone(), held.clone(), keys.clone());
         std::thread::spawn(move || refresh_loop(&*backend, &keys, &held, mine))
     };
-    Ok(LockGuard { backend, held, refresher: Some(refresher) })
+    Ok(LockGuard {
+        backend,
+        held,
+        refresher: Some(refresher),
+    })
 }
 
 fn refresh_loop(backend: &dyn Backend, keys: &Keys, held: &Held, mut lock: LockFile) {

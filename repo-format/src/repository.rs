@@ -19,6 +19,9 @@ use crate::repofile::snapshot::Snapshot;
 use crate::repofile::tree::Tree;
 use crate::repofile::{self as rf, key};
 
+/// A decoded index file with its storage id.
+pub type IndexFileEntry = (Id, IndexFile);
+
 /// Parameters fixed at `init`.
 #[derive(Clone, Debug)]
 pub struct InitOptions {
@@ -74,13 +77,22 @@ pub struct Repository {
 impl Repository {
     /// Create a repository in an empty backend.
     pub fn init(backend: Arc<dyn Backend>, opts: &InitOptions) -> Result<Repository> {
-        if backend.list(rf::CONFIG_NAME)?.iter().any(|o| o.name == rf::CONFIG_NAME) {
-            return Err(Error::AlreadyInitialised { location: backend.location() });
+        if backend
+            .list(rf::CONFIG_NAME)?
+            .iter()
+            .any(|o| o.name == rf::CONFIG_NAME)
+        {
+            return Err(Error::AlreadyInitialised {
+                location: backend.location(),
+            });
         }
         opts.chunker_files.validate()?;
         opts.chunker_dumps.validate()?;
         if !(1..=22).contains(&opts.compression_level) {
-            return Err(Error::Invalid(format!("compression level {} is not in 1..=22", opts.compression_level)));
+            return Err(Error::Invalid(format!(
+                "compression level {} is not in 1..=22",
+                opts.compression_level
+            )));
         }
         if opts.pack_size < 1024 * 1024 {
             return Err(Error::Invalid("pack size must be at least 1 MiB".into()));
@@ -95,34 +107,53 @@ impl Repository {
             compression_level: opts.compression_level,
             pack_size: opts.pack_size,
             small_file_threshold: opts.small_file_threshold,
-            plain_master_secret: if keys.encrypted() { Vec::new() } else { keys.master().to_vec() },
+            plain_master_secret: if keys.encrypted() {
+                Vec::new()
+            } else {
+                keys.master().to_vec()
+            },
         };
         if let Some(pass) = &opts.passphrase {
             let kf = key::wrap(&keys, pass, opts.kdf, &hostname())?;
             put_named(&*backend, rf::KEY_DIR, &kf.encode_to_vec())?;
         }
         // The config goes last: a repository exists once its config does.
-        if backend.put_if_absent(rf::CONFIG_NAME, &config::encode(&cfg, &keys))? == PutOutcome::AlreadyExists {
-            return Err(Error::AlreadyInitialised { location: backend.location() });
+        if backend.put_if_absent(rf::CONFIG_NAME, &config::encode(&cfg, &keys))?
+            == PutOutcome::AlreadyExists
+        {
+            return Err(Error::AlreadyInitialised {
+                location: backend.location(),
+            });
         }
-        Ok(Repository { backend, keys, config: cfg, index: MasterIndex::new(), index_files: Vec::new() })
+        Ok(Repository {
+            backend,
+            keys,
+            config: cfg,
+            index: MasterIndex::new(),
+            index_files: Vec::new(),
+        })
     }
 
     /// Open a repository; the passphrase is needed unless it is unencrypted.
     pub fn open(backend: Arc<dyn Backend>, passphrase: Option<&[u8]>) -> Result<Repository> {
         let raw = match backend.get(rf::CONFIG_NAME, None) {
             Ok(b) => b,
-            Err(BackendError::NotFound(_)) => return Err(Error::NoRepository { location: backend.location() }),
+            Err(BackendError::NotFound(_)) => {
+                return Err(Error::NoRepository {
+                    location: backend.location(),
+                });
+            }
             Err(e) => return Err(e.into()),
         };
         let head = config::parse_head(&raw)?;
         let keys = if head.cipher == magic::CIPHER_NONE {
             let cfg = RepoConfig::decode(head.payload).map_err(|e| Error::corrupt("config", e))?;
-            let master: [u8; 32] = cfg
-                .plain_master_secret
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::corrupt("config", "unencrypted repository without its 32-byte secret"))?;
+            let master: [u8; 32] = cfg.plain_master_secret.as_slice().try_into().map_err(|_| {
+                Error::corrupt(
+                    "config",
+                    "unencrypted repository without its 32-byte secret",
+                )
+            })?;
             Keys::from_master(zeroize::Zeroizing::new(master), false)
         } else {
             let pass = passphrase.ok_or_else(|| Error::Invalid(
@@ -132,9 +163,19 @@ impl Repository {
         };
         let config = config::decode_payload(head.payload, &keys)?;
         if config.version > magic::REPO_VERSION {
-            return Err(Error::UnsupportedVersion { object: "config".into(), found: config.version, supported: magic::REPO_VERSION });
+            return Err(Error::UnsupportedVersion {
+                object: "config".into(),
+                found: config.version,
+                supported: magic::REPO_VERSION,
+            });
         }
-        Ok(Repository { backend, keys, config, index: MasterIndex::new(), index_files: Vec::new() })
+        Ok(Repository {
+            backend,
+            keys,
+            config,
+            index: MasterIndex::new(),
+            index_files: Vec::new(),
+        })
     }
 
     fn unlock_keys(backend: &dyn Backend, pass: &[u8]) -> Result<Keys> {
@@ -146,7 +187,9 @@ impl Repository {
                 return Ok(k);
             }
         }
-        Err(Error::WrongPassphrase { location: backend.location() })
+        Err(Error::WrongPassphrase {
+            location: backend.location(),
+        })
     }
 
     /// The storage backend.
@@ -176,16 +219,24 @@ impl Repository {
 
     /// A chunker for files or dumps.
     pub fn chunker(&self, dumps: bool) -> Result<Chunker> {
-        let p = if dumps { self.config.dumps_params() } else { self.config.files_params() };
+        let p = if dumps {
+            self.config.dumps_params()
+        } else {
+            self.config.files_params()
+        };
         Chunker::new(p, self.keys.chunker_seed())
     }
 
     /// Read, verify and open a content-addressed object (`dir` + storage id).
     pub fn read_object(&self, name: &str, domain: Domain) -> Result<Vec<u8>> {
         let bytes = self.backend.get(name, None)?;
-        let want = rf::id_of_name(name).ok_or_else(|| Error::corrupt(name, "name is not a storage id"))?;
+        let want =
+            rf::id_of_name(name).ok_or_else(|| Error::corrupt(name, "name is not a storage id"))?;
         if Id::of_stored(&bytes) != want {
-            return Err(Error::corrupt(name, "content does not match its name (BLAKE3)"));
+            return Err(Error::corrupt(
+                name,
+                "content does not match its name (BLAKE3)",
+            ));
         }
         self.keys
             .open(domain, &bytes)
@@ -204,7 +255,9 @@ impl Repository {
             return Err(match e {
                 Error::Corrupt { object, reason } => Error::Corrupt {
                     object,
-                    reason: format!("{reason}; run `collector check --repair` to rebuild the index from the packs"),
+                    reason: format!(
+                        "{reason}; run `collector check --repair` to rebuild the index from the packs"
+                    ),
                 },
                 e => e,
             });
@@ -214,8 +267,11 @@ impl Repository {
     }
 
     /// Make the resident index from decoded index files, skipping superseded ones.
-    pub fn install_index(&mut self, files: &[(Id, IndexFile)]) {
-        let superseded: HashSet<Id> = files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
+    pub fn install_index(&mut self, files: &[IndexFileEntry]) {
+        let superseded: HashSet<Id> = files
+            .iter()
+            .flat_map(|(_, f)| f.supersedes.iter().copied())
+            .collect();
         let mut index = MasterIndex::new();
         let mut names = Vec::new();
         for (id, f) in files.iter().filter(|(id, _)| !superseded.contains(id)) {
@@ -229,14 +285,19 @@ impl Repository {
 
     /// Decode every index file. Unreadable ones are returned apart (for check and repair);
     /// `load_index` fails on the first.
-    pub fn read_index_files(&self) -> Result<(Vec<(Id, IndexFile)>, Vec<Error>)> {
+    pub fn read_index_files(&self) -> Result<(Vec<IndexFileEntry>, Vec<Error>)> {
         let mut ok = Vec::new();
         let mut bad = Vec::new();
         let mut objs = self.backend.list(rf::INDEX_DIR)?;
         objs.sort_by(|a, b| a.name.cmp(&b.name));
         for o in objs {
-            let Some(id) = rf::id_of_name(&o.name) else { continue };
-            match self.read_object(&o.name, Domain::Index).and_then(|p| IndexFile::decode(&o.name, &p)) {
+            let Some(id) = rf::id_of_name(&o.name) else {
+                continue;
+            };
+            match self
+                .read_object(&o.name, Domain::Index)
+                .and_then(|p| IndexFile::decode(&o.name, &p))
+            {
                 Ok(f) => ok.push((id, f)),
                 Err(e) => bad.push(e),
             }
@@ -259,9 +320,14 @@ impl Repository {
     /// Read, open, decompress and verify one blob.
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
         let loc = self.locate(id)?;
-        let stored = self.backend.get(&rf::pack_name(&loc.pack), Some(loc.entry.range()))?;
+        let stored = self
+            .backend
+            .get(&rf::pack_name(&loc.pack), Some(loc.entry.range()))?;
         pack::decode_blob(&self.keys, &loc.entry, &stored).map_err(|e| match e {
-            Error::Corrupt { object, reason } => Error::Corrupt { object: format!("{object} in pack {}", loc.pack), reason },
+            Error::Corrupt { object, reason } => Error::Corrupt {
+                object: format!("{object} in pack {}", loc.pack),
+                reason,
+            },
             e => e,
         })
     }
@@ -273,9 +339,14 @@ impl Repository {
             return Err(Error::corrupt(format!("blob {id}"), "is not a tree"));
         }
         let raw = self.read_blob(id)?;
-        let tree = Tree::decode(raw.as_slice()).map_err(|e| Error::corrupt(format!("tree {id}"), e))?;
+        let tree =
+            Tree::decode(raw.as_slice()).map_err(|e| Error::corrupt(format!("tree {id}"), e))?;
         if tree.version > magic::METADATA_VERSION {
-            return Err(Error::UnsupportedVersion { object: format!("tree {id}"), found: tree.version, supported: magic::METADATA_VERSION });
+            return Err(Error::UnsupportedVersion {
+                object: format!("tree {id}"),
+                found: tree.version,
+                supported: magic::METADATA_VERSION,
+            });
         }
         Ok(tree)
     }
@@ -291,7 +362,11 @@ impl Repository {
         let plain = self.read_object(&name, Domain::Snapshot)?;
         let s = Snapshot::decode(plain.as_slice()).map_err(|e| Error::corrupt(&name, e))?;
         if s.version > magic::METADATA_VERSION {
-            return Err(Error::UnsupportedVersion { object: name, found: s.version, supported: magic::METADATA_VERSION });
+            return Err(Error::UnsupportedVersion {
+                object: name,
+                found: s.version,
+                supported: magic::METADATA_VERSION,
+            });
         }
         Ok(s)
     }
@@ -329,7 +404,11 @@ impl Repository {
                 .ok_or_else(|| Error::SnapshotNotFound(what.into()));
         }
         let want = what.to_ascii_lowercase();
-        let matches: Vec<Id> = self.snapshot_ids()?.into_iter().filter(|id| id.to_hex().starts_with(&want)).collect();
+        let matches: Vec<Id> = self
+            .snapshot_ids()?
+            .into_iter()
+            .filter(|id| id.to_hex().starts_with(&want))
+            .collect();
         match matches.as_slice() {
             [one] => Ok(*one),
             [] => Err(Error::SnapshotNotFound(what.into())),
@@ -346,9 +425,16 @@ impl Repository {
     /// crash in between leaves both passphrases working.
     pub fn change_passphrase(&self, new: &[u8], kdf: KdfParams) -> Result<()> {
         if !self.keys.encrypted() {
-            return Err(Error::Invalid("this repository is not encrypted; it has no passphrase".into()));
+            return Err(Error::Invalid(
+                "this repository is not encrypted; it has no passphrase".into(),
+            ));
         }
-        let old: Vec<String> = self.backend.list(rf::KEY_DIR)?.into_iter().map(|o| o.name).collect();
+        let old: Vec<String> = self
+            .backend
+            .list(rf::KEY_DIR)?
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
         let kf = key::wrap(&self.keys, new, kdf, &hostname())?;
         let new_id = put_named(&*self.backend, rf::KEY_DIR, &kf.encode_to_vec())?;
         for name in old.iter().filter(|n| rf::id_of_name(n) != Some(new_id)) {

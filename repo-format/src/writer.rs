@@ -59,7 +59,11 @@ impl Ctx {
         let (bytes, id, entries) = builder.finish(&self.keys);
         self.backend.put_if_absent(&rf::pack_name(&id), &bytes)?;
         self.shared.stats.lock().expect("stats").packs += 1;
-        self.shared.written.lock().expect("written").push((id, entries));
+        self.shared
+            .written
+            .lock()
+            .expect("written")
+            .push((id, entries));
         Ok(())
     }
 
@@ -84,7 +88,9 @@ impl<'r> Writer<'r> {
     /// Start a session with `threads` compression workers (0: one per core).
     pub fn new(repo: &'r Repository, threads: usize) -> Writer<'r> {
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
         } else {
             threads
         };
@@ -104,7 +110,13 @@ impl<'r> Writer<'r> {
                 std::thread::spawn(move || worker(&ctx, &rx, level))
             })
             .collect();
-        Writer { repo, ctx, tx: Some(tx), workers, seen: HashSet::new() }
+        Writer {
+            repo,
+            ctx,
+            tx: Some(tx),
+            workers,
+            seen: HashSet::new(),
+        }
     }
 
     /// The repository written to.
@@ -140,7 +152,8 @@ impl<'r> Writer<'r> {
         drop(self.tx.take());
         for w in self.workers.drain(..) {
             if w.join().is_err() {
-                self.ctx.fail(Error::Invalid("a write worker panicked".into()));
+                self.ctx
+                    .fail(Error::Invalid("a write worker panicked".into()));
             }
         }
         self.check_error()?;
@@ -153,8 +166,15 @@ impl<'r> Writer<'r> {
         if packs.is_empty() {
             return Ok((None, stats));
         }
-        let file = IndexFile { supersedes: Vec::new(), packs };
-        let id = put_named(&*self.ctx.backend, rf::INDEX_DIR, &self.ctx.keys.seal(Domain::Index, &file.encode()))?;
+        let file = IndexFile {
+            supersedes: Vec::new(),
+            packs,
+        };
+        let id = put_named(
+            &*self.ctx.backend,
+            rf::INDEX_DIR,
+            &self.ctx.keys.seal(Domain::Index, &file.encode()),
+        )?;
         Ok((Some((id, file)), stats))
     }
 }

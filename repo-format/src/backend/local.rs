@@ -65,7 +65,8 @@ impl Backend for LocalBackend {
         let mut buf = Vec::new();
         match range {
             None => {
-                f.read_to_end(&mut buf).map_err(|e| BackendError::io(name, e))?;
+                f.read_to_end(&mut buf)
+                    .map_err(|e| BackendError::io(name, e))?;
             }
             Some(r) => {
                 f.seek(SeekFrom::Start(r.start))
@@ -91,7 +92,8 @@ impl Backend for LocalBackend {
     fn put_if_absent(&self, name: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
         let path = self.path(name);
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        self.create_dirs(&dir).map_err(|e| BackendError::io(name, e))?;
+        self.create_dirs(&dir)
+            .map_err(|e| BackendError::io(name, e))?;
         if path.exists() {
             return Ok(PutOutcome::AlreadyExists);
         }
@@ -143,7 +145,9 @@ impl Backend for LocalBackend {
                 } else {
                     format!("{rel}/{file_name}")
                 };
-                let meta = entry.metadata().map_err(|e| BackendError::io(name.clone(), e))?;
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| BackendError::io(name.clone(), e))?;
                 if meta.is_dir() {
                     if prefix.starts_with(&format!("{name}/")) || name.starts_with(prefix) {
                         stack.push(name);
@@ -182,21 +186,40 @@ mod tests {
     fn create_only_list_range_delete() {
         let dir = tempfile::tempdir().unwrap();
         let b = LocalBackend::new(dir.path().join("repo"));
-        assert_eq!(b.put_if_absent("data/ab/abc", b"hello").unwrap(), PutOutcome::Created);
-        assert_eq!(b.put_if_absent("data/ab/abc", b"other").unwrap(), PutOutcome::AlreadyExists);
+        assert_eq!(
+            b.put_if_absent("data/ab/abc", b"hello").unwrap(),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            b.put_if_absent("data/ab/abc", b"other").unwrap(),
+            PutOutcome::AlreadyExists
+        );
         assert_eq!(b.get("data/ab/abc", None).unwrap(), b"hello");
         assert_eq!(b.get("data/ab/abc", Some(1..3)).unwrap(), b"el");
         assert!(b.get("data/ab/abc", Some(3..9)).is_err());
         b.put_if_absent("snapshots/s1", b"x").unwrap();
-        let mut names: Vec<_> = b.list("data/").unwrap().into_iter().map(|o| o.name).collect();
+        let mut names: Vec<_> = b
+            .list("data/")
+            .unwrap()
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
         names.sort();
         assert_eq!(names, ["data/ab/abc"]);
         assert_eq!(b.list("snapshots/").unwrap()[0].size, 1);
-        assert!(matches!(b.get("nope", None), Err(BackendError::NotFound(_))));
+        assert!(matches!(
+            b.get("nope", None),
+            Err(BackendError::NotFound(_))
+        ));
         b.delete("data/ab/abc").unwrap();
         b.delete("data/ab/abc").unwrap();
         assert!(b.list("data/").unwrap().is_empty());
         // No temporary files are left behind.
-        assert_eq!(fs::read_dir(dir.path().join("repo/data/ab")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join("repo/data/ab"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

@@ -43,7 +43,10 @@ impl Backend for MemoryBackend {
                 .ok_or_else(|| {
                     BackendError::io(
                         name,
-                        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "range past the end"),
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "range past the end",
+                        ),
                     )
                 }),
         }
@@ -70,7 +73,10 @@ impl Backend for MemoryBackend {
     }
 
     fn delete(&self, name: &str) -> Result<(), BackendError> {
-        self.objects.lock().expect("memory backend lock").remove(name);
+        self.objects
+            .lock()
+            .expect("memory backend lock")
+            .remove(name);
         Ok(())
     }
 }

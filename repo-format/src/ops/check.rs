@@ -58,7 +58,10 @@ impl CheckReport {
     }
 
     fn problem(&mut self, object: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem { object: object.into(), message: message.into() });
+        self.problems.push(Problem {
+            object: object.into(),
+            message: message.into(),
+        });
     }
 }
 
@@ -79,7 +82,10 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
         let (o, m) = split_corrupt(e);
         report.problem(o, m);
     }
-    let superseded: HashSet<Id> = files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
+    let superseded: HashSet<Id> = files
+        .iter()
+        .flat_map(|(_, f)| f.supersedes.iter().copied())
+        .collect();
     let mut indexed: HashMap<Id, Vec<PackEntry>> = HashMap::new();
     for (_, f) in files.iter().filter(|(id, _)| !superseded.contains(id)) {
         for (pack, entries) in &f.packs {
@@ -102,7 +108,10 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
     let mut to_check: Vec<(Id, u64, &Vec<PackEntry>)> = Vec::new();
     for (pack, entries) in &indexed {
         match stored.get(pack) {
-            None => report.problem(rf::pack_name(pack), format!("pack is missing; {} blobs lost", entries.len())),
+            None => report.problem(
+                rf::pack_name(pack),
+                format!("pack is missing; {} blobs lost", entries.len()),
+            ),
             Some(&size) => to_check.push((*pack, size, entries)),
         }
     }
@@ -133,13 +142,23 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
 
     for l in locking::list_locks(&**repo.backend(), repo.keys())? {
         if l.stale {
-            report.notes.push(format!("stale lock: {} (remove with `collector unlock`)", l.describe()));
+            report.notes.push(format!(
+                "stale lock: {} (remove with `collector unlock`)",
+                l.describe()
+            ));
         }
     }
     Ok(report)
 }
 
-fn check_tree(repo: &Repository, snap: &Id, root: Id, path: String, seen: &mut HashSet<Id>, report: &mut CheckReport) {
+fn check_tree(
+    repo: &Repository,
+    snap: &Id,
+    root: Id,
+    path: String,
+    seen: &mut HashSet<Id>,
+    report: &mut CheckReport,
+) {
     let mut stack = vec![(root, path)];
     while let Some((tree_id, path)) = stack.pop() {
         if !seen.insert(tree_id) {
@@ -148,7 +167,10 @@ fn check_tree(repo: &Repository, snap: &Id, root: Id, path: String, seen: &mut H
         let tree = match repo.read_tree(&tree_id) {
             Ok(t) => t,
             Err(e) => {
-                report.problem(format!("snapshot {} /{path}", snap.short()), format!("tree {tree_id}: {e}"));
+                report.problem(
+                    format!("snapshot {} /{path}", snap.short()),
+                    format!("tree {tree_id}: {e}"),
+                );
                 continue;
             }
         };
@@ -158,20 +180,28 @@ fn check_tree(repo: &Repository, snap: &Id, root: Id, path: String, seen: &mut H
                 report.problem(format!("snapshot {} /{p}", snap.short()), e.to_string());
             }
             for c in &node.content {
-                let ok = Id::from_slice(&c.id).and_then(|id| repo.index().get(&id)).is_some_and(|loc| {
-                    c.offset as u64 + c.length as u64 <= loc.entry.raw_len as u64
-                });
+                let ok = Id::from_slice(&c.id)
+                    .and_then(|id| repo.index().get(&id))
+                    .is_some_and(|loc| {
+                        c.offset as u64 + c.length as u64 <= loc.entry.raw_len as u64
+                    });
                 if !ok {
                     report.problem(
                         format!("snapshot {} /{p}", snap.short()),
-                        format!("content blob {} is missing or shorter than the range used", hex::encode(&c.id)),
+                        format!(
+                            "content blob {} is missing or shorter than the range used",
+                            hex::encode(&c.id)
+                        ),
                     );
                 }
             }
             if node.node_kind() == NodeKind::Dir {
                 match Id::from_slice(&node.subtree) {
                     Some(sub) => stack.push((sub, format!("{p}/"))),
-                    None => report.problem(format!("snapshot {} /{p}", snap.short()), "directory without a tree"),
+                    None => report.problem(
+                        format!("snapshot {} /{p}", snap.short()),
+                        "directory without a tree",
+                    ),
                 }
             }
         }
@@ -179,17 +209,26 @@ fn check_tree(repo: &Repository, snap: &Id, root: Id, path: String, seen: &mut H
 }
 
 /// Compare each pack with the index, in parallel; with `verify`, read and verify every blob.
-fn check_packs(repo: &Repository, packs: &[(Id, u64, &Vec<PackEntry>)], verify: bool) -> (Vec<Problem>, usize) {
+fn check_packs(
+    repo: &Repository,
+    packs: &[(Id, u64, &Vec<PackEntry>)],
+    verify: bool,
+) -> (Vec<Problem>, usize) {
     let next = AtomicUsize::new(0);
     let verified = AtomicUsize::new(0);
     let problems = Mutex::new(Vec::new());
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(8);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(id, size, entries)) = packs.get(i) else { return };
+                    let Some(&(id, size, entries)) = packs.get(i) else {
+                        return;
+                    };
                     let found = check_pack(repo, id, size, entries, verify, &verified);
                     problems.lock().expect("problems").extend(found);
                 }
@@ -201,10 +240,22 @@ fn check_packs(repo: &Repository, packs: &[(Id, u64, &Vec<PackEntry>)], verify: 
     (p, verified.into_inner())
 }
 
-fn check_pack(repo: &Repository, id: Id, size: u64, indexed: &[PackEntry], verify: bool, verified: &AtomicUsize) -> Vec<Problem> {
+fn check_pack(
+    repo: &Repository,
+    id: Id,
+    size: u64,
+    indexed: &[PackEntry],
+    verify: bool,
+    verified: &AtomicUsize,
+) -> Vec<Problem> {
     let name = rf::pack_name(&id);
     let mut out = Vec::new();
-    let mut problem = |m: String| out.push(Problem { object: name.clone(), message: m });
+    let mut problem = |m: String| {
+        out.push(Problem {
+            object: name.clone(),
+            message: m,
+        })
+    };
     let header = if verify {
         let bytes = match repo.backend().get(&name, None) {
             Ok(b) => b,
@@ -235,12 +286,22 @@ fn check_pack(repo: &Repository, id: Id, size: u64, indexed: &[PackEntry], verif
     match header {
         Err(e) => problem(split_corrupt(e).1),
         Ok(h) => {
-            let mut a: Vec<_> = h.iter().map(|e| (e.id, e.offset, e.stored_len, e.raw_len, e.kind)).collect();
-            let mut b: Vec<_> = indexed.iter().map(|e| (e.id, e.offset, e.stored_len, e.raw_len, e.kind)).collect();
+            let mut a: Vec<_> = h
+                .iter()
+                .map(|e| (e.id, e.offset, e.stored_len, e.raw_len, e.kind))
+                .collect();
+            let mut b: Vec<_> = indexed
+                .iter()
+                .map(|e| (e.id, e.offset, e.stored_len, e.raw_len, e.kind))
+                .collect();
             a.sort();
             b.sort();
             if a != b {
-                problem(format!("header lists {} blobs, the index {}; they disagree (run `collector check --repair`)", a.len(), b.len()));
+                problem(format!(
+                    "header lists {} blobs, the index {}; they disagree (run `collector check --repair`)",
+                    a.len(),
+                    b.len()
+                ));
             }
         }
     }

@@ -76,7 +76,11 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
     let mut kept_ids: HashSet<Id> = HashSet::new();
     for (pack, entries) in by_pack {
         let total: u64 = entries.iter().map(|e| e.stored_len as u64).sum();
-        let live: u64 = entries.iter().filter(|e| used.contains(&e.id)).map(|e| e.stored_len as u64).sum();
+        let live: u64 = entries
+            .iter()
+            .filter(|e| used.contains(&e.id))
+            .map(|e| e.stored_len as u64)
+            .sum();
         if live == 0 {
             report.blobs_removed += entries.len();
             delete.push(pack);
@@ -111,14 +115,32 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
     report.packs_written = repacker.written.len();
 
     let indexed: HashSet<Id> = repo.index().packs().iter().copied().collect();
-    delete.extend(stored.iter().map(|(id, _)| *id).filter(|id| !indexed.contains(id) && !repacker.written.iter().any(|(w, _)| w == id)));
+    delete.extend(
+        stored
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !indexed.contains(id) && !repacker.written.iter().any(|(w, _)| w == id)),
+    );
     if delete.is_empty() && repack.is_empty() {
         return Ok(report);
     }
 
-    let old_index: Vec<Id> = repo.backend().list(rf::INDEX_DIR)?.iter().filter_map(|o| rf::id_of_name(&o.name)).collect();
-    let written: u64 = repacker.written.iter().flat_map(|(_, e)| e).map(|e| e.stored_len as u64).sum();
-    let file = IndexFile { supersedes: old_index.clone(), packs: keep.into_iter().chain(repacker.written).collect() };
+    let old_index: Vec<Id> = repo
+        .backend()
+        .list(rf::INDEX_DIR)?
+        .iter()
+        .filter_map(|o| rf::id_of_name(&o.name))
+        .collect();
+    let written: u64 = repacker
+        .written
+        .iter()
+        .flat_map(|(_, e)| e)
+        .map(|e| e.stored_len as u64)
+        .sum();
+    let file = IndexFile {
+        supersedes: old_index.clone(),
+        packs: keep.into_iter().chain(repacker.written).collect(),
+    };
     let new_index = write_index(repo, &file)?;
     for id in old_index.iter().filter(|id| **id != new_index) {
         repo.backend().delete(&format!("{}{id}", rf::INDEX_DIR))?;

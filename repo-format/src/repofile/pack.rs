@@ -104,7 +104,12 @@ pub fn decode_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<
         magic::COMPRESSION_NONE => payload.to_vec(),
         magic::COMPRESSION_ZSTD => zstd::bulk::decompress(payload, entry.raw_len as usize)
             .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?,
-        other => return Err(Error::corrupt(what(), format!("unknown compression {other}"))),
+        other => {
+            return Err(Error::corrupt(
+                what(),
+                format!("unknown compression {other}"),
+            ));
+        }
     };
     if raw.len() != entry.raw_len as usize || keys.blob_id(&raw) != entry.id {
         return Err(Error::corrupt(what(), "content does not match its id"));
@@ -159,21 +164,30 @@ impl PackBuilder {
         }
         let sealed = keys.seal(Domain::PackHeader, &header);
         self.data.extend_from_slice(&sealed);
-        self.data.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        self.data
+            .extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         let id = Id::of_stored(&self.data);
         (self.data, id, self.entries)
     }
 }
 
 /// Read and decode the header of the pack `name` whose size is `size`.
-pub fn read_header(backend: &dyn Backend, keys: &Keys, name: &str, size: u64) -> Result<Vec<PackEntry>> {
+pub fn read_header(
+    backend: &dyn Backend,
+    keys: &Keys,
+    name: &str,
+    size: u64,
+) -> Result<Vec<PackEntry>> {
     if size < 4 {
         return Err(Error::corrupt(name, "too short to be a pack"));
     }
     let tail = backend.get(name, Some(size - 4..size))?;
     let hlen = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
     if hlen + 4 > size {
-        return Err(Error::corrupt(name, "header length points before the start of the pack"));
+        return Err(Error::corrupt(
+            name,
+            "header length points before the start of the pack",
+        ));
     }
     let sealed = backend.get(name, Some(size - 4 - hlen..size - 4))?;
     let header = keys
@@ -187,15 +201,23 @@ fn parse_header(name: &str, header: &[u8], blobs_end: u64) -> Result<Vec<PackEnt
         .split_first()
         .ok_or_else(|| Error::corrupt(name, "empty header"))?;
     if version != magic::PACK_HEADER_VERSION {
-        return Err(Error::UnsupportedVersion { object: name.into(), found: version as u32, supported: 1 });
+        return Err(Error::UnsupportedVersion {
+            object: name.into(),
+            found: version as u32,
+            supported: 1,
+        });
     }
     if body.len() % ENTRY_LEN != 0 {
-        return Err(Error::corrupt(name, "header length is not a whole number of entries"));
+        return Err(Error::corrupt(
+            name,
+            "header length is not a whole number of entries",
+        ));
     }
     let mut offset = 0u64;
     let mut out = Vec::with_capacity(body.len() / ENTRY_LEN);
     for e in body.chunks_exact(ENTRY_LEN) {
-        let kind = BlobKind::from_u8(e[0]).ok_or_else(|| Error::corrupt(name, format!("unknown blob kind {}", e[0])))?;
+        let kind = BlobKind::from_u8(e[0])
+            .ok_or_else(|| Error::corrupt(name, format!("unknown blob kind {}", e[0])))?;
         let stored_len = u32::from_le_bytes(e[33..37].try_into().expect("4 bytes"));
         let raw_len = u32::from_le_bytes(e[37..41].try_into().expect("4 bytes"));
         out.push(PackEntry {
@@ -208,7 +230,10 @@ fn parse_header(name: &str, header: &[u8], blobs_end: u64) -> Result<Vec<PackEnt
         offset += stored_len as u64;
     }
     if offset != blobs_end {
-        return Err(Error::corrupt(name, format!("header describes {offset} bytes of blobs, pack holds {blobs_end}")));
+        return Err(Error::corrupt(
+            name,
+            format!("header describes {offset} bytes of blobs, pack holds {blobs_end}"),
+        ));
     }
     Ok(out)
 }
@@ -221,7 +246,10 @@ pub fn header_from_bytes(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<Pa
     }
     let hlen = u32::from_le_bytes(bytes[size - 4..].try_into().expect("4 bytes")) as usize;
     if hlen + 4 > size {
-        return Err(Error::corrupt(name, "header length points before the start of the pack"));
+        return Err(Error::corrupt(
+            name,
+            "header length points before the start of the pack",
+        ));
     }
     let header = keys
         .open(Domain::PackHeader, &bytes[size - 4 - hlen..size - 4])

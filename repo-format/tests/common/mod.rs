@@ -17,8 +17,16 @@ pub const PASS: &[u8] = b"test passphrase";
 /// Small chunks and packs so that small test data spans many of both; a cheap KDF.
 pub fn test_options() -> InitOptions {
     let mut o = InitOptions::encrypted(PASS);
-    o.kdf = KdfParams { memory_kib: 256, iterations: 1, parallelism: 1 };
-    o.chunker_files = ChunkerParams { min: 4 * 1024, avg: 16 * 1024, max: 64 * 1024 };
+    o.kdf = KdfParams {
+        memory_kib: 256,
+        iterations: 1,
+        parallelism: 1,
+    };
+    o.chunker_files = ChunkerParams {
+        min: 4 * 1024,
+        avg: 16 * 1024,
+        max: 64 * 1024,
+    };
     o.pack_size = 1024 * 1024;
     o.small_file_threshold = 4 * 1024;
     o
@@ -41,7 +49,12 @@ pub fn backup(repo: &mut Repository, dir: &Path, source: &str) -> (Id, repo_form
     backup_at(repo, dir, source, chrono::Utc::now())
 }
 
-pub fn backup_at(repo: &mut Repository, dir: &Path, source: &str, time: chrono::DateTime<chrono::Utc>) -> (Id, repo_format::SnapshotStats) {
+pub fn backup_at(
+    repo: &mut Repository,
+    dir: &Path,
+    source: &str,
+    time: chrono::DateTime<chrono::Utc>,
+) -> (Id, repo_format::SnapshotStats) {
     let mut w = Writer::new(repo, 2);
     let (tree, mut stats) = repo_format::fs::import_dir(&mut w, dir).unwrap();
     let (index, ws) = w.finish().unwrap();
@@ -89,8 +102,16 @@ pub fn snapshot_dir(root: &Path) -> BTreeMap<String, Entry> {
     out
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>, inodes: &mut BTreeMap<(u64, u64), String>) {
-    let mut names: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+fn walk(
+    root: &Path,
+    dir: &Path,
+    out: &mut BTreeMap<String, Entry>,
+    inodes: &mut BTreeMap<(u64, u64), String>,
+) {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     names.sort();
     for p in names {
         let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
@@ -101,18 +122,58 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>, inodes: &mut
             xattr::list(&p)
                 .unwrap()
                 .filter(|n| n.to_string_lossy().starts_with("user."))
-                .map(|n| (n.to_string_lossy().into_owned(), xattr::get(&p, &n).unwrap().unwrap()))
+                .map(|n| {
+                    (
+                        n.to_string_lossy().into_owned(),
+                        xattr::get(&p, &n).unwrap().unwrap(),
+                    )
+                })
                 .collect()
         };
         let (kind, content, mtime) = if m.file_type().is_symlink() {
-            ("symlink", fs::read_link(&p).unwrap().to_string_lossy().as_bytes().to_vec(), None)
+            (
+                "symlink",
+                fs::read_link(&p)
+                    .unwrap()
+                    .to_string_lossy()
+                    .as_bytes()
+                    .to_vec(),
+                None,
+            )
         } else if m.is_dir() {
-            ("dir", Vec::new(), Some(m.mtime() * 1_000_000_000 + m.mtime_nsec()))
+            (
+                "dir",
+                Vec::new(),
+                Some(m.mtime() * 1_000_000_000 + m.mtime_nsec()),
+            )
         } else {
-            ("file", fs::read(&p).unwrap(), Some(m.mtime() * 1_000_000_000 + m.mtime_nsec()))
+            (
+                "file",
+                fs::read(&p).unwrap(),
+                Some(m.mtime() * 1_000_000_000 + m.mtime_nsec()),
+            )
         };
-        let link_group = (m.is_file() && m.nlink() > 1).then(|| inodes.entry((m.dev(), m.ino())).or_insert(rel.clone()).clone());
-        out.insert(rel.clone(), Entry { kind, mode: if kind == "symlink" { 0 } else { m.mode() & 0o7777 }, mtime_ns: mtime, content, xattrs, link_group });
+        let link_group = (m.is_file() && m.nlink() > 1).then(|| {
+            inodes
+                .entry((m.dev(), m.ino()))
+                .or_insert(rel.clone())
+                .clone()
+        });
+        out.insert(
+            rel.clone(),
+            Entry {
+                kind,
+                mode: if kind == "symlink" {
+                    0
+                } else {
+                    m.mode() & 0o7777
+                },
+                mtime_ns: mtime,
+                content,
+                xattrs,
+                link_group,
+            },
+        );
         if m.is_dir() {
             walk(root, &p, out, inodes);
         }
@@ -134,7 +195,20 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
 
 /// Text-like, compressible bytes.
 pub fn text(n: usize, seed: u64) -> Vec<u8> {
-    let words = ["backup", "restore", "magpie", "collector", "agent", "snapshot", "chunk", "pack", "index", "the", "of", "and"];
+    let words = [
+        "backup",
+        "restore",
+        "magpie",
+        "collector",
+        "agent",
+        "snapshot",
+        "chunk",
+        "pack",
+        "index",
+        "the",
+        "of",
+        "and",
+    ];
     let mut out = Vec::with_capacity(n + 16);
     let mut x = seed | 1;
     while out.len() < n {
@@ -142,7 +216,7 @@ pub fn text(n: usize, seed: u64) -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
-        out.push(if x % 11 == 0 { b'\n' } else { b' ' });
+        out.push(if x.is_multiple_of(11) { b'\n' } else { b' ' });
     }
     out.truncate(n);
     out
