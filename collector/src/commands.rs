@@ -353,8 +353,11 @@ fn init(ctx: &Ctx, a: &InitArgs) -> Result<u8> {
 }
 
 fn import(ctx: &Ctx, a: &ImportArgs) -> Result<u8> {
-    let mut repo = ctx.open_indexed()?;
-    let _lock = locking::lock(&repo, false, "collector import", Duration::ZERO)?;
+    let mut repo = ctx.open()?;
+    // Lock before reading the index: a compact finishing in between could otherwise delete
+    // packs this session then deduplicates against.
+    let lock = locking::lock(&repo, false, "collector import", Duration::ZERO)?;
+    repo.load_index()?;
     let start = chrono::Utc::now();
     let mut w = Writer::new(&repo, 0);
     let (tree, mut stats) = repo_format::fs::import_dir(&mut w, &a.dir)
@@ -385,6 +388,7 @@ fn import(ctx: &Ctx, a: &ImportArgs) -> Result<u8> {
     if let Some((id, f)) = index {
         repo.add_index(id, &f);
     }
+    lock.ensure_held()?;
     let id = repo.save_snapshot(&snap)?;
     if a.json {
         println!(
@@ -511,7 +515,9 @@ fn ls(ctx: &Ctx, snapshot: &str, path: &str, recursive: bool) -> Result<u8> {
 }
 
 fn restore(ctx: &Ctx, snapshot: &str, target: &Path) -> Result<u8> {
-    let repo = ctx.open_indexed()?;
+    let mut repo = ctx.open()?;
+    let _lock = locking::lock(&repo, false, "collector restore", Duration::ZERO)?;
+    repo.load_index()?;
     let id = repo.find_snapshot(snapshot)?;
     let snap = repo.load_snapshot(&id)?;
     let root = Id::from_slice(&snap.tree).context("snapshot has no root tree")?;

@@ -147,7 +147,7 @@ fn bench(c: &mut Criterion) {
             let k = r.keys().clone();
             bch.iter(|| {
                 data.chunks(1 << 20)
-                    .map(|c| k.blob_id(c).0[0] as usize)
+                    .map(|c| k.blob_id(repo_format::BlobKind::Data, c).0[0] as usize)
                     .sum::<usize>()
             })
         });

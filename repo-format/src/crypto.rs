@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::id::Id;
 use crate::magic::{self, Domain};
+use crate::repofile::pack::BlobKind;
 
 /// Nonce length of XChaCha20-Poly1305.
 pub const NONCE_LEN: usize = 24;
@@ -31,7 +32,8 @@ pub fn fill_random(buf: &mut [u8]) {
 pub struct Keys {
     master: Zeroizing<[u8; 32]>,
     cipher: Option<XChaCha20Poly1305>,
-    id_key: Zeroizing<[u8; 32]>,
+    data_id_key: Zeroizing<[u8; 32]>,
+    tree_id_key: Zeroizing<[u8; 32]>,
     chunker_seed: u64,
 }
 
@@ -52,13 +54,17 @@ impl Keys {
     /// Derive the sub-keys from a master secret.
     pub fn from_master(master: Zeroizing<[u8; 32]>, encrypted: bool) -> Keys {
         let enc = Zeroizing::new(blake3::derive_key(magic::CTX_ENCRYPTION, master.as_ref()));
-        let id_key = Zeroizing::new(blake3::derive_key(magic::CTX_BLOB_ID, master.as_ref()));
+        let data_id_key =
+            Zeroizing::new(blake3::derive_key(magic::CTX_DATA_BLOB_ID, master.as_ref()));
+        let tree_id_key =
+            Zeroizing::new(blake3::derive_key(magic::CTX_TREE_BLOB_ID, master.as_ref()));
         let seed = blake3::derive_key(magic::CTX_CHUNKER_SEED, master.as_ref());
         let chunker_seed = u64::from_le_bytes(seed[..8].try_into().expect("8 bytes"));
         Keys {
             cipher: encrypted.then(|| XChaCha20Poly1305::new(enc.as_ref().into())),
             master,
-            id_key,
+            data_id_key,
+            tree_id_key,
             chunker_seed,
         }
     }
@@ -73,9 +79,13 @@ impl Keys {
         self.cipher.is_some()
     }
 
-    /// The id of a blob: keyed BLAKE3 of its plaintext.
-    pub fn blob_id(&self, plaintext: &[u8]) -> Id {
-        Id(*blake3::keyed_hash(&self.id_key, plaintext).as_bytes())
+    /// The id of a blob: keyed BLAKE3 of its plaintext, with one key per blob kind.
+    pub fn blob_id(&self, kind: BlobKind, plaintext: &[u8]) -> Id {
+        let key = match kind {
+            BlobKind::Data => &self.data_id_key,
+            BlobKind::Tree => &self.tree_id_key,
+        };
+        Id(*blake3::keyed_hash(key, plaintext).as_bytes())
     }
 
     /// The chunker's gear seed.
@@ -191,7 +201,18 @@ mod tests {
     fn ids_are_keyed() {
         let a = Keys::generate(true);
         let b = Keys::generate(true);
-        assert_ne!(a.blob_id(b"x"), b.blob_id(b"x"));
-        assert_eq!(a.blob_id(b"x"), a.blob_id(b"x"));
+        assert_ne!(
+            a.blob_id(BlobKind::Data, b"x"),
+            b.blob_id(BlobKind::Data, b"x")
+        );
+        assert_eq!(
+            a.blob_id(BlobKind::Data, b"x"),
+            a.blob_id(BlobKind::Data, b"x")
+        );
+        assert_ne!(
+            a.blob_id(BlobKind::Data, b"x"),
+            a.blob_id(BlobKind::Tree, b"x"),
+            "kinds never share ids"
+        );
     }
 }

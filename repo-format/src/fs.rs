@@ -315,6 +315,7 @@ pub fn restore(repo: &Repository, root: &Id, target: &Path) -> Result<RestoreSta
         cache: BlobCache::default(),
         stats: RestoreStats::default(),
         owners: is_root(),
+        restored: Default::default(),
     };
     r.dir(root, target)?;
     Ok(r.stats)
@@ -364,6 +365,8 @@ struct Restorer<'a> {
     cache: BlobCache,
     stats: RestoreStats,
     owners: bool,
+    /// Files this restore wrote, relative to the target: the only valid hard-link targets.
+    restored: std::collections::HashSet<PathBuf>,
 }
 
 impl Restorer<'_> {
@@ -402,16 +405,12 @@ impl Restorer<'_> {
         match node.node_kind() {
             NodeKind::File => self.file(node, p),
             NodeKind::Hardlink => {
-                let first = self
-                    .target
-                    .join(Path::new(OsStr::from_bytes(&node.link_target)));
-                let inside = node
-                    .link_target
-                    .split(|&b| b == b'/')
-                    .all(|c| check_name(c).is_ok());
-                if inside && fs::symlink_metadata(&first).is_ok_and(|m| m.is_file()) {
+                // Link only to a file this restore wrote: its parents are directories we made,
+                // so the link cannot be steered outside the target by a symlink on the way.
+                let first = Path::new(OsStr::from_bytes(&node.link_target));
+                if self.restored.contains(first) {
                     let _ = fs::remove_file(p);
-                    fs::hard_link(&first, p).map_err(|e| Error::io(p, e))?;
+                    fs::hard_link(self.target.join(first), p).map_err(|e| Error::io(p, e))?;
                     self.stats.files += 1;
                     Ok(())
                 } else {
@@ -470,6 +469,9 @@ impl Restorer<'_> {
             let _ = fs::remove_file(&tmp);
         }
         result?;
+        if let Ok(rel) = p.strip_prefix(&self.target) {
+            self.restored.insert(rel.to_path_buf());
+        }
         self.stats.files += 1;
         self.stats.bytes += node.size;
         Ok(())
@@ -489,12 +491,18 @@ impl Restorer<'_> {
     }
 
     fn metadata(&self, node: &Node, p: &Path) -> Result<()> {
+        // Times first, through a descriptor opened before the mode is set: a restrictive mode
+        // (a 0o000 file, a 0o311 directory) must not stop a restore that does not run as root.
+        let mtime = std::time::UNIX_EPOCH
+            .checked_add(std::time::Duration::from_nanos(node.mtime_ns.max(0) as u64))
+            .unwrap_or(std::time::UNIX_EPOCH);
+        File::open(p)
+            .and_then(|f| f.set_modified(mtime))
+            .map_err(|e| Error::io(p, e))?;
         if self.owners {
             std::os::unix::fs::chown(p, Some(node.uid), Some(node.gid))
                 .map_err(|e| Error::io(p, e))?;
         }
-        fs::set_permissions(p, fs::Permissions::from_mode(node.mode))
-            .map_err(|e| Error::io(p, e))?;
         for x in &node.xattrs {
             // Some file systems refuse some namespaces; the content matters more than the xattr.
             if let Err(e) = xattr::set(p, OsStr::from_bytes(&x.name), &x.value) {
@@ -505,11 +513,8 @@ impl Restorer<'_> {
                 );
             }
         }
-        let mtime = std::time::UNIX_EPOCH
-            .checked_add(std::time::Duration::from_nanos(node.mtime_ns.max(0) as u64))
-            .unwrap_or(std::time::UNIX_EPOCH);
-        let f = File::open(p).map_err(|e| Error::io(p, e))?;
-        f.set_modified(mtime).map_err(|e| Error::io(p, e))
+        // The mode last: chown clears set-uid bits, and a read-only mode would stop the rest.
+        fs::set_permissions(p, fs::Permissions::from_mode(node.mode)).map_err(|e| Error::io(p, e))
     }
 }
 

@@ -77,9 +77,40 @@ fn process_start(pid: u32) -> Option<u64> {
     rest.split(' ').nth(19)?.parse().ok()
 }
 
-fn is_stale(l: &LockFile, now: i64, host: &str) -> bool {
-    if l.host == host {
-        return process_start(l.pid) != Some(l.process_start);
+/// The kernel boot id, which changes at every boot.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The pid namespace of this process: pids only mean the same process within one.
+fn pid_namespace() -> u64 {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|l| {
+            l.to_str()?
+                .strip_prefix("pid:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Stale: a process of this very kernel and pid namespace that is gone, or a lock nobody
+/// refreshed for [`STALE_AFTER`]. A holder we cannot see for sure (another machine with the same
+/// host name, another pid namespace, `/proc` hidden) is judged by age only.
+fn is_stale(l: &LockFile, now: i64, me: &LockFile) -> bool {
+    let same_process_space = l.host == me.host
+        && !l.boot_id.is_empty()
+        && l.boot_id == me.boot_id
+        && l.pid_namespace != 0
+        && l.pid_namespace == me.pid_namespace
+        && l.process_start != 0
+        && me.process_start != 0;
+    if same_process_space && process_start(l.pid) != Some(l.process_start) {
+        return true;
     }
     now - l.refreshed_unix > STALE_AFTER
 }
@@ -87,7 +118,7 @@ fn is_stale(l: &LockFile, now: i64, host: &str) -> bool {
 /// Every lock in the repository.
 pub fn list_locks(backend: &dyn Backend, keys: &Keys) -> Result<Vec<LockInfo>> {
     let now = chrono::Utc::now().timestamp();
-    let host = hostname();
+    let me = new_lock(false, "");
     let mut out = Vec::new();
     for o in backend.list(LOCK_DIR)? {
         let lock = match backend.get(&o.name, None) {
@@ -98,7 +129,7 @@ pub fn list_locks(backend: &dyn Backend, keys: &Keys) -> Result<Vec<LockInfo>> {
             Err(crate::backend::BackendError::NotFound(_)) => continue,
             Err(e) => return Err(e.into()),
         };
-        let stale = lock.as_ref().is_some_and(|l| is_stale(l, now, &host));
+        let stale = lock.as_ref().is_some_and(|l| is_stale(l, now, &me));
         out.push(LockInfo {
             name: o.name,
             lock,
@@ -122,6 +153,7 @@ pub fn unlock(repo: &Repository, all: bool) -> Result<Vec<LockInfo>> {
 
 struct Held {
     name: Mutex<String>,
+    lost: std::sync::atomic::AtomicBool,
     stop: Mutex<bool>,
     wake: Condvar,
 }
@@ -140,6 +172,20 @@ impl std::fmt::Debug for LockGuard {
             "LockGuard({})",
             self.held.name.lock().map(|n| n.clone()).unwrap_or_default()
         )
+    }
+}
+
+impl LockGuard {
+    /// Fails if a refresh failed: others may then take the lock as stale, so a commit or a
+    /// deletion must not go ahead under it.
+    pub fn ensure_held(&self) -> Result<()> {
+        if self.held.lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Locked {
+                holder: "nobody: our own lock could not be refreshed".into(),
+                advice: "check the repository's storage and run the command again".into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -188,6 +234,8 @@ fn new_lock(exclusive: bool, command: &str) -> LockFile {
         created_unix: now,
         refreshed_unix: now,
         nonce: Id::random().0[..16].to_vec(),
+        boot_id: boot_id(),
+        pid_namespace: pid_namespace(),
     }
 }
 
@@ -211,7 +259,11 @@ fn try_lock(repo: &Repository, exclusive: bool, command: &str) -> Result<LockGua
                 continue;
             }
             if other.stale {
-                let ours = other.lock.as_ref().is_some_and(|l| l.host == mine.host);
+                let ours = other.lock.as_ref().is_some_and(|l| {
+                    l.host == mine.host
+                        && l.boot_id == mine.boot_id
+                        && l.pid_namespace == mine.pid_namespace
+                });
                 if ours {
                     tracing::info!(
                         "removing stale lock of a process that is gone: {}",
@@ -245,6 +297,7 @@ fn try_lock(repo: &Repository, exclusive: bool, command: &str) -> Result<LockGua
     }
     let held = Arc::new(Held {
         name: Mutex::new(name),
+        lost: Default::default(),
         stop: Mutex::new(false),
         wake: Condvar::new(),
     });
@@ -281,7 +334,10 @@ fn refresh_loop(backend: &dyn Backend, keys: &Keys, held: &Held, mut lock: LockF
                     tracing::warn!("could not remove old lock {old}: {e}");
                 }
             }
-            Err(e) => tracing::warn!("could not refresh the repository lock: {e}"),
+            Err(e) => {
+                tracing::warn!("could not refresh the repository lock: {e}");
+                held.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
     }
 }

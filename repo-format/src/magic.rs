@@ -39,8 +39,11 @@ pub enum Domain {
 
 /// BLAKE3 `derive_key` contexts for the sub-keys of the master secret.
 pub const CTX_ENCRYPTION: &str = "magpie 2026-11 repository encryption key v1";
-/// Context for the blob-id key.
-pub const CTX_BLOB_ID: &str = "magpie 2026-11 blob id key v1";
+/// Context for the key that names data blobs.
+pub const CTX_DATA_BLOB_ID: &str = "magpie 2026-11 data blob id key v1";
+/// Context for the key that names tree blobs: a different key, so that no file content can
+/// ever have the id of a tree (and be taken for one by deduplication).
+pub const CTX_TREE_BLOB_ID: &str = "magpie 2026-11 tree blob id key v1";
 /// Context for the chunker's gear seed.
 pub const CTX_CHUNKER_SEED: &str = "magpie 2026-11 chunker seed v1";
 

@@ -94,8 +94,10 @@ impl Repository {
                 opts.compression_level
             )));
         }
-        if opts.pack_size < 1024 * 1024 {
-            return Err(Error::Invalid("pack size must be at least 1 MiB".into()));
+        if !(1024 * 1024..=1024 * 1024 * 1024).contains(&opts.pack_size) {
+            return Err(Error::Invalid(
+                "pack size must be between 1 MiB and 1 GiB".into(),
+            ));
         }
         let keys = Keys::generate(opts.passphrase.is_some());
         let cfg = RepoConfig {
@@ -181,15 +183,25 @@ impl Repository {
     fn unlock_keys(backend: &dyn Backend, pass: &[u8]) -> Result<Keys> {
         let mut names = backend.list(rf::KEY_DIR)?;
         names.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut unreadable = None;
         for o in &names {
-            let bytes = backend.get(&o.name, None)?;
-            if let Some(k) = key::unwrap(&o.name, &bytes, pass)? {
-                return Ok(k);
+            // A damaged or newer key file must not hide a good one: try them all.
+            match backend
+                .get(&o.name, None)
+                .map_err(Error::from)
+                .and_then(|b| key::unwrap(&o.name, &b, pass))
+            {
+                Ok(Some(k)) => return Ok(k),
+                Ok(None) => {}
+                Err(e) => unreadable = Some(e),
             }
         }
-        Err(Error::WrongPassphrase {
-            location: backend.location(),
-        })
+        match unreadable {
+            Some(e) if names.len() == 1 => Err(e),
+            _ => Err(Error::WrongPassphrase {
+                location: backend.location(),
+            }),
+        }
     }
 
     /// The storage backend.

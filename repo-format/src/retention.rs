@@ -47,7 +47,8 @@ impl Policy {
 
 /// Parse borg's interval syntax: a positive integer and one of H, d, w, m (31 days), y (365 days).
 pub fn parse_within(s: &str) -> Result<i64, String> {
-    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let unit_at = s.char_indices().last().map(|(i, _)| i).unwrap_or(0);
+    let (num, unit) = s.split_at(unit_at);
     let n: i64 = num
         .parse()
         .map_err(|_| format!("{s:?}: expected a number and a unit, like 7d"))?;
@@ -62,7 +63,9 @@ pub fn parse_within(s: &str) -> Result<i64, String> {
         "y" => 24 * 365,
         _ => return Err(format!("{s:?}: unit must be H, d, w, m or y")),
     };
-    Ok(n * hours * 3600)
+    n.checked_mul(hours * 3600)
+        .filter(|&secs| secs <= 1000 * 366 * 24 * 3600)
+        .ok_or_else(|| format!("{s:?}: longer than 1000 years"))
 }
 
 /// Why a snapshot is kept.
@@ -99,7 +102,9 @@ pub fn plan<Tz: TimeZone>(
     order.sort_by(|&a, &b| times[b].cmp(&times[a]));
 
     if let Some(secs) = policy.within_secs {
-        let limit = now - chrono::Duration::seconds(secs);
+        let limit = chrono::Duration::try_seconds(secs)
+            .and_then(|d| now.checked_sub_signed(d))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let mut n = 0;
         for &i in &order {
             if times[i] > limit {
@@ -396,5 +401,6 @@ mod tests {
                 && parse_within("5x").is_err()
                 && parse_within("d").is_err()
         );
+        assert!(parse_within("5é").is_err() && parse_within("99999999999999y").is_err());
     }
 }

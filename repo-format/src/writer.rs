@@ -82,6 +82,7 @@ pub struct Writer<'r> {
     tx: Option<SyncSender<Job>>,
     workers: Vec<JoinHandle<()>>,
     seen: HashSet<Id>,
+    failed: bool,
 }
 
 impl<'r> Writer<'r> {
@@ -116,6 +117,7 @@ impl<'r> Writer<'r> {
             tx: Some(tx),
             workers,
             seen: HashSet::new(),
+            failed: false,
         }
     }
 
@@ -126,7 +128,7 @@ impl<'r> Writer<'r> {
 
     /// Store a blob unless the repository (or this session) has it; returns its id.
     pub fn add(&mut self, kind: BlobKind, data: Vec<u8>) -> Result<Id> {
-        let id = self.repo.keys().blob_id(&data);
+        let id = self.repo.keys().blob_id(kind, &data);
         if self.repo.index().contains(&id) || !self.seen.insert(id) {
             return Ok(id);
         }
@@ -139,9 +141,19 @@ impl<'r> Writer<'r> {
         Ok(id)
     }
 
-    fn check_error(&self) -> Result<()> {
+    /// The first worker error, once; afterwards every call fails, so that a session that lost
+    /// a pack can never finish as if it had not.
+    fn check_error(&mut self) -> Result<()> {
+        if self.failed {
+            return Err(Error::Invalid(
+                "an earlier write of this session failed".into(),
+            ));
+        }
         match self.ctx.shared.error.lock().expect("error slot").take() {
-            Some(e) => Err(e),
+            Some(e) => {
+                self.failed = true;
+                Err(e)
+            }
             None => Ok(()),
         }
     }

@@ -52,7 +52,7 @@ proptest! {
         for i in 0..3u8 {
             let data = vec![i; 100];
             let sealed = pack::encode_blob(&keys, BlobKind::Data, &data, None);
-            pb.add(BlobKind::Data, keys.blob_id(&data), &sealed, 100);
+            pb.add(BlobKind::Data, keys.blob_id(BlobKind::Data, &data), &sealed, 100);
         }
         let (mut bytes, _, _) = pb.finish(&keys);
         let i = pos.index(bytes.len());

@@ -80,7 +80,7 @@ fn compact_removes_packs_left_by_an_interrupted_writer() {
     );
     pb.add(
         repo_format::BlobKind::Data,
-        repo.keys().blob_id(&data),
+        repo.keys().blob_id(repo_format::BlobKind::Data, &data),
         &sealed,
         1000,
     );

@@ -136,3 +136,23 @@ fn unencrypted_repository_round_trips_too() {
         common::snapshot_dir(&tmp.path().join("out"))
     );
 }
+
+/// A file whose bytes equal a tree's encoding must not be taken for that tree (or vice versa):
+/// blob ids are keyed per kind.
+#[test]
+fn file_content_equal_to_a_tree_encoding_is_not_confused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("z-empty")).unwrap();
+    // The tree of an empty directory encodes as 08 01 (version = 1): the root's only small
+    // file holds exactly those bytes, so its data chunk has the same plaintext.
+    fs::write(src.join("a"), [0x08, 0x01]).unwrap();
+    let (_b, mut repo) = common::local_repo(&tmp.path().join("repo"));
+    let (snap, _) = common::backup(&mut repo, &src, "kinds");
+    let mut repo = common::reopen(repo.backend().clone());
+    common::restore(&repo, &snap, &tmp.path().join("out"));
+    assert_eq!(fs::read(tmp.path().join("out/a")).unwrap(), [0x08, 0x01]);
+    assert!(tmp.path().join("out/z-empty").is_dir());
+    let r = repo_format::ops::check::check(&mut repo, Default::default()).unwrap();
+    assert!(r.is_clean(), "{:?}", r.problems);
+}

@@ -95,6 +95,8 @@ impl Backend for LocalBackend {
         self.create_dirs(&dir)
             .map_err(|e| BackendError::io(name, e))?;
         if path.exists() {
+            // The writer that linked it may have died before its folder fsync: make it durable.
+            Self::sync_dir(&dir).map_err(|e| BackendError::io(name, e))?;
             return Ok(PutOutcome::AlreadyExists);
         }
         let mut suffix = [0u8; 8];
@@ -145,9 +147,12 @@ impl Backend for LocalBackend {
                 } else {
                     format!("{rel}/{file_name}")
                 };
-                let meta = entry
-                    .metadata()
-                    .map_err(|e| BackendError::io(name.clone(), e))?;
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    // Removed since the folder was read (a lock released, say).
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(BackendError::io(name, e)),
+                };
                 if meta.is_dir() {
                     if prefix.starts_with(&format!("{name}/")) || name.starts_with(prefix) {
                         stack.push(name);

@@ -56,13 +56,12 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
             "is referenced by a snapshot but not in the index; run `collector check` before compacting",
         ));
     }
-    let stored: Vec<(Id, u64)> = repo
+    let stored: std::collections::HashMap<Id, u64> = repo
         .backend()
         .list(rf::DATA_DIR)?
         .into_iter()
         .filter_map(|o| rf::id_of_name(&o.name).map(|id| (id, o.size)))
         .collect();
-    let stored_size = |p: &Id| stored.iter().find(|(id, _)| id == p).map(|(_, s)| *s);
 
     // Group index entries by pack.
     let mut by_pack: std::collections::BTreeMap<Id, Vec<PackEntry>> = Default::default();
@@ -115,11 +114,12 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
     report.packs_written = repacker.written.len();
 
     let indexed: HashSet<Id> = repo.index().packs().iter().copied().collect();
+    let written_ids: HashSet<Id> = repacker.written.iter().map(|(id, _)| *id).collect();
     delete.extend(
         stored
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| !indexed.contains(id) && !repacker.written.iter().any(|(w, _)| w == id)),
+            .keys()
+            .copied()
+            .filter(|id| !indexed.contains(id) && !written_ids.contains(id)),
     );
     if delete.is_empty() && repack.is_empty() {
         return Ok(report);
@@ -147,7 +147,7 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
     }
     let mut freed = 0u64;
     for pack in &delete {
-        freed += stored_size(pack).unwrap_or(0);
+        freed += stored.get(pack).copied().unwrap_or(0);
         repo.backend().delete(&rf::pack_name(pack))?;
     }
     report.packs_deleted = delete.len();

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::magic::Domain;
 use crate::repofile::index::IndexFile;
@@ -57,13 +57,18 @@ pub fn repair(repo: &mut Repository, verify_data: bool) -> Result<RepairReport> 
         if !verify_data {
             match pack::read_header(&**repo.backend(), repo.keys(), &o.name, o.size) {
                 Ok(h) => good.push((id, h)),
-                Err(e) => report.unreadable_packs.push(format!("{}: {e}", o.name)),
+                Err(e @ Error::Corrupt { .. }) => {
+                    report.unreadable_packs.push(format!("{}: {e}", o.name))
+                }
+                // I/O trouble or a newer format is not damage: stop rather than drop the pack.
+                Err(e) => return Err(e),
             }
             continue;
         }
         let bytes = repo.backend().get(&o.name, None)?;
         let header = match pack::header_from_bytes(repo.keys(), &o.name, &bytes) {
             Ok(h) => h,
+            Err(e @ Error::UnsupportedVersion { .. }) => return Err(e),
             Err(e) => {
                 report.unreadable_packs.push(format!("{}: {e}", o.name));
                 continue;
@@ -123,12 +128,16 @@ pub fn repair(repo: &mut Repository, verify_data: bool) -> Result<RepairReport> 
     }
     for id in repo.snapshot_ids()? {
         let name = format!("{}{id}", rf::SNAPSHOT_DIR);
-        if let Err(e) = repo
+        match repo
             .read_object(&name, Domain::Snapshot)
             .and_then(|_| repo.load_snapshot(&id))
         {
-            repo.backend().delete(&name)?;
-            report.removed.push(format!("{name} ({e})"));
+            Ok(_) => {}
+            Err(e @ Error::Corrupt { .. }) => {
+                repo.backend().delete(&name)?;
+                report.removed.push(format!("{name} ({e})"));
+            }
+            Err(e) => return Err(e),
         }
     }
     repo.load_index()?;

@@ -33,4 +33,10 @@ pub struct LockFile {
     /// 16 random bytes, so that two locks never share a name even unencrypted.
     #[prost(bytes = "vec", tag = "9")]
     pub nonce: Vec<u8>,
+    /// The holder's kernel boot id (`/proc/sys/kernel/random/boot_id`).
+    #[prost(string, tag = "10")]
+    pub boot_id: String,
+    /// The holder's pid namespace (inode of `/proc/self/ns/pid`).
+    #[prost(uint64, tag = "11")]
+    pub pid_namespace: u64,
 }

@@ -67,6 +67,9 @@ impl PackEntry {
 
 const ENTRY_LEN: usize = 41;
 
+/// Largest plaintext a blob may have (a tree of a directory with millions of entries fits).
+pub const MAX_BLOB_SIZE: u32 = 512 * 1024 * 1024;
+
 /// Compress (when it pays) and seal one blob.
 pub fn encode_blob(
     keys: &Keys,
@@ -100,6 +103,15 @@ pub fn decode_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<
     let (flag, payload) = plain
         .split_first()
         .ok_or_else(|| Error::corrupt(what(), "empty blob"))?;
+    if entry.raw_len > MAX_BLOB_SIZE {
+        return Err(Error::corrupt(
+            what(),
+            format!(
+                "claims {} bytes, more than any blob may hold",
+                entry.raw_len
+            ),
+        ));
+    }
     let raw = match *flag {
         magic::COMPRESSION_NONE => payload.to_vec(),
         magic::COMPRESSION_ZSTD => zstd::bulk::decompress(payload, entry.raw_len as usize)
@@ -111,7 +123,7 @@ pub fn decode_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<
             ));
         }
     };
-    if raw.len() != entry.raw_len as usize || keys.blob_id(&raw) != entry.id {
+    if raw.len() != entry.raw_len as usize || keys.blob_id(entry.kind, &raw) != entry.id {
         return Err(Error::corrupt(what(), "content does not match its id"));
     }
     Ok(raw)
@@ -197,6 +209,9 @@ pub fn read_header(
 }
 
 fn parse_header(name: &str, header: &[u8], blobs_end: u64) -> Result<Vec<PackEntry>> {
+    if blobs_end > u32::MAX as u64 {
+        return Err(Error::corrupt(name, "larger than a pack may be (4 GiB)"));
+    }
     let (&version, body) = header
         .split_first()
         .ok_or_else(|| Error::corrupt(name, "empty header"))?;
