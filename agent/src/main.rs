@@ -1,10 +1,131 @@
-//! `agent`: serves a main server's sources to the collector. Its gRPC service, sources and
-//! dump drivers arrive with the pull issue; until then it only says so.
+//! `agent`: serves a main server's declared sources, read-only, to pinned collectors over
+//! mutual TLS. It never sees the repository. Logs go to stderr.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "agent {}: not implemented yet; this build only has the repository and the collector's repository commands",
-        env!("CARGO_PKG_VERSION")
+mod config;
+mod server;
+mod source;
+mod tls;
+mod wire;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+
+#[derive(Parser)]
+#[command(
+    name = "agent",
+    version,
+    about = "magpie agent: serves read-only sources to the collector"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the sources of the configuration.
+    Serve {
+        #[arg(long, default_value = "/etc/magpie/agent.toml")]
+        config: PathBuf,
+    },
+    /// Check the configuration and exit.
+    CheckConfig {
+        #[arg(long, default_value = "/etc/magpie/agent.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // One crypto provider for the whole process (ring), chosen explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let result = match Cli::parse().command {
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Serve { config } => serve(&config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> Result<()> {
+    let cfg = config::AgentConfig::load(path)?;
+    let sources = cfg.validate()?;
+    tls::server_config(&cfg.tls)?;
+    println!(
+        "{}: ok, {} sources, listening on {}",
+        path.display(),
+        sources.len(),
+        cfg.listen
     );
-    std::process::ExitCode::from(2)
+    Ok(())
+}
+
+fn serve(path: &std::path::Path) -> Result<()> {
+    let cfg = config::AgentConfig::load(path)?;
+    let sources = cfg.validate()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(&cfg.tls)?));
+    let name = cfg.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "agent".into())
+    });
+    let service = server::AgentService {
+        name,
+        sources: Arc::new(sources),
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        tracing::info!("agent listening on {}", listener.local_addr()?);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(15), acceptor.accept(tcp)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                        }
+                        Ok(Err(e)) => tracing::warn!("TLS handshake with {peer} failed: {e}"),
+                        Err(_) => tracing::warn!("TLS handshake with {peer} timed out"),
+                    }
+                });
+            }
+        });
+        tonic::transport::Server::builder()
+            .add_service(magpie_proto::v1::agent_server::AgentServer::new(service))
+            .serve_with_incoming_shutdown(ReceiverStream::new(rx), async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("gRPC server")
+    })
 }

@@ -1,0 +1,257 @@
+//! Reading a path source, confined to its roots.
+//!
+//! Listing never follows a symlink (it records it), and reading opens every file with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` relative to its root, so no path the collector
+//! sends, and no symlink planted on the server, can make the agent read outside a declared root.
+//! Excluded paths are refused on read as they are skipped on listing.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use magpie_proto::v1::{Entry, EntryKind, Xattr};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+use crate::config::Source;
+
+/// The snapshot-relative form of an absolute root: "/var/www" → "var/www".
+pub fn root_rel(root: &Path) -> &[u8] {
+    let b = root.as_os_str().as_bytes();
+    b.strip_prefix(b"/").unwrap_or(b)
+}
+
+fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(rel.len() + 1 + name.len());
+    p.extend_from_slice(rel);
+    if !rel.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+fn excluded(src: &Source, rel: &[u8]) -> bool {
+    !src.exclude.is_empty()
+        && src
+            .exclude
+            .is_match(Path::new(std::ffi::OsStr::from_bytes(rel)))
+}
+
+/// Metadata of one entry as the protocol carries it.
+pub fn entry(path: &Path, rel: Vec<u8>, m: &fs::Metadata) -> Entry {
+    let ft = m.file_type();
+    let kind = if ft.is_file() {
+        EntryKind::File
+    } else if ft.is_dir() {
+        EntryKind::Dir
+    } else if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_char_device() {
+        EntryKind::CharDevice
+    } else if ft.is_block_device() {
+        EntryKind::BlockDevice
+    } else if ft.is_fifo() {
+        EntryKind::Fifo
+    } else {
+        EntryKind::Socket
+    };
+    let mut xattrs: Vec<Xattr> = xattr::list(path)
+        .into_iter()
+        .flatten()
+        .filter_map(|n| {
+            Some(Xattr {
+                value: xattr::get(path, &n).ok()??,
+                name: n.as_bytes().to_vec(),
+            })
+        })
+        .collect();
+    xattrs.sort_by(|a, b| a.name.cmp(&b.name));
+    Entry {
+        path: rel,
+        kind: kind as i32,
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        size: if ft.is_file() { m.len() } else { 0 },
+        inode: m.ino(),
+        device: m.dev(),
+        nlink: m.nlink() as u32,
+        link_target: if ft.is_symlink() {
+            fs::read_link(path)
+                .map(|t| t.as_os_str().as_bytes().to_vec())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        },
+        rdev: m.rdev(),
+        xattrs,
+        ..Default::default()
+    }
+}
+
+fn error_entry(rel: Vec<u8>, e: &io::Error) -> Entry {
+    Entry {
+        path: rel,
+        error: e.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Every entry of a source. `emit` returns false to stop (the collector went away).
+pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
+    let mut emitted_parents: HashSet<Vec<u8>> = HashSet::new();
+    for root in &src.roots {
+        // The root's parents appear as directories so that each root keeps its own path.
+        let rel_root = root_rel(root).to_vec();
+        let mut prefix = PathBuf::from("/");
+        let comps: Vec<&[u8]> = rel_root.split(|&b| b == b'/').collect();
+        for i in 0..comps.len() {
+            prefix.push(std::ffi::OsStr::from_bytes(comps[i]));
+            let rel = comps[..=i].join(&b'/');
+            if !emitted_parents.insert(rel.clone()) {
+                continue;
+            }
+            let e = match fs::symlink_metadata(&prefix) {
+                Ok(m) => entry(&prefix, rel, &m),
+                Err(err) => error_entry(rel, &err),
+            };
+            if !emit(e) {
+                return;
+            }
+        }
+        let root_dev = fs::symlink_metadata(root).map(|m| m.dev()).unwrap_or(0);
+        let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.clone(), rel_root)];
+        while let Some((dir, rel)) = stack.pop() {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) => {
+                    if !emit(error_entry(rel, &e)) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut names: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            for name in names {
+                let child = dir.join(&name);
+                let child_rel = join(&rel, name.as_bytes());
+                if excluded(src, &child_rel) {
+                    continue;
+                }
+                let m = match fs::symlink_metadata(&child) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        if !emit(error_entry(child_rel, &e)) {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let descend = m.is_dir() && !(src.one_file_system && m.dev() != root_dev);
+                if !emit(entry(&child, child_rel.clone(), &m)) {
+                    return;
+                }
+                if descend {
+                    stack.push((child, child_rel));
+                }
+            }
+        }
+    }
+}
+
+/// Open a file of a source for reading, confined to its root.
+pub fn open(src: &Source, rel: &[u8]) -> io::Result<File> {
+    let refuse =
+        |why: &str| io::Error::new(io::ErrorKind::PermissionDenied, format!("refused: {why}"));
+    if rel
+        .split(|&b| b == b'/')
+        .any(|c| c.is_empty() || c == b"." || c == b".." || c.contains(&0))
+    {
+        return Err(refuse("not a plain relative path"));
+    }
+    if excluded(src, rel) {
+        return Err(refuse("excluded from the source"));
+    }
+    let (root, rest) = src
+        .roots
+        .iter()
+        .find_map(|r| {
+            let rr = root_rel(r);
+            let rest = rel.strip_prefix(rr)?.strip_prefix(b"/")?;
+            Some((r, rest))
+        })
+        .ok_or_else(|| refuse("outside every root of the source"))?;
+    let dir = File::open(root)?;
+    let mut resolve =
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    if src.one_file_system {
+        resolve |= ResolveFlags::NO_XDEV;
+    }
+    let fd = rustix::fs::openat2(
+        &dir,
+        std::ffi::OsStr::from_bytes(rest),
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+        resolve,
+    )?;
+    let f = File::from(fd);
+    if !f.metadata()?.is_file() {
+        return Err(refuse("not a regular file"));
+    }
+    Ok(f)
+}
+
+/// What reading one file produced.
+pub struct ReadResult {
+    pub blake3: [u8; 32],
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    /// Size, mtime or ctime moved while reading.
+    pub changed: bool,
+}
+
+/// Read a file in pieces of `piece` bytes, handing each to `sink` (false = stop).
+pub fn read(
+    mut f: File,
+    piece: usize,
+    sink: &mut dyn FnMut(&[u8]) -> bool,
+) -> io::Result<ReadResult> {
+    let before = f.metadata()?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; piece];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        if !sink(&buf[..n]) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "collector went away",
+            ));
+        }
+    }
+    let after = f.metadata()?;
+    let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
+    Ok(ReadResult {
+        blake3: *hasher.finalize().as_bytes(),
+        size: after.len(),
+        mtime_ns: ns(after.mtime(), after.mtime_nsec()),
+        ctime_ns: ns(after.ctime(), after.ctime_nsec()),
+        changed: before.len() != after.len()
+            || before.mtime() != after.mtime()
+            || before.mtime_nsec() != after.mtime_nsec()
+            || before.ctime_nsec() != after.ctime_nsec(),
+    })
+}
