@@ -74,18 +74,16 @@ pub struct Source {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read agent config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read agent config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("agent config {} is invalid", path.display()))
     }
 
     /// Check everything that can be checked before serving; returns the sources.
     pub fn validate(&self) -> Result<Vec<Source>> {
-        for (what, p) in [
-            ("tls.cert", &self.tls.cert),
-            ("tls.key", &self.tls.key),
-            ("tls.client_ca", &self.tls.client_ca),
-        ] {
+        for (what, p) in
+            [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key), ("tls.client_ca", &self.tls.client_ca)]
+        {
             if !p.is_file() {
                 bail!("{what} = {}: no such file", p.display());
             }
@@ -107,18 +105,10 @@ impl AgentConfig {
                 bail!("source {:?} is declared twice", s.name);
             }
             if s.kind != "path" {
-                bail!(
-                    "source {:?}: kind {:?} is not supported by this agent (only \"path\")",
-                    s.name,
-                    s.kind
-                );
+                bail!("source {:?}: kind {:?} is not supported by this agent (only \"path\")", s.name, s.kind);
             }
             if !["db", "blobs", "data", "config"].contains(&s.role.as_str()) {
-                bail!(
-                    "source {:?}: role {:?} must be db, blobs, data or config",
-                    s.name,
-                    s.role
-                );
+                bail!("source {:?}: role {:?} must be db, blobs, data or config", s.name, s.role);
             }
             if s.roots.is_empty() {
                 bail!("source {:?} has no roots", s.name);
@@ -126,34 +116,18 @@ impl AgentConfig {
             let mut roots = Vec::new();
             for r in &s.roots {
                 if !r.is_absolute() {
-                    bail!(
-                        "source {:?}: root {} must be an absolute path",
-                        s.name,
-                        r.display()
-                    );
+                    bail!("source {:?}: root {} must be an absolute path", s.name, r.display());
                 }
-                let c = std::fs::canonicalize(r).with_context(|| {
-                    format!(
-                        "source {:?}: root {} is not accessible",
-                        s.name,
-                        r.display()
-                    )
-                })?;
+                let c = std::fs::canonicalize(r)
+                    .with_context(|| format!("source {:?}: root {} is not accessible", s.name, r.display()))?;
                 if !c.is_dir() {
-                    bail!(
-                        "source {:?}: root {} is not a directory",
-                        s.name,
-                        r.display()
-                    );
+                    bail!("source {:?}: root {} is not a directory", s.name, r.display());
                 }
                 roots.push(c);
             }
             let mut gs = GlobSetBuilder::new();
             for g in &s.exclude {
-                gs.add(
-                    Glob::new(g)
-                        .with_context(|| format!("source {:?}: bad exclude glob {g:?}", s.name))?,
-                );
+                gs.add(Glob::new(g).with_context(|| format!("source {:?}: bad exclude glob {g:?}", s.name))?);
             }
             out.push(Source {
                 name: s.name.clone(),

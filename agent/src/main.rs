@@ -18,11 +18,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 
 #[derive(Parser)]
-#[command(
-    name = "agent",
-    version,
-    about = "magpie agent: serves read-only sources to the collector"
-)]
+#[command(name = "agent", version, about = "magpie agent: serves read-only sources to the collector")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,10 +40,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // One crypto provider for the whole process (ring), chosen explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -68,12 +63,7 @@ fn check_config(path: &std::path::Path) -> Result<()> {
     let cfg = config::AgentConfig::load(path)?;
     let sources = cfg.validate()?;
     tls::server_config(&cfg.tls)?;
-    println!(
-        "{}: ok, {} sources, listening on {}",
-        path.display(),
-        sources.len(),
-        cfg.listen
-    );
+    println!("{}: ok, {} sources, listening on {}", path.display(), sources.len(), cfg.listen);
     Ok(())
 }
 
@@ -86,15 +76,11 @@ fn serve(path: &std::path::Path) -> Result<()> {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "agent".into())
     });
-    let service = server::AgentService {
-        name,
-        sources: Arc::new(sources),
-    };
+    let service = server::AgentService { name, sources: Arc::new(sources) };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let listener =
+            TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
         tracing::info!("agent listening on {}", listener.local_addr()?);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
@@ -109,8 +95,7 @@ fn serve(path: &std::path::Path) -> Result<()> {
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(15), acceptor.accept(tcp)).await
-                    {
+                    match tokio::time::timeout(Duration::from_secs(15), acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
                         }

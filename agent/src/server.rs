@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use magpie_proto::v1::agent_server::Agent;
 use magpie_proto::v1::{
-    FileFrame, HandshakeRequest, HandshakeResponse, ListRequest, ListResponse, ReadFilesRequest,
-    ReadFilesResponse, SourceInfo,
+    FileFrame, HandshakeRequest, HandshakeResponse, ListRequest, ListResponse, ReadFilesRequest, ReadFilesResponse,
+    SourceInfo,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,16 +37,9 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl Agent for AgentService {
-    async fn handshake(
-        &self,
-        request: Request<HandshakeRequest>,
-    ) -> Result<Response<HandshakeResponse>, Status> {
+    async fn handshake(&self, request: Request<HandshakeRequest>) -> Result<Response<HandshakeResponse>, Status> {
         let req = request.into_inner();
-        tracing::info!(
-            "handshake from collector {} (protocol {})",
-            req.collector_version,
-            req.protocol
-        );
+        tracing::info!("handshake from collector {} (protocol {})", req.collector_version, req.protocol);
         Ok(Response::new(HandshakeResponse {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol: magpie_proto::PROTOCOL_VERSION,
@@ -66,10 +59,7 @@ impl Agent for AgentService {
 
     type ListStream = ReceiverStream<Result<ListResponse, Status>>;
 
-    async fn list(
-        &self,
-        request: Request<ListRequest>,
-    ) -> Result<Response<Self::ListStream>, Status> {
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<Self::ListStream>, Status> {
         let idx = self.source(&request.get_ref().source)?;
         let sources = self.sources.clone();
         let (tx, rx) = mpsc::channel(4);
@@ -80,10 +70,7 @@ impl Agent for AgentService {
                 if batch.len() < LIST_BATCH {
                     return true;
                 }
-                tx.blocking_send(Ok(ListResponse {
-                    entries: std::mem::take(&mut batch),
-                }))
-                .is_ok()
+                tx.blocking_send(Ok(ListResponse { entries: std::mem::take(&mut batch) })).is_ok()
             });
             if !batch.is_empty() {
                 let _ = tx.blocking_send(Ok(ListResponse { entries: batch }));
@@ -94,23 +81,16 @@ impl Agent for AgentService {
 
     type ReadFilesStream = ReceiverStream<Result<ReadFilesResponse, Status>>;
 
-    async fn read_files(
-        &self,
-        request: Request<ReadFilesRequest>,
-    ) -> Result<Response<Self::ReadFilesStream>, Status> {
+    async fn read_files(&self, request: Request<ReadFilesRequest>) -> Result<Response<Self::ReadFilesStream>, Status> {
         let req = request.into_inner();
         let idx = self.source(&req.source)?;
         let sources = self.sources.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let src = &sources[idx];
-            let send = |data: Vec<u8>| {
-                data.is_empty() || tx.blocking_send(Ok(ReadFilesResponse { data })).is_ok()
-            };
+            let send = |data: Vec<u8>| data.is_empty() || tx.blocking_send(Ok(ReadFilesResponse { data })).is_ok();
             let fail = |e: std::io::Error| {
-                let _ = tx.blocking_send(Err(Status::internal(format!(
-                    "encoding the file stream: {e}"
-                ))));
+                let _ = tx.blocking_send(Err(Status::internal(format!("encoding the file stream: {e}"))));
             };
             let mut w = match FrameWriter::new(req.compress) {
                 Ok(w) => w,
@@ -151,12 +131,7 @@ impl Agent for AgentService {
                     Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return,
                     Err(e) => {
                         tracing::debug!("{}: {e}", String::from_utf8_lossy(path));
-                        FileFrame {
-                            index,
-                            end: true,
-                            error: e.to_string(),
-                            ..Default::default()
-                        }
+                        FileFrame { index, end: true, error: e.to_string(), ..Default::default() }
                     }
                 };
                 match w.push(&end) {

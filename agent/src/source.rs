@@ -34,10 +34,7 @@ fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
 }
 
 fn excluded(src: &Source, rel: &[u8]) -> bool {
-    !src.exclude.is_empty()
-        && src
-            .exclude
-            .is_match(Path::new(std::ffi::OsStr::from_bytes(rel)))
+    !src.exclude.is_empty() && src.exclude.is_match(Path::new(std::ffi::OsStr::from_bytes(rel)))
 }
 
 /// Metadata of one entry as the protocol carries it.
@@ -61,12 +58,7 @@ pub fn entry(path: &Path, rel: Vec<u8>, m: &fs::Metadata) -> Entry {
     let mut xattrs: Vec<Xattr> = xattr::list(path)
         .into_iter()
         .flatten()
-        .filter_map(|n| {
-            Some(Xattr {
-                value: xattr::get(path, &n).ok()??,
-                name: n.as_bytes().to_vec(),
-            })
-        })
+        .filter_map(|n| Some(Xattr { value: xattr::get(path, &n).ok()??, name: n.as_bytes().to_vec() }))
         .collect();
     xattrs.sort_by(|a, b| a.name.cmp(&b.name));
     Entry {
@@ -82,9 +74,7 @@ pub fn entry(path: &Path, rel: Vec<u8>, m: &fs::Metadata) -> Entry {
         device: m.dev(),
         nlink: m.nlink() as u32,
         link_target: if ft.is_symlink() {
-            fs::read_link(path)
-                .map(|t| t.as_os_str().as_bytes().to_vec())
-                .unwrap_or_default()
+            fs::read_link(path).map(|t| t.as_os_str().as_bytes().to_vec()).unwrap_or_default()
         } else {
             Vec::new()
         },
@@ -95,11 +85,7 @@ pub fn entry(path: &Path, rel: Vec<u8>, m: &fs::Metadata) -> Entry {
 }
 
 fn error_entry(rel: Vec<u8>, e: &io::Error) -> Entry {
-    Entry {
-        path: rel,
-        error: e.to_string(),
-        ..Default::default()
-    }
+    Entry { path: rel, error: e.to_string(), ..Default::default() }
 }
 
 /// Every entry of a source. `emit` returns false to stop (the collector went away).
@@ -168,12 +154,8 @@ pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
 
 /// Open a file of a source for reading, confined to its root.
 pub fn open(src: &Source, rel: &[u8]) -> io::Result<File> {
-    let refuse =
-        |why: &str| io::Error::new(io::ErrorKind::PermissionDenied, format!("refused: {why}"));
-    if rel
-        .split(|&b| b == b'/')
-        .any(|c| c.is_empty() || c == b"." || c == b".." || c.contains(&0))
-    {
+    let refuse = |why: &str| io::Error::new(io::ErrorKind::PermissionDenied, format!("refused: {why}"));
+    if rel.split(|&b| b == b'/').any(|c| c.is_empty() || c == b"." || c == b".." || c.contains(&0)) {
         return Err(refuse("not a plain relative path"));
     }
     if excluded(src, rel) {
@@ -189,8 +171,7 @@ pub fn open(src: &Source, rel: &[u8]) -> io::Result<File> {
         })
         .ok_or_else(|| refuse("outside every root of the source"))?;
     let dir = File::open(root)?;
-    let mut resolve =
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let mut resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     if src.one_file_system {
         resolve |= ResolveFlags::NO_XDEV;
     }
@@ -219,11 +200,7 @@ pub struct ReadResult {
 }
 
 /// Read a file in pieces of `piece` bytes, handing each to `sink` (false = stop).
-pub fn read(
-    mut f: File,
-    piece: usize,
-    sink: &mut dyn FnMut(&[u8]) -> bool,
-) -> io::Result<ReadResult> {
+pub fn read(mut f: File, piece: usize, sink: &mut dyn FnMut(&[u8]) -> bool) -> io::Result<ReadResult> {
     let before = f.metadata()?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; piece];
@@ -236,10 +213,7 @@ pub fn read(
         };
         hasher.update(&buf[..n]);
         if !sink(&buf[..n]) {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "collector went away",
-            ));
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "collector went away"));
         }
     }
     let after = f.metadata()?;

@@ -65,18 +65,8 @@ impl ClientCertVerifier for PinnedClients {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let fp = fingerprint(end_entity);
         let names = sans(end_entity);
-        let who = format!(
-            "{fp} (SANs: {})",
-            if names.is_empty() {
-                "none".into()
-            } else {
-                names.join(", ")
-            }
-        );
-        if let Err(e) = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)
-        {
+        let who = format!("{fp} (SANs: {})", if names.is_empty() { "none".into() } else { names.join(", ") });
+        if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
             tracing::warn!("refused collector certificate {who}: {e}");
             return Err(e);
         }
@@ -84,12 +74,8 @@ impl ClientCertVerifier for PinnedClients {
             tracing::info!("collector {who} connected");
             return Ok(ClientCertVerified::assertion());
         }
-        tracing::warn!(
-            "refused collector certificate {who}: signed by our CA but not in tls.allowed_collectors"
-        );
-        Err(rustls::Error::InvalidCertificate(
-            CertificateError::ApplicationVerificationFailure,
-        ))
+        tracing::warn!("refused collector certificate {who}: signed by our CA but not in tls.allowed_collectors");
+        Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
     }
 
     fn verify_tls12_signature(
@@ -128,13 +114,9 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 pub fn server_config(cfg: &TlsConfig) -> Result<rustls::ServerConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in certs(&cfg.client_ca)? {
-        roots
-            .add(c)
-            .with_context(|| format!("{}: not a usable CA certificate", cfg.client_ca.display()))?;
+        roots.add(c).with_context(|| format!("{}: not a usable CA certificate", cfg.client_ca.display()))?;
     }
-    let inner = WebPkiClientVerifier::builder(Arc::new(roots))
-        .build()
-        .context("client CA")?;
+    let inner = WebPkiClientVerifier::builder(Arc::new(roots)).build().context("client CA")?;
     let verifier = PinnedClients {
         inner,
         fingerprints: cfg
@@ -143,25 +125,14 @@ pub fn server_config(cfg: &TlsConfig) -> Result<rustls::ServerConfig> {
             .filter(|p| p.starts_with("sha256:"))
             .map(|p| p.to_ascii_lowercase())
             .collect(),
-        sans: cfg
-            .allowed_collectors
-            .iter()
-            .filter_map(|p| p.strip_prefix("san:"))
-            .map(str::to_string)
-            .collect(),
+        sans: cfg.allowed_collectors.iter().filter_map(|p| p.strip_prefix("san:")).map(str::to_string).collect(),
     };
     let key = PrivateKeyDer::from_pem_file(&cfg.key)
         .with_context(|| format!("cannot read private key {}", cfg.key.display()))?;
     let mut sc = rustls::ServerConfig::builder()
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(certs(&cfg.cert)?, key)
-        .with_context(|| {
-            format!(
-                "{} and {} do not make a usable identity",
-                cfg.cert.display(),
-                cfg.key.display()
-            )
-        })?;
+        .with_context(|| format!("{} and {} do not make a usable identity", cfg.cert.display(), cfg.key.display()))?;
     sc.alpn_protocols = vec![b"h2".to_vec()];
     Ok(sc)
 }

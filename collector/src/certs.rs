@@ -80,7 +80,8 @@ impl Common {
 }
 
 fn parse_day(s: &str) -> Result<OffsetDateTime> {
-    let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").with_context(|| format!("{s:?} is not a date like 2027-01-31"))?;
+    let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .with_context(|| format!("{s:?} is not a date like 2027-01-31"))?;
     use chrono::Datelike;
     let month = time::Month::try_from(d.month() as u8)?;
     Ok(time::Date::from_calendar_date(d.year(), month, d.day() as u8)?.midnight().assume_utc())
@@ -113,7 +114,8 @@ pub fn run(cmd: CertsCommand) -> Result<()> {
         CertsCommand::Issue { role, name, sans, common } => issue(&common, &role, &name, &sans),
         CertsCommand::Fingerprint { cert } => {
             use rustls::pki_types::{CertificateDer, pem::PemObject};
-            let der = CertificateDer::from_pem_file(&cert).with_context(|| format!("{} holds no PEM certificate", cert.display()))?;
+            let der = CertificateDer::from_pem_file(&cert)
+                .with_context(|| format!("{} holds no PEM certificate", cert.display()))?;
             println!("{}", fingerprint(&der));
             Ok(())
         }
@@ -151,9 +153,11 @@ fn issue(common: &Common, role: &str, name: &str, sans: &[String]) -> Result<()>
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         bail!("certificate name {name:?} must be a plain file name");
     }
-    let ca_pem = fs::read_to_string(common.dir.join("ca.pem"))
-        .with_context(|| format!("no CA in {}: run `collector certs init --dir {}` first", common.dir.display(), common.dir.display()))?;
-    let ca_key = KeyPair::from_pem(&fs::read_to_string(common.dir.join("ca-key.pem")).context("cannot read ca-key.pem")?)?;
+    let ca_pem = fs::read_to_string(common.dir.join("ca.pem")).with_context(|| {
+        format!("no CA in {}: run `collector certs init --dir {}` first", common.dir.display(), common.dir.display())
+    })?;
+    let ca_key =
+        KeyPair::from_pem(&fs::read_to_string(common.dir.join("ca-key.pem")).context("cannot read ca-key.pem")?)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     let sans: Vec<String> = if role == "collector" && sans.is_empty() { vec![name.to_string()] } else { sans.to_vec() };
     if role == "agent" && sans.is_empty() {
@@ -164,13 +168,20 @@ fn issue(common: &Common, role: &str, name: &str, sans: &[String]) -> Result<()>
     params.distinguished_name = dn(name);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![if role == "agent" { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+    params.extended_key_usages =
+        vec![if role == "agent" { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
     (params.not_before, params.not_after) = common.validity(397)?;
     let cert = params.signed_by(&key, &issuer)?;
     let (cert_path, key_path) = (common.dir.join(format!("{name}.pem")), common.dir.join(format!("{name}-key.pem")));
     write_private(&key_path, &key.serialize_pem(), false)?;
     write_private(&cert_path, &cert.pem(), false)?;
-    println!("{role} certificate {} (SANs: {}) valid {} to {}", cert_path.display(), sans.join(", "), params.not_before.date(), params.not_after.date());
+    println!(
+        "{role} certificate {} (SANs: {}) valid {} to {}",
+        cert_path.display(),
+        sans.join(", "),
+        params.not_before.date(),
+        params.not_after.date()
+    );
     println!("fingerprint {}", fingerprint(cert.der()));
     Ok(())
 }

@@ -34,6 +34,23 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Pull the configured agents' sources into the repository: one snapshot per source.
+    Pull {
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only these sources (repeatable).
+        #[arg(long = "source")]
+        sources: Vec<String>,
+        /// Machine-readable summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the private CA and the certificates of agents and collectors.
+    Certs {
+        #[command(subcommand)]
+        command: crate::certs::CertsCommand,
+    },
     /// Create a new, encrypted repository.
     Init(InitArgs),
     /// Store a local directory as a snapshot (for seeding and tests; `pull` fetches from agents).
@@ -212,12 +229,7 @@ pub struct PruneArgs {
 
 impl PruneArgs {
     fn policy(&self) -> Result<Policy> {
-        let within_secs = self
-            .keep_within
-            .as_deref()
-            .map(retention::parse_within)
-            .transpose()
-            .map_err(usage)?;
+        let within_secs = self.keep_within.as_deref().map(retention::parse_within).transpose().map_err(usage)?;
         let p = Policy {
             within_secs,
             last: self.keep_last,
@@ -228,9 +240,7 @@ impl PruneArgs {
             yearly: self.keep_yearly,
         };
         if p.is_empty() {
-            return Err(usage(
-                "prune needs at least one --keep-* rule (it would remove every snapshot)",
-            ));
+            return Err(usage("prune needs at least one --keep-* rule (it would remove every snapshot)"));
         }
         Ok(p)
     }
@@ -248,10 +258,7 @@ impl Ctx {
 
     fn open(&self) -> Result<Repository> {
         let pass = secret::find(self.passphrase_file.as_deref())?;
-        Ok(Repository::open(
-            self.backend(),
-            pass.as_ref().map(|p| p.as_slice()),
-        )?)
+        Ok(Repository::open(self.backend(), pass.as_ref().map(|p| p.as_slice()))?)
     }
 
     fn open_indexed(&self) -> Result<Repository> {
@@ -263,42 +270,40 @@ impl Ctx {
 
 /// Run one command; returns the exit code.
 pub fn run(cli: Cli) -> Result<u8> {
+    let config = match &cli.config {
+        Some(p) => Some(crate::config::CollectorConfig::load(p).map_err(|e| usage(format!("{e:#}")))?),
+        None if matches!(cli.command, Command::Pull { .. }) => Some(
+            crate::config::CollectorConfig::load(Path::new(crate::config::DEFAULT_PATH))
+                .map_err(|e| usage(format!("{e:#} (give --config FILE)")))?,
+        ),
+        None => None,
+    };
+    if let Command::Certs { command } = cli.command {
+        crate::certs::run(command)?;
+        return Ok(exit::OK);
+    }
     let repo_dir = cli
         .repo
         .clone()
-        .ok_or_else(|| usage("no repository given: use --repo DIR or set MAGPIE_REPOSITORY"))?;
-    let ctx = Ctx {
-        repo_dir,
-        passphrase_file: cli.passphrase_file.clone(),
-    };
+        .or_else(|| config.as_ref().map(|c| c.repository.clone()))
+        .ok_or_else(|| usage("no repository given: use --repo DIR, MAGPIE_REPOSITORY, or --config FILE"))?;
+    let passphrase_file =
+        cli.passphrase_file.clone().or_else(|| config.as_ref().and_then(|c| c.passphrase_file.clone()));
+    let ctx = Ctx { repo_dir, passphrase_file };
     match cli.command {
+        Command::Certs { .. } => unreachable!("handled above"),
+        Command::Pull { agent, sources, json } => {
+            pull_cmd(&ctx, config.as_ref().expect("loaded above"), agent, sources, json)
+        }
         Command::Init(a) => init(&ctx, &a),
         Command::Import(a) => import(&ctx, &a),
         Command::List { json } => list(&ctx, json),
-        Command::Ls {
-            snapshot,
-            path,
-            recursive,
-        } => ls(&ctx, &snapshot, path.as_deref().unwrap_or(""), recursive),
-        Command::Restore {
-            snapshot,
-            target_dir,
-        } => restore(&ctx, &snapshot, &target_dir),
+        Command::Ls { snapshot, path, recursive } => ls(&ctx, &snapshot, path.as_deref().unwrap_or(""), recursive),
+        Command::Restore { snapshot, target_dir } => restore(&ctx, &snapshot, &target_dir),
         Command::Prune(a) => prune_cmd(&ctx, &a),
         Command::Compact { max_garbage, lock } => compact_cmd(&ctx, max_garbage, &lock),
-        Command::Check {
-            verify_data,
-            repair,
-            json,
-            lock,
-        } => check_cmd(&ctx, verify_data, repair, json, &lock),
-        Command::Key {
-            command:
-                KeyCommand::Passwd {
-                    new_passphrase_file,
-                    kdf,
-                },
-        } => {
+        Command::Check { verify_data, repair, json, lock } => check_cmd(&ctx, verify_data, repair, json, &lock),
+        Command::Key { command: KeyCommand::Passwd { new_passphrase_file, kdf } } => {
             let repo = ctx.open()?;
             let new = secret::read_file(&new_passphrase_file)?;
             repo.change_passphrase(&new, kdf.params())?;
@@ -338,11 +343,7 @@ fn init(ctx: &Ctx, a: &InitArgs) -> Result<u8> {
     let repo = Repository::init(ctx.backend(), &opts)?;
     println!(
         "created {} repository {} at {}",
-        if a.unencrypted {
-            "UNENCRYPTED"
-        } else {
-            "encrypted"
-        },
+        if a.unencrypted { "UNENCRYPTED" } else { "encrypted" },
         repo.config().repo_id().short(),
         ctx.repo_dir.display()
     );
@@ -360,8 +361,8 @@ fn import(ctx: &Ctx, a: &ImportArgs) -> Result<u8> {
     repo.load_index()?;
     let start = chrono::Utc::now();
     let mut w = Writer::new(&repo, 0);
-    let (tree, mut stats) = repo_format::fs::import_dir(&mut w, &a.dir)
-        .with_context(|| format!("importing {}", a.dir.display()))?;
+    let (tree, mut stats) =
+        repo_format::fs::import_dir(&mut w, &a.dir).with_context(|| format!("importing {}", a.dir.display()))?;
     let (index, ws) = w.finish()?;
     stats.blobs_added = ws.blobs;
     stats.bytes_added = ws.raw_bytes;
@@ -371,10 +372,7 @@ fn import(ctx: &Ctx, a: &ImportArgs) -> Result<u8> {
         time_ns: start.timestamp_nanos_opt().unwrap_or_default(),
         end_time_ns: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
         host: repo_format::repository::hostname(),
-        agent: a
-            .agent
-            .clone()
-            .unwrap_or_else(repo_format::repository::hostname),
+        agent: a.agent.clone().unwrap_or_else(repo_format::repository::hostname),
         source: a.source.clone(),
         source_kind: "path".into(),
         role: a.role.clone(),
@@ -426,10 +424,7 @@ fn list(ctx: &Ctx, json_out: bool) -> Result<u8> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(exit::OK);
     }
-    println!(
-        "{:<8}  {:<25}  {:<16}  {:<16}  {:<6}  {:>12}",
-        "ID", "TIME", "AGENT", "SOURCE", "ROLE", "BYTES"
-    );
+    println!("{:<8}  {:<25}  {:<16}  {:<16}  {:<6}  {:>12}", "ID", "TIME", "AGENT", "SOURCE", "ROLE", "BYTES");
     for (id, s) in &snaps {
         let local = s.time().with_timezone(&chrono::Local);
         println!(
@@ -457,23 +452,11 @@ fn describe(path: &str, n: &Node) -> String {
         NodeKind::Socket => 's',
         _ => '-',
     };
-    let owner = if n.user.is_empty() {
-        n.uid.to_string()
-    } else {
-        n.user.clone()
-    };
-    let group = if n.group.is_empty() {
-        n.gid.to_string()
-    } else {
-        n.group.clone()
-    };
+    let owner = if n.user.is_empty() { n.uid.to_string() } else { n.user.clone() };
+    let group = if n.group.is_empty() { n.gid.to_string() } else { n.group.clone() };
     let mtime = chrono::DateTime::from_timestamp_nanos(n.mtime_ns).with_timezone(&chrono::Local);
-    let mut line = format!(
-        "{kind}{:04o} {owner:>8} {group:>8} {:>12} {} {path}",
-        n.mode,
-        n.size,
-        mtime.format("%Y-%m-%d %H:%M")
-    );
+    let mut line =
+        format!("{kind}{:04o} {owner:>8} {group:>8} {:>12} {} {path}", n.mode, n.size, mtime.format("%Y-%m-%d %H:%M"));
     if matches!(n.node_kind(), NodeKind::Symlink | NodeKind::Hardlink) {
         line.push_str(&format!(" -> {}", String::from_utf8_lossy(&n.link_target)));
     }
@@ -493,22 +476,15 @@ fn ls(ctx: &Ctx, snapshot: &str, path: &str, recursive: bool) -> Result<u8> {
         return Ok(exit::OK);
     }
     let sub = Id::from_slice(&node.subtree).context("directory without a tree")?;
-    let prefix = if base.is_empty() {
-        String::new()
-    } else {
-        format!("{base}/")
-    };
+    let prefix = if base.is_empty() { String::new() } else { format!("{base}/") };
     if recursive {
         repo_format::fs::walk(&repo, &sub, &mut |p, n| {
-            println!("{}", describe(&format!("{prefix}{p}"), n));
+            println!("{}", describe(&format!("{prefix}{}", String::from_utf8_lossy(p)), n));
             Ok(())
         })?;
     } else {
         for n in repo.read_tree(&sub)?.nodes {
-            println!(
-                "{}",
-                describe(&format!("{prefix}{}", String::from_utf8_lossy(&n.name)), &n)
-            );
+            println!("{}", describe(&format!("{prefix}{}", String::from_utf8_lossy(&n.name)), &n));
         }
     }
     Ok(exit::OK)
@@ -521,13 +497,8 @@ fn restore(ctx: &Ctx, snapshot: &str, target: &Path) -> Result<u8> {
     let id = repo.find_snapshot(snapshot)?;
     let snap = repo.load_snapshot(&id)?;
     let root = Id::from_slice(&snap.tree).context("snapshot has no root tree")?;
-    let stats = repo_format::fs::restore(&repo, &root, target).with_context(|| {
-        format!(
-            "restoring snapshot {} into {}",
-            id.short(),
-            target.display()
-        )
-    })?;
+    let stats = repo_format::fs::restore(&repo, &root, target)
+        .with_context(|| format!("restoring snapshot {} into {}", id.short(), target.display()))?;
     for s in &stats.skipped {
         eprintln!("skipped {s}");
     }
@@ -549,12 +520,7 @@ fn prune_cmd(ctx: &Ctx, a: &PruneArgs) -> Result<u8> {
     let _lock = if a.dry_run {
         None
     } else {
-        Some(locking::lock(
-            &repo,
-            true,
-            "collector prune",
-            Duration::from_secs(a.lock.lock_wait),
-        )?)
+        Some(locking::lock(&repo, true, "collector prune", Duration::from_secs(a.lock.lock_wait))?)
     };
     let plan = prune::plan(&repo, &policy, chrono::Utc::now(), &chrono::Local)?;
     if a.json {
@@ -576,25 +542,16 @@ fn prune_cmd(ctx: &Ctx, a: &PruneArgs) -> Result<u8> {
                 t.format("%Y-%m-%d %H:%M:%S %a"),
                 d.snapshot.agent,
                 d.snapshot.source,
-                d.keep
-                    .as_ref()
-                    .map(|r| format!("keep ({r})"))
-                    .unwrap_or_else(|| "removed".into())
+                d.keep.as_ref().map(|r| format!("keep ({r})")).unwrap_or_else(|| "removed".into())
             );
         }
     }
     let gone = plan.iter().filter(|d| d.keep.is_none()).count();
     if a.dry_run {
-        eprintln!(
-            "dry run: {gone} of {} snapshots would be removed",
-            plan.len()
-        );
+        eprintln!("dry run: {gone} of {} snapshots would be removed", plan.len());
     } else {
         prune::apply(&repo, &plan)?;
-        eprintln!(
-            "removed {gone} of {} snapshots; run `collector compact` to free their data",
-            plan.len()
-        );
+        eprintln!("removed {gone} of {} snapshots; run `collector compact` to free their data", plan.len());
     }
     Ok(exit::OK)
 }
@@ -604,18 +561,8 @@ fn compact_cmd(ctx: &Ctx, max_garbage: f64, lock: &LockArgs) -> Result<u8> {
         return Err(usage("--max-garbage is a percentage, 0 to 100"));
     }
     let mut repo = ctx.open()?;
-    let _lock = locking::lock(
-        &repo,
-        true,
-        "collector compact",
-        Duration::from_secs(lock.lock_wait),
-    )?;
-    let r = compact::compact(
-        &mut repo,
-        compact::CompactOptions {
-            max_garbage: max_garbage / 100.0,
-        },
-    )?;
+    let _lock = locking::lock(&repo, true, "collector compact", Duration::from_secs(lock.lock_wait))?;
+    let r = compact::compact(&mut repo, compact::CompactOptions { max_garbage: max_garbage / 100.0 })?;
     println!(
         "compacted: {} packs repacked, {} written, {} deleted, {} blobs removed, {} bytes freed",
         r.packs_repacked, r.packs_written, r.packs_deleted, r.blobs_removed, r.bytes_freed
@@ -623,23 +570,12 @@ fn compact_cmd(ctx: &Ctx, max_garbage: f64, lock: &LockArgs) -> Result<u8> {
     Ok(exit::OK)
 }
 
-fn check_cmd(
-    ctx: &Ctx,
-    verify_data: bool,
-    do_repair: bool,
-    json_out: bool,
-    lock: &LockArgs,
-) -> Result<u8> {
+fn check_cmd(ctx: &Ctx, verify_data: bool, do_repair: bool, json_out: bool, lock: &LockArgs) -> Result<u8> {
     let mut repo = ctx.open()?;
     let mut code = exit::OK;
     let mut out = serde_json::Map::new();
     if do_repair {
-        let _lock = locking::lock(
-            &repo,
-            true,
-            "collector check --repair",
-            Duration::from_secs(lock.lock_wait),
-        )?;
+        let _lock = locking::lock(&repo, true, "collector check --repair", Duration::from_secs(lock.lock_wait))?;
         let r = repair::repair(&mut repo, verify_data)?;
         if !json_out {
             println!("repair: rebuilt the index from {} packs", r.packs_indexed);
@@ -653,11 +589,7 @@ fn check_cmd(
                 println!("removed {o}");
             }
             for (id, paths) in &r.damaged_snapshots {
-                println!(
-                    "snapshot {} cannot be fully restored; missing: {}",
-                    id.short(),
-                    paths.join(", ")
-                );
+                println!("snapshot {} cannot be fully restored; missing: {}", id.short(), paths.join(", "));
             }
         }
         out.insert(
@@ -673,12 +605,7 @@ fn check_cmd(
             code = exit::DAMAGE;
         }
     }
-    let _lock = locking::lock(
-        &repo,
-        false,
-        "collector check",
-        Duration::from_secs(lock.lock_wait),
-    )?;
+    let _lock = locking::lock(&repo, false, "collector check", Duration::from_secs(lock.lock_wait))?;
     let r = check::check(&mut repo, check::CheckOptions { verify_data })?;
     if json_out {
         out.insert(
@@ -699,28 +626,58 @@ fn check_cmd(
         }
         println!(
             "{}: {} snapshots, {} packs, {} blobs{}",
-            if r.is_clean() {
-                "no damage"
-            } else {
-                "damage found"
-            },
+            if r.is_clean() { "no damage" } else { "damage found" },
             r.snapshots,
             r.packs,
             r.blobs,
-            if verify_data {
-                format!(", {} blobs verified", r.verified)
-            } else {
-                String::new()
-            }
+            if verify_data { format!(", {} blobs verified", r.verified) } else { String::new() }
         );
         if !r.is_clean() {
-            println!(
-                "run `collector check --verify-data --repair` to rebuild the index and list what cannot be saved"
-            );
+            println!("run `collector check --verify-data --repair` to rebuild the index and list what cannot be saved");
         }
     }
     if !r.is_clean() {
         code = exit::DAMAGE;
     }
     Ok(code)
+}
+
+fn pull_cmd(
+    ctx: &Ctx,
+    cfg: &crate::config::CollectorConfig,
+    agent: Option<String>,
+    sources: Vec<String>,
+    json_out: bool,
+) -> Result<u8> {
+    let mut repo = ctx.open()?;
+    let summaries = crate::pull::pull(cfg, &mut repo, &crate::pull::Selection { agent, sources })?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&summaries)?);
+    } else {
+        for s in &summaries {
+            let name = if s.source.is_empty() { s.agent.clone() } else { format!("{}/{}", s.agent, s.source) };
+            match (&s.snapshot, &s.error) {
+                (_, Some(e)) => println!("{name}: FAILED: {e}"),
+                (Some(id), None) => println!(
+                    "{name}: snapshot {} in {:.1}s: {} new, {} changed, {} unchanged, {} failed files; {} bytes read on the agent, {} on the wire, {} added ({} stored){}",
+                    &id[..8],
+                    s.duration_secs,
+                    s.files_new,
+                    s.files_changed,
+                    s.files_unchanged,
+                    s.files_failed,
+                    s.bytes_read,
+                    s.wire_bytes,
+                    s.bytes_added,
+                    s.stored_added,
+                    if s.warnings.is_empty() { String::new() } else { format!("; {} warnings", s.warnings.len()) }
+                ),
+                (None, None) => println!("{name}: nothing done"),
+            }
+            for w in s.warnings.iter().take(20) {
+                println!("  warning: {w}");
+            }
+        }
+    }
+    Ok(if summaries.iter().any(|s| s.error.is_some()) { exit::SOURCES_FAILED } else { exit::OK })
 }

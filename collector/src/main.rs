@@ -1,6 +1,10 @@
 //! `collector`: the backup host's side of magpie.
 
+mod certs;
+mod client;
 mod commands;
+mod config;
+mod pull;
 mod secret;
 
 use std::path::PathBuf;
@@ -18,6 +22,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// Any other error (I/O, permissions…).
     pub const ERROR: u8 = 3;
+    /// `pull`: some sources (or agents) failed; the others were committed.
+    pub const SOURCES_FAILED: u8 = 4;
     /// No repository at the location given.
     pub const NO_REPOSITORY: u8 = 10;
     /// The passphrase opens no key.
@@ -29,15 +35,14 @@ pub mod exit {
 }
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "collector",
-    version,
-    about = "magpie collector: pull-based, encrypted, deduplicated backups"
-)]
+#[command(name = "collector", version, about = "magpie collector: pull-based, encrypted, deduplicated backups")]
 pub struct Cli {
-    /// Repository directory.
+    /// Repository directory (overrides `repository` of the configuration).
     #[arg(long, short = 'r', global = true, env = "MAGPIE_REPOSITORY")]
     repo: Option<PathBuf>,
+    /// Collector configuration (agents, TLS, repository); needed by `pull`.
+    #[arg(long, short = 'c', global = true, env = "MAGPIE_CONFIG")]
+    config: Option<PathBuf>,
     /// File whose first line is the passphrase (else $MAGPIE_PASSPHRASE, else the systemd
     /// credential `magpie-passphrase`).
     #[arg(long, global = true)]
@@ -51,16 +56,17 @@ pub struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One crypto provider for the whole process (ring), chosen explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
         _ => "debug",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
@@ -80,10 +86,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 E::WrongPassphrase { .. } => exit::WRONG_PASSPHRASE,
                 E::Locked { .. } => exit::LOCKED,
                 E::Corrupt { .. } | E::BlobMissing(_) => exit::CORRUPT,
-                E::Invalid(_)
-                | E::SnapshotNotFound(_)
-                | E::AmbiguousSnapshot(_)
-                | E::AlreadyInitialised { .. } => exit::USAGE,
+                E::Invalid(_) | E::SnapshotNotFound(_) | E::AmbiguousSnapshot(_) | E::AlreadyInitialised { .. } => {
+                    exit::USAGE
+                }
                 _ => exit::ERROR,
             };
         }

@@ -14,10 +14,8 @@ pub const ENV: &str = "MAGPIE_PASSPHRASE";
 
 /// Read a passphrase file: its first line, without the line end.
 pub fn read_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    let raw = Zeroizing::new(
-        std::fs::read(path)
-            .with_context(|| format!("cannot read passphrase file {}", path.display()))?,
-    );
+    let raw =
+        Zeroizing::new(std::fs::read(path).with_context(|| format!("cannot read passphrase file {}", path.display()))?);
     let line = raw.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.is_empty() {

@@ -33,11 +33,7 @@ impl Env {
 
     fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).unwrap()
     }
 
@@ -49,13 +45,7 @@ impl Env {
         let src = self.path("src");
         fs::create_dir_all(src.join("etc/nginx")).unwrap();
         fs::write(src.join("etc/nginx/nginx.conf"), "server { listen 80; }\n").unwrap();
-        fs::write(
-            src.join("blob.bin"),
-            (0..600_000u32)
-                .map(|i| (i * 7 % 251) as u8)
-                .collect::<Vec<_>>(),
-        )
-        .unwrap();
+        fs::write(src.join("blob.bin"), (0..600_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>()).unwrap();
         std::os::unix::fs::symlink("etc/nginx/nginx.conf", src.join("link")).unwrap();
         src
     }
@@ -74,41 +64,19 @@ fn init_import_list_ls_restore_check() {
     let e = Env::new();
     e.init();
     let src = e.source();
-    let out = e.ok(&[
-        "import",
-        src.to_str().unwrap(),
-        "--source",
-        "www",
-        "--agent",
-        "main",
-        "--json",
-    ]);
+    let out = e.ok(&["import", src.to_str().unwrap(), "--source", "www", "--agent", "main", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let id = v["id"].as_str().unwrap().to_string();
     let list = e.ok(&["list"]);
-    assert!(
-        list.contains(&id[..8]) && list.contains("www") && list.contains("main"),
-        "{list}"
-    );
+    assert!(list.contains(&id[..8]) && list.contains("www") && list.contains("main"), "{list}");
     let ls = e.ok(&["ls", &id[..10], "etc/nginx"]);
     assert!(ls.contains("etc/nginx/nginx.conf"), "{ls}");
     let ls = e.ok(&["ls", "latest", "-R"]);
     assert!(ls.contains("link -> etc/nginx/nginx.conf"), "{ls}");
     let target = e.path("restored");
-    e.ok(&[
-        "restore",
-        "latest",
-        "--target-dir",
-        target.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        fs::read(target.join("blob.bin")).unwrap(),
-        fs::read(src.join("blob.bin")).unwrap()
-    );
-    assert_eq!(
-        fs::read_link(target.join("link")).unwrap(),
-        Path::new("etc/nginx/nginx.conf")
-    );
+    e.ok(&["restore", "latest", "--target-dir", target.to_str().unwrap()]);
+    assert_eq!(fs::read(target.join("blob.bin")).unwrap(), fs::read(src.join("blob.bin")).unwrap());
+    assert_eq!(fs::read_link(target.join("link")).unwrap(), Path::new("etc/nginx/nginx.conf"));
     let check = e.ok(&["check", "--verify-data"]);
     assert!(check.contains("no damage"), "{check}");
     let j: serde_json::Value = serde_json::from_str(&e.ok(&["check", "--json"])).unwrap();
@@ -153,18 +121,10 @@ fn check_exit_code_names_the_damaged_pack() {
     let o = e.run(&["check", "--verify-data"]);
     assert_eq!(code(&o), 1);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        out.contains(pack.file_name().unwrap().to_str().unwrap()),
-        "{out}"
-    );
+    assert!(out.contains(pack.file_name().unwrap().to_str().unwrap()), "{out}");
     assert!(out.contains("DAMAGE"));
     // A restore of damaged data fails loudly instead of writing wrong bytes.
-    let o = e.run(&[
-        "restore",
-        "latest",
-        "--target-dir",
-        e.path("r").to_str().unwrap(),
-    ]);
+    let o = e.run(&["restore", "latest", "--target-dir", e.path("r").to_str().unwrap()]);
     assert_eq!(code(&o), 13, "{}", stderr(&o));
 }
 
@@ -178,21 +138,9 @@ fn prune_dry_run_lists_every_snapshot_with_its_rule() {
         std::thread::sleep(std::time::Duration::from_millis(1100));
     }
     let out = e.ok(&["prune", "--dry-run", "--keep-last", "2"]);
-    assert_eq!(
-        out.lines().filter(|l| l.ends_with("removed")).count(),
-        1,
-        "{out}"
-    );
-    assert_eq!(
-        out.lines().filter(|l| l.contains("keep (last #")).count(),
-        2,
-        "{out}"
-    );
-    assert_eq!(
-        e.ok(&["list", "--json"]).matches("\"id\"").count(),
-        3,
-        "dry run removed nothing"
-    );
+    assert_eq!(out.lines().filter(|l| l.ends_with("removed")).count(), 1, "{out}");
+    assert_eq!(out.lines().filter(|l| l.contains("keep (last #")).count(), 2, "{out}");
+    assert_eq!(e.ok(&["list", "--json"]).matches("\"id\"").count(), 3, "dry run removed nothing");
     e.ok(&["prune", "--keep-last", "2"]);
     assert_eq!(e.ok(&["list", "--json"]).matches("\"id\"").count(), 2);
     let out = e.ok(&["compact"]);
@@ -214,17 +162,11 @@ fn passphrase_change_and_sources() {
         "--kdf-iterations",
         "1",
     ]);
-    assert_eq!(
-        code(&e.run(&["list"])),
-        11,
-        "the old passphrase no longer opens"
-    );
+    assert_eq!(code(&e.run(&["list"])), 11, "the old passphrase no longer opens");
     // The environment variable and the systemd credential are sources too.
     let run = |envs: &[(&str, &Path)], pass_env: Option<&str>| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_collector"));
-        c.env_remove("MAGPIE_PASSPHRASE")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .env("MAGPIE_REPOSITORY", e.path("repo"));
+        c.env_remove("MAGPIE_PASSPHRASE").env_remove("CREDENTIALS_DIRECTORY").env("MAGPIE_REPOSITORY", e.path("repo"));
         for (k, v) in envs {
             c.env(k, v);
         }
@@ -237,11 +179,7 @@ fn passphrase_change_and_sources() {
     let creds = e.path("creds");
     fs::create_dir_all(&creds).unwrap();
     fs::write(creds.join("magpie-passphrase"), "a new passphrase").unwrap();
-    assert!(
-        run(&[("CREDENTIALS_DIRECTORY", &creds)], None)
-            .status
-            .success()
-    );
+    assert!(run(&[("CREDENTIALS_DIRECTORY", &creds)], None).status.success());
     let o = run(&[], None);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("passphrase"));
@@ -257,16 +195,10 @@ fn compact_refuses_while_a_writer_holds_its_lock() {
         Some(b"operator passphrase"),
     )
     .unwrap();
-    let guard =
-        repo_format::locking::lock(&repo, false, "collector pull", std::time::Duration::ZERO)
-            .unwrap();
+    let guard = repo_format::locking::lock(&repo, false, "collector pull", std::time::Duration::ZERO).unwrap();
     let o = e.run(&["compact"]);
     assert_eq!(code(&o), 12, "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("collector pull") && stderr(&o).contains("collector unlock"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("collector pull") && stderr(&o).contains("collector unlock"), "{}", stderr(&o));
     drop(guard);
     e.ok(&["compact"]);
 }

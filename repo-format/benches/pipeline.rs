@@ -21,20 +21,14 @@ fn text(n: usize) -> Vec<u8> {
     for dir in ["/usr/share/common-licenses", "/usr/include/linux"] {
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if let Ok(b) = std::fs::read(e.path()) {
-                words.extend(
-                    b.split(|c| c.is_ascii_whitespace())
-                        .filter(|w| !w.is_empty())
-                        .map(<[u8]>::to_vec),
-                );
+                words.extend(b.split(|c| c.is_ascii_whitespace()).filter(|w| !w.is_empty()).map(<[u8]>::to_vec));
             }
         }
     }
     words.sort();
     words.dedup();
     if words.len() < 100 {
-        words = (0..5000u32)
-            .map(|i| format!("word{i}").into_bytes())
-            .collect();
+        words = (0..5000u32).map(|i| format!("word{i}").into_bytes()).collect();
     }
     let mut x = 0x2545_F491_4F6C_DD1Du64;
     let mut out = Vec::with_capacity(n + 64);
@@ -44,11 +38,7 @@ fn text(n: usize) -> Vec<u8> {
         x ^= x << 17;
         // Zipf-like: most words come from the first few hundred.
         let r = (x % 1000) as usize;
-        let idx = if r < 800 {
-            (x >> 20) as usize % 300
-        } else {
-            (x >> 20) as usize % words.len()
-        };
+        let idx = if r < 800 { (x >> 20) as usize % 300 } else { (x >> 20) as usize % words.len() };
         out.extend_from_slice(&words[idx.min(words.len() - 1)]);
         out.push(if x.is_multiple_of(13) { b'\n' } else { b' ' });
     }
@@ -70,11 +60,7 @@ fn noise(n: usize) -> Vec<u8> {
 
 fn new_repo() -> (Arc<MemoryBackend>, Repository) {
     let mut o = InitOptions::encrypted("bench");
-    o.kdf = KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
+    o.kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
     let b = Arc::new(MemoryBackend::new());
     let r = Repository::init(b.clone(), &o).unwrap();
     (b, r)
@@ -88,10 +74,7 @@ fn ingest(repo: &mut Repository, data: &[u8]) -> Vec<Id> {
     if let Some((id, f)) = idx {
         repo.add_index(id, &f);
     }
-    c.chunks
-        .iter()
-        .map(|c| Id::from_slice(&c.id).unwrap())
-        .collect()
+    c.chunks.iter().map(|c| Id::from_slice(&c.id).unwrap()).collect()
 }
 
 fn bench(c: &mut Criterion) {
@@ -105,16 +88,9 @@ fn bench(c: &mut Criterion) {
             ingest(&mut r, data);
             b.total_size()
         };
-        eprintln!(
-            "{name}: {SIZE} bytes stored as {stored} ({:.3} of input)",
-            stored as f64 / SIZE as f64
-        );
+        eprintln!("{name}: {SIZE} bytes stored as {stored} ({:.3} of input)", stored as f64 / SIZE as f64);
         g.bench_function(format!("ingest/{name}"), |bch| {
-            bch.iter_batched(
-                new_repo,
-                |(_b, mut r)| ingest(&mut r, data),
-                BatchSize::PerIteration,
-            )
+            bch.iter_batched(new_repo, |(_b, mut r)| ingest(&mut r, data), BatchSize::PerIteration)
         });
         let (_b, mut r) = new_repo();
         let ids = ingest(&mut r, data);
@@ -125,11 +101,7 @@ fn bench(c: &mut Criterion) {
                 std::thread::scope(|s| {
                     for part in [&ids[..half], &ids[half..]] {
                         let r = &r;
-                        s.spawn(move || {
-                            part.iter()
-                                .map(|id| r.read_blob(id).unwrap().len())
-                                .sum::<usize>()
-                        });
+                        s.spawn(move || part.iter().map(|id| r.read_blob(id).unwrap().len()).sum::<usize>());
                     }
                 });
             })
@@ -137,18 +109,12 @@ fn bench(c: &mut Criterion) {
         // The parts alone, single-threaded (the pipeline runs them on two cores).
         g.bench_function(format!("zstd-3-alone/{name}"), |bch| {
             let mut z = zstd::bulk::Compressor::new(3).unwrap();
-            bch.iter(|| {
-                data.chunks(1 << 20)
-                    .map(|c| z.compress(c).unwrap().len())
-                    .sum::<usize>()
-            })
+            bch.iter(|| data.chunks(1 << 20).map(|c| z.compress(c).unwrap().len()).sum::<usize>())
         });
         g.bench_function(format!("blake3-keyed-alone/{name}"), |bch| {
             let k = r.keys().clone();
             bch.iter(|| {
-                data.chunks(1 << 20)
-                    .map(|c| k.blob_id(repo_format::BlobKind::Data, c).0[0] as usize)
-                    .sum::<usize>()
+                data.chunks(1 << 20).map(|c| k.blob_id(repo_format::BlobKind::Data, c).0[0] as usize).sum::<usize>()
             })
         });
         g.bench_function(format!("fastcdc-alone/{name}"), |bch| {

@@ -16,10 +16,7 @@ fn rss_kib() -> u64 {
 }
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
     let per_pack = 128; // 32 MiB packs of 256 KiB chunks
     let before = rss_kib();
     let mut idx = MasterIndex::new();
@@ -36,10 +33,7 @@ fn main() {
                 raw_len: 2000,
             });
         }
-        idx.add_pack(
-            Id(*blake3::hash(&(p as u64).to_be_bytes()).as_bytes()),
-            &entries,
-        );
+        idx.add_pack(Id(*blake3::hash(&(p as u64).to_be_bytes()).as_bytes()), &entries);
     }
     idx.finalize();
     let after = rss_kib();

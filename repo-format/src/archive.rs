@@ -26,50 +26,60 @@ pub struct FileContent {
     pub blake3: [u8; 32],
 }
 
-/// Chunk and store a stream of any length; memory stays at one maximum chunk plus one read.
-pub fn store_stream(
-    w: &mut Writer<'_>,
-    chunker: &Chunker,
-    mut r: impl Read,
-    what: &Path,
-) -> Result<FileContent> {
-    let max = chunker.params().max as usize;
-    let mut buf: Vec<u8> = Vec::with_capacity(max + READ_SIZE);
-    let mut hasher = blake3::Hasher::new();
-    let mut out = FileContent::default();
-    let mut eof = false;
-    while !eof || !buf.is_empty() {
-        while !eof && buf.len() < max {
-            let old = buf.len();
-            buf.resize(old + READ_SIZE, 0);
-            match r.read(&mut buf[old..]) {
-                Ok(0) => {
-                    buf.truncate(old);
-                    eof = true;
-                }
-                Ok(n) => {
-                    hasher.update(&buf[old..old + n]);
-                    buf.truncate(old + n);
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => buf.truncate(old),
-                Err(e) => return Err(Error::io(what, e)),
-            }
-        }
+/// Content arriving in pieces (from a file or the network), chunked as it comes: memory stays at
+/// one maximum chunk plus one piece, whatever the total length.
+pub struct ChunkedContent {
+    chunker: Chunker,
+    buf: Vec<u8>,
+    hasher: blake3::Hasher,
+    out: FileContent,
+}
+
+impl ChunkedContent {
+    /// Start a new content with `chunker`'s sizes.
+    pub fn new(chunker: Chunker) -> ChunkedContent {
+        ChunkedContent { chunker, buf: Vec::new(), hasher: blake3::Hasher::new(), out: FileContent::default() }
+    }
+
+    /// Add the next piece.
+    pub fn push(&mut self, w: &mut Writer<'_>, piece: &[u8]) -> Result<()> {
+        self.hasher.update(piece);
+        self.buf.extend_from_slice(piece);
+        self.cut(w, false)
+    }
+
+    fn cut(&mut self, w: &mut Writer<'_>, at_end: bool) -> Result<()> {
         let mut pos = 0;
-        while let Some(n) = chunker.next_cut(&buf[pos..], eof) {
-            let id = w.add(BlobKind::Data, buf[pos..pos + n].to_vec())?;
-            out.chunks.push(ChunkRef {
-                id: id.0.to_vec(),
-                offset: 0,
-                length: n as u32,
-            });
-            out.size += n as u64;
+        while let Some(n) = self.chunker.next_cut(&self.buf[pos..], at_end) {
+            let id = w.add(BlobKind::Data, self.buf[pos..pos + n].to_vec())?;
+            self.out.chunks.push(ChunkRef { id: id.0.to_vec(), offset: 0, length: n as u32 });
+            self.out.size += n as u64;
             pos += n;
         }
-        buf.drain(..pos);
+        self.buf.drain(..pos);
+        Ok(())
     }
-    out.blake3 = *hasher.finalize().as_bytes();
-    Ok(out)
+
+    /// Store what is left and return the content.
+    pub fn finish(mut self, w: &mut Writer<'_>) -> Result<FileContent> {
+        self.cut(w, true)?;
+        self.out.blake3 = *self.hasher.finalize().as_bytes();
+        Ok(self.out)
+    }
+}
+
+/// Chunk and store a stream of any length.
+pub fn store_stream(w: &mut Writer<'_>, chunker: &Chunker, mut r: impl Read, what: &Path) -> Result<FileContent> {
+    let mut content = ChunkedContent::new(chunker.clone());
+    let mut buf = vec![0u8; READ_SIZE];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return content.finish(w),
+            Ok(n) => content.push(w, &buf[..n])?,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(what, e)),
+        }
+    }
 }
 
 /// The shared stream of small files of one directory.
@@ -92,20 +102,12 @@ pub struct StreamRange {
 impl SmallFiles {
     /// A new, empty stream.
     pub fn new(chunker: Chunker) -> SmallFiles {
-        SmallFiles {
-            chunker,
-            buf: Vec::new(),
-            buf_start: 0,
-            cut: Vec::new(),
-        }
+        SmallFiles { chunker, buf: Vec::new(), buf_start: 0, cut: Vec::new() }
     }
 
     /// Append one file's bytes.
     pub fn push(&mut self, w: &mut Writer<'_>, data: &[u8]) -> Result<StreamRange> {
-        let range = StreamRange {
-            start: self.buf_start + self.buf.len() as u64,
-            len: data.len() as u64,
-        };
+        let range = StreamRange { start: self.buf_start + self.buf.len() as u64, len: data.len() as u64 };
         self.buf.extend_from_slice(data);
         self.cut_chunks(w, false)?;
         Ok(range)
@@ -131,9 +133,7 @@ impl SmallFiles {
     /// The chunk ranges holding `r` (after `flush`).
     pub fn resolve(&self, r: StreamRange) -> Vec<ChunkRef> {
         let end = r.start + r.len;
-        let first = self
-            .cut
-            .partition_point(|&(_, s, l)| s + l as u64 <= r.start);
+        let first = self.cut.partition_point(|&(_, s, l)| s + l as u64 <= r.start);
         let mut out = Vec::new();
         for &(id, s, l) in &self.cut[first..] {
             if s >= end {
@@ -141,11 +141,7 @@ impl SmallFiles {
             }
             let from = r.start.max(s);
             let to = end.min(s + l as u64);
-            out.push(ChunkRef {
-                id: id.0.to_vec(),
-                offset: (from - s) as u32,
-                length: (to - from) as u32,
-            });
+            out.push(ChunkRef { id: id.0.to_vec(), offset: (from - s) as u32, length: (to - from) as u32 });
         }
         out
     }
@@ -168,31 +164,17 @@ mod tests {
     #[test]
     fn small_files_share_chunks_and_resolve_exactly() {
         let mut opts = InitOptions::encrypted("pw");
-        opts.kdf = crate::crypto::KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        };
+        opts.kdf = crate::crypto::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
         let repo = Repository::init(Arc::new(MemoryBackend::new()), &opts).unwrap();
-        let params = ChunkerParams {
-            min: 1024,
-            avg: 4096,
-            max: 16384,
-        };
+        let params = ChunkerParams { min: 1024, avg: 4096, max: 16384 };
         let mut w = Writer::new(&repo, 1);
         let mut sf = SmallFiles::new(Chunker::new(params, 5).unwrap());
-        let files: Vec<Vec<u8>> = (0..200u32)
-            .map(|i| (0..(i * 37 % 3000)).map(|j| (i ^ j) as u8).collect())
-            .collect();
+        let files: Vec<Vec<u8>> = (0..200u32).map(|i| (0..(i * 37 % 3000)).map(|j| (i ^ j) as u8).collect()).collect();
         let ranges: Vec<_> = files.iter().map(|f| sf.push(&mut w, f).unwrap()).collect();
         sf.flush(&mut w).unwrap();
         let resolved: Vec<_> = ranges.iter().map(|r| sf.resolve(*r)).collect();
-        let distinct: std::collections::HashSet<_> =
-            resolved.iter().flatten().map(|c| c.id.clone()).collect();
-        assert!(
-            distinct.len() < files.len() / 4,
-            "small files should share chunks"
-        );
+        let distinct: std::collections::HashSet<_> = resolved.iter().flatten().map(|c| c.id.clone()).collect();
+        assert!(distinct.len() < files.len() / 4, "small files should share chunks");
         drop(sf);
         let (idx, _) = w.finish().unwrap();
         let mut repo = repo;

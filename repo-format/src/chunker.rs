@@ -24,19 +24,11 @@ pub struct ChunkerParams {
 impl ChunkerParams {
     /// For file trees: on a real server tree the average chunk size barely changed the stored size
     /// (see FORMAT.md, "Chunking"), so a large average keeps the index small.
-    pub const FILES: ChunkerParams = ChunkerParams {
-        min: 256 * 1024,
-        avg: 1024 * 1024,
-        max: 4 * 1024 * 1024,
-    };
+    pub const FILES: ChunkerParams = ChunkerParams { min: 256 * 1024, avg: 1024 * 1024, max: 4 * 1024 * 1024 };
 
     /// For database dumps: changed rows are spread through the dump (PostgreSQL even moves
     /// updated rows to the end), so small chunks re-store far less per day (see FORMAT.md).
-    pub const DUMPS: ChunkerParams = ChunkerParams {
-        min: 2 * 1024,
-        avg: 8 * 1024,
-        max: 32 * 1024,
-    };
+    pub const DUMPS: ChunkerParams = ChunkerParams { min: 2 * 1024, avg: 8 * 1024, max: 32 * 1024 };
 
     /// Check the bounds FastCDC only asserts in debug builds.
     pub fn validate(&self) -> Result<()> {
@@ -83,13 +75,7 @@ impl Chunker {
         params.validate()?;
         let (mask_s, mask_l) = v2020::select_masks(params.avg as usize, Normalization::Level1);
         let (gear, gear_ls) = v2020::get_gear_with_seed(seed);
-        Ok(Chunker {
-            params,
-            mask_s,
-            mask_l,
-            gear,
-            gear_ls,
-        })
+        Ok(Chunker { params, mask_s, mask_l, gear, gear_ls })
     }
 
     /// The sizes in use.
@@ -166,33 +152,16 @@ mod tests {
     #[test]
     fn seed_changes_boundaries() {
         let data = noise(2 << 20, 9);
-        let a = Chunker::new(ChunkerParams::DUMPS, 1)
-            .unwrap()
-            .split(&data)
-            .len();
-        let b: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 2)
-            .unwrap()
-            .split(&data)
-            .iter()
-            .map(|c| c.len())
-            .collect();
-        let a2: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 1)
-            .unwrap()
-            .split(&data)
-            .iter()
-            .map(|c| c.len())
-            .collect();
+        let a = Chunker::new(ChunkerParams::DUMPS, 1).unwrap().split(&data).len();
+        let b: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 2).unwrap().split(&data).iter().map(|c| c.len()).collect();
+        let a2: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 1).unwrap().split(&data).iter().map(|c| c.len()).collect();
         assert_eq!(a, a2.len());
         assert_ne!(a2, b);
     }
 
     #[test]
     fn rejects_bad_params() {
-        let bad = ChunkerParams {
-            min: 10,
-            avg: 20,
-            max: 30,
-        };
+        let bad = ChunkerParams { min: 10, avg: 20, max: 30 };
         assert!(Chunker::new(bad, 0).is_err());
     }
 }

@@ -54,10 +54,8 @@ impl Keys {
     /// Derive the sub-keys from a master secret.
     pub fn from_master(master: Zeroizing<[u8; 32]>, encrypted: bool) -> Keys {
         let enc = Zeroizing::new(blake3::derive_key(magic::CTX_ENCRYPTION, master.as_ref()));
-        let data_id_key =
-            Zeroizing::new(blake3::derive_key(magic::CTX_DATA_BLOB_ID, master.as_ref()));
-        let tree_id_key =
-            Zeroizing::new(blake3::derive_key(magic::CTX_TREE_BLOB_ID, master.as_ref()));
+        let data_id_key = Zeroizing::new(blake3::derive_key(magic::CTX_DATA_BLOB_ID, master.as_ref()));
+        let tree_id_key = Zeroizing::new(blake3::derive_key(magic::CTX_TREE_BLOB_ID, master.as_ref()));
         let seed = blake3::derive_key(magic::CTX_CHUNKER_SEED, master.as_ref());
         let chunker_seed = u64::from_le_bytes(seed[..8].try_into().expect("8 bytes"));
         Keys {
@@ -115,13 +113,7 @@ pub(crate) fn seal_with(c: &XChaCha20Poly1305, domain: Domain, plaintext: &[u8])
     fill_random(&mut nonce);
     let aad = [domain as u8];
     let ct = c
-        .encrypt(
-            XNonce::from_slice(&nonce),
-            Payload {
-                msg: plaintext,
-                aad: &aad,
-            },
-        )
+        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: &aad })
         .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
     let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
     out.extend_from_slice(&nonce);
@@ -135,8 +127,7 @@ pub(crate) fn open_with(c: &XChaCha20Poly1305, domain: Domain, sealed: &[u8]) ->
     }
     let (nonce, ct) = sealed.split_at(NONCE_LEN);
     let aad = [domain as u8];
-    c.decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
-        .ok()
+    c.decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: &aad }).ok()
 }
 
 /// Argon2id cost parameters, recorded in each key file.
@@ -154,27 +145,17 @@ impl Default for KdfParams {
     /// 64 MiB, 3 passes, 2 lanes: about half a second on one core of a small server, so a
     /// stolen key file costs an attacker that much per guess.
     fn default() -> Self {
-        KdfParams {
-            memory_kib: 64 * 1024,
-            iterations: 3,
-            parallelism: 2,
-        }
+        KdfParams { memory_kib: 64 * 1024, iterations: 3, parallelism: 2 }
     }
 }
 
 /// Derive the key-encryption key from a passphrase.
-pub(crate) fn derive_kek(
-    passphrase: &[u8],
-    salt: &[u8],
-    p: KdfParams,
-) -> Result<XChaCha20Poly1305, String> {
+pub(crate) fn derive_kek(passphrase: &[u8], salt: &[u8], p: KdfParams) -> Result<XChaCha20Poly1305, String> {
     let params = argon2::Params::new(p.memory_kib, p.iterations, p.parallelism, Some(32))
         .map_err(|e| format!("invalid Argon2id parameters: {e}"))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut kek = Zeroizing::new([0u8; 32]);
-    argon
-        .hash_password_into(passphrase, salt, kek.as_mut())
-        .map_err(|e| format!("Argon2id failed: {e}"))?;
+    argon.hash_password_into(passphrase, salt, kek.as_mut()).map_err(|e| format!("Argon2id failed: {e}"))?;
     Ok(XChaCha20Poly1305::new(kek.as_ref().into()))
 }
 
@@ -188,10 +169,7 @@ mod tests {
         let s = k.seal(Domain::Snapshot, b"hello");
         assert_eq!(s.len(), 5 + OVERHEAD);
         assert_eq!(k.open(Domain::Snapshot, &s).unwrap(), b"hello");
-        assert!(
-            k.open(Domain::Index, &s).is_none(),
-            "a snapshot must not open as an index"
-        );
+        assert!(k.open(Domain::Index, &s).is_none(), "a snapshot must not open as an index");
         let mut bad = s.clone();
         bad[30] ^= 1;
         assert!(k.open(Domain::Snapshot, &bad).is_none());
@@ -201,18 +179,8 @@ mod tests {
     fn ids_are_keyed() {
         let a = Keys::generate(true);
         let b = Keys::generate(true);
-        assert_ne!(
-            a.blob_id(BlobKind::Data, b"x"),
-            b.blob_id(BlobKind::Data, b"x")
-        );
-        assert_eq!(
-            a.blob_id(BlobKind::Data, b"x"),
-            a.blob_id(BlobKind::Data, b"x")
-        );
-        assert_ne!(
-            a.blob_id(BlobKind::Data, b"x"),
-            a.blob_id(BlobKind::Tree, b"x"),
-            "kinds never share ids"
-        );
+        assert_ne!(a.blob_id(BlobKind::Data, b"x"), b.blob_id(BlobKind::Data, b"x"));
+        assert_eq!(a.blob_id(BlobKind::Data, b"x"), a.blob_id(BlobKind::Data, b"x"));
+        assert_ne!(a.blob_id(BlobKind::Data, b"x"), a.blob_id(BlobKind::Tree, b"x"), "kinds never share ids");
     }
 }

@@ -20,9 +20,7 @@ pub enum Error {
     Backend(#[from] BackendError),
 
     /// No key file could be opened with the passphrase given.
-    #[error(
-        "wrong passphrase: no key in {location} opens with it (check --passphrase-file or MAGPIE_PASSPHRASE)"
-    )]
+    #[error("wrong passphrase: no key in {location} opens with it (check --passphrase-file or MAGPIE_PASSPHRASE)")]
     WrongPassphrase {
         /// Where the repository is.
         location: String,
@@ -43,9 +41,7 @@ pub enum Error {
     },
 
     /// The repository was written by a newer format version.
-    #[error(
-        "{object}: format version {found} is newer than this program supports ({supported}); upgrade magpie"
-    )]
+    #[error("{object}: format version {found} is newer than this program supports ({supported}); upgrade magpie")]
     UnsupportedVersion {
         /// The object carrying the version.
         object: String,
@@ -90,28 +86,21 @@ pub enum Error {
     Invalid(String),
 
     /// Local file system access while importing or restoring a directory.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The local path.
         path: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (shown in the message, not repeated as a source).
+        err: std::io::Error,
     },
 }
 
 impl Error {
     pub(crate) fn corrupt(object: impl std::fmt::Display, reason: impl std::fmt::Display) -> Self {
-        Error::Corrupt {
-            object: object.to_string(),
-            reason: reason.to_string(),
-        }
+        Error::Corrupt { object: object.to_string(), reason: reason.to_string() }
     }
 
-    pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.as_ref().display().to_string(),
-            source,
-        }
+    pub(crate) fn io(path: impl AsRef<std::path::Path>, err: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().display().to_string(), err }
     }
 }

@@ -38,10 +38,7 @@ pub fn import_dir(w: &mut Writer<'_>, root: &Path) -> Result<(Id, SnapshotStats)
     };
     let meta = fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
     if !meta.is_dir() {
-        return Err(Error::Invalid(format!(
-            "{} is not a directory",
-            root.display()
-        )));
+        return Err(Error::Invalid(format!("{} is not a directory", root.display())));
     }
     let id = imp.dir(w, root, Path::new(""))?;
     Ok((id, imp.stats))
@@ -99,11 +96,7 @@ impl Importer {
                     node.content = self.small.resolve(range);
                     node.blake3 = hash.to_vec();
                     if let Some((_, slot @ None)) = self.links.get_mut(&(node.device, node.inode)) {
-                        *slot = Some(FileContent {
-                            chunks: node.content.clone(),
-                            size: node.size,
-                            blake3: hash,
-                        });
+                        *slot = Some(FileContent { chunks: node.content.clone(), size: node.size, blake3: hash });
                     }
                 }
                 Pending::Link(key) => {
@@ -125,10 +118,7 @@ impl Importer {
             nodes.push(node);
         }
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        let tree = Tree {
-            version: magic::METADATA_VERSION,
-            nodes,
-        };
+        let tree = Tree { version: magic::METADATA_VERSION, nodes };
         w.add(BlobKind::Tree, tree.encode_to_vec())
     }
 
@@ -138,10 +128,7 @@ impl Importer {
             .flatten()
             .filter_map(|n| {
                 let value = xattr::get(p, &n).ok()??;
-                Some(Xattr {
-                    name: n.as_bytes().to_vec(),
-                    value,
-                })
+                Some(Xattr { name: n.as_bytes().to_vec(), value })
             })
             .collect();
         xattrs.sort_by(|a, b| a.name.cmp(&b.name));
@@ -162,23 +149,12 @@ impl Importer {
         }
     }
 
-    fn leaf(
-        &mut self,
-        w: &mut Writer<'_>,
-        p: &Path,
-        rel: &Path,
-        m: &fs::Metadata,
-        node: &mut Node,
-    ) -> Result<Pending> {
+    fn leaf(&mut self, w: &mut Writer<'_>, p: &Path, rel: &Path, m: &fs::Metadata, node: &mut Node) -> Result<Pending> {
         let ft = m.file_type();
         use std::os::unix::fs::FileTypeExt;
         if ft.is_symlink() {
             node.kind = NodeKind::Symlink as i32;
-            node.link_target = fs::read_link(p)
-                .map_err(|e| Error::io(p, e))?
-                .as_os_str()
-                .as_bytes()
-                .to_vec();
+            node.link_target = fs::read_link(p).map_err(|e| Error::io(p, e))?.as_os_str().as_bytes().to_vec();
             self.stats.others += 1;
             return Ok(Pending::Done);
         }
@@ -210,20 +186,13 @@ impl Importer {
                 node.size = c.size;
             }
             self.stats.bytes += node.size;
-            return Ok(if content.is_some() {
-                Pending::Done
-            } else {
-                Pending::Link(key)
-            });
+            return Ok(if content.is_some() { Pending::Done } else { Pending::Link(key) });
         }
         let mut f = File::open(p).map_err(|e| Error::io(p, e))?;
         let state = if m.len() < self.threshold {
             // Read at most one byte past the threshold: a file that grew is stored whole.
             let mut data = Vec::with_capacity(m.len() as usize);
-            (&mut f)
-                .take(self.threshold + 1)
-                .read_to_end(&mut data)
-                .map_err(|e| Error::io(p, e))?;
+            (&mut f).take(self.threshold + 1).read_to_end(&mut data).map_err(|e| Error::io(p, e))?;
             if (data.len() as u64) <= self.threshold {
                 node.size = data.len() as u64;
                 let hash = *blake3::hash(&data).as_bytes();
@@ -277,10 +246,7 @@ impl Names {
                 })
                 .collect()
         };
-        Names {
-            users: parse("/etc/passwd"),
-            groups: parse("/etc/group"),
-        }
+        Names { users: parse("/etc/passwd"), groups: parse("/etc/group") }
     }
     fn user(&self, uid: u32) -> String {
         self.users.get(&uid).cloned().unwrap_or_default()
@@ -322,15 +288,12 @@ pub fn restore(repo: &Repository, root: &Id, target: &Path) -> Result<RestoreSta
 }
 
 fn is_root() -> bool {
-    fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 /// A name from a snapshot is one path component: no separator, no `.` or `..`, no NUL.
 pub fn check_name(name: &[u8]) -> Result<&OsStr> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
-    {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
         return Err(Error::corrupt(
             format!("entry {:?}", String::from_utf8_lossy(name)),
             "is not a plain file name; refusing to restore it (it could escape the target)",
@@ -372,10 +335,7 @@ struct Restorer<'a> {
 impl Restorer<'_> {
     fn dir(&mut self, tree_id: &Id, path: &Path) -> Result<()> {
         let tree = self.repo.read_tree(tree_id)?;
-        let (dirs, leaves): (Vec<&Node>, Vec<&Node>) = tree
-            .nodes
-            .iter()
-            .partition(|n| n.node_kind() == NodeKind::Dir);
+        let (dirs, leaves): (Vec<&Node>, Vec<&Node>) = tree.nodes.iter().partition(|n| n.node_kind() == NodeKind::Dir);
         for node in leaves {
             let p = path.join(check_name(&node.name)?);
             self.leaf(node, &p)?;
@@ -393,8 +353,8 @@ impl Restorer<'_> {
                 Err(_) => fs::create_dir(&p).map_err(|e| Error::io(&p, e))?,
             }
             self.stats.dirs += 1;
-            let sub = Id::from_slice(&node.subtree)
-                .ok_or_else(|| Error::corrupt(p.display(), "directory without a tree"))?;
+            let sub =
+                Id::from_slice(&node.subtree).ok_or_else(|| Error::corrupt(p.display(), "directory without a tree"))?;
             self.dir(&sub, &p)?;
             self.metadata(node, &p)?;
         }
@@ -420,19 +380,15 @@ impl Restorer<'_> {
             }
             NodeKind::Symlink => {
                 let _ = fs::remove_file(p);
-                std::os::unix::fs::symlink(OsStr::from_bytes(&node.link_target), p)
-                    .map_err(|e| Error::io(p, e))?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(&node.link_target), p).map_err(|e| Error::io(p, e))?;
                 if self.owners {
-                    std::os::unix::fs::lchown(p, Some(node.uid), Some(node.gid))
-                        .map_err(|e| Error::io(p, e))?;
+                    std::os::unix::fs::lchown(p, Some(node.uid), Some(node.gid)).map_err(|e| Error::io(p, e))?;
                 }
                 self.stats.symlinks += 1;
                 Ok(())
             }
             other => {
-                self.stats
-                    .skipped
-                    .push(format!("{}: {other:?} (metadata only)", p.display()));
+                self.stats.skipped.push(format!("{}: {other:?} (metadata only)", p.display()));
                 Ok(())
             }
         }
@@ -444,11 +400,8 @@ impl Restorer<'_> {
         crate::crypto::fill_random(&mut suffix);
         let tmp = dir.join(format!(".magpie-restore-{}", hex::encode(suffix)));
         let result = (|| {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(|e| Error::io(&tmp, e))?;
+            let mut f =
+                fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
             let mut hasher = blake3::Hasher::new();
             for c in &node.content {
                 let data = self.chunk(c)?;
@@ -478,15 +431,11 @@ impl Restorer<'_> {
     }
 
     fn chunk(&mut self, c: &ChunkRef) -> Result<Vec<u8>> {
-        let id = Id::from_slice(&c.id)
-            .ok_or_else(|| Error::corrupt("tree", "chunk reference without a 32-byte id"))?;
+        let id = Id::from_slice(&c.id).ok_or_else(|| Error::corrupt("tree", "chunk reference without a 32-byte id"))?;
         let blob = self.cache.get(self.repo, &id)?;
         let (s, e) = (c.offset as usize, c.offset as usize + c.length as usize);
         blob.get(s..e).map(<[u8]>::to_vec).ok_or_else(|| {
-            Error::corrupt(
-                format!("blob {id}"),
-                format!("range {s}..{e} is past its end ({})", blob.len()),
-            )
+            Error::corrupt(format!("blob {id}"), format!("range {s}..{e} is past its end ({})", blob.len()))
         })
     }
 
@@ -496,12 +445,9 @@ impl Restorer<'_> {
         let mtime = std::time::UNIX_EPOCH
             .checked_add(std::time::Duration::from_nanos(node.mtime_ns.max(0) as u64))
             .unwrap_or(std::time::UNIX_EPOCH);
-        File::open(p)
-            .and_then(|f| f.set_modified(mtime))
-            .map_err(|e| Error::io(p, e))?;
+        File::open(p).and_then(|f| f.set_modified(mtime)).map_err(|e| Error::io(p, e))?;
         if self.owners {
-            std::os::unix::fs::chown(p, Some(node.uid), Some(node.gid))
-                .map_err(|e| Error::io(p, e))?;
+            std::os::unix::fs::chown(p, Some(node.uid), Some(node.gid)).map_err(|e| Error::io(p, e))?;
         }
         for x in &node.xattrs {
             // Some file systems refuse some namespaces; the content matters more than the xattr.
@@ -521,14 +467,9 @@ impl Restorer<'_> {
 /// Find the node at `path` (components separated by `/`) under the tree `root`; the empty path
 /// names the root directory itself.
 pub fn lookup(repo: &Repository, root: &Id, path: &str) -> Result<Option<Node>> {
-    let mut node = Node {
-        kind: NodeKind::Dir as i32,
-        subtree: root.0.to_vec(),
-        ..Default::default()
-    };
+    let mut node = Node { kind: NodeKind::Dir as i32, subtree: root.0.to_vec(), ..Default::default() };
     for comp in path.split('/').filter(|c| !c.is_empty()) {
-        let Some(sub) = Id::from_slice(&node.subtree).filter(|_| node.node_kind() == NodeKind::Dir)
-        else {
+        let Some(sub) = Id::from_slice(&node.subtree).filter(|_| node.node_kind() == NodeKind::Dir) else {
             return Ok(None);
         };
         let tree = repo.read_tree(&sub)?;
@@ -540,28 +481,24 @@ pub fn lookup(repo: &Repository, root: &Id, path: &str) -> Result<Option<Node>> 
     Ok(Some(node))
 }
 
-/// Visit every node under the tree `root` depth-first, with its path relative to the root.
-pub fn walk(
-    repo: &Repository,
-    root: &Id,
-    visit: &mut dyn FnMut(&str, &Node) -> Result<()>,
-) -> Result<()> {
-    fn rec(
-        repo: &Repository,
-        id: &Id,
-        prefix: &str,
-        visit: &mut dyn FnMut(&str, &Node) -> Result<()>,
-    ) -> Result<()> {
+/// Visit every node under the tree `root` depth-first, with its path relative to the root as
+/// raw bytes (`/`-separated; names need not be UTF-8).
+pub fn walk(repo: &Repository, root: &Id, visit: &mut dyn FnMut(&[u8], &Node) -> Result<()>) -> Result<()> {
+    fn rec(repo: &Repository, id: &Id, prefix: &[u8], visit: &mut dyn FnMut(&[u8], &Node) -> Result<()>) -> Result<()> {
         for n in repo.read_tree(id)?.nodes {
-            let path = format!("{prefix}{}", String::from_utf8_lossy(&n.name));
+            let mut path = prefix.to_vec();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(&n.name);
             visit(&path, &n)?;
             if n.node_kind() == NodeKind::Dir
                 && let Some(sub) = Id::from_slice(&n.subtree)
             {
-                rec(repo, &sub, &format!("{path}/"), visit)?;
+                rec(repo, &sub, &path, visit)?;
             }
         }
         Ok(())
     }
-    rec(repo, root, "", visit)
+    rec(repo, root, b"", visit)
 }

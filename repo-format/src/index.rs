@@ -42,10 +42,7 @@ pub struct MasterIndex {
 impl MasterIndex {
     /// An empty index.
     pub fn new() -> MasterIndex {
-        MasterIndex {
-            sorted: true,
-            ..Default::default()
-        }
+        MasterIndex { sorted: true, ..Default::default() }
     }
 
     /// Add every pack of an index file.
@@ -65,12 +62,7 @@ impl MasterIndex {
         self.pack_ord.insert(pack, ord);
         self.entries.extend(entries.iter().map(|e| Entry {
             id: e.id.0,
-            pack: ord
-                | if e.kind == BlobKind::Tree {
-                    TREE_BIT
-                } else {
-                    0
-                },
+            pack: ord | if e.kind == BlobKind::Tree { TREE_BIT } else { 0 },
             offset: e.offset,
             stored_len: e.stored_len,
             raw_len: e.raw_len,
@@ -106,11 +98,7 @@ impl MasterIndex {
         Location {
             pack: self.packs[(e.pack & !TREE_BIT) as usize],
             entry: PackEntry {
-                kind: if e.pack & TREE_BIT != 0 {
-                    BlobKind::Tree
-                } else {
-                    BlobKind::Data
-                },
+                kind: if e.pack & TREE_BIT != 0 { BlobKind::Tree } else { BlobKind::Data },
                 id: Id(e.id),
                 offset: e.offset,
                 stored_len: e.stored_len,
@@ -167,20 +155,8 @@ mod tests {
         m.add_pack(
             p,
             &[
-                PackEntry {
-                    kind: BlobKind::Data,
-                    id: a,
-                    offset: 0,
-                    stored_len: 5,
-                    raw_len: 4,
-                },
-                PackEntry {
-                    kind: BlobKind::Tree,
-                    id: b,
-                    offset: 5,
-                    stored_len: 7,
-                    raw_len: 6,
-                },
+                PackEntry { kind: BlobKind::Data, id: a, offset: 0, stored_len: 5, raw_len: 4 },
+                PackEntry { kind: BlobKind::Tree, id: b, offset: 5, stored_len: 7, raw_len: 6 },
             ],
         );
         m.finalize();

@@ -53,17 +53,11 @@ impl LockInfo {
             None => format!("an unreadable lock {}", self.name),
             Some(l) => format!(
                 "{} lock of `{}` (pid {} on {}, since {})",
-                if l.exclusive {
-                    "an exclusive"
-                } else {
-                    "a shared"
-                },
+                if l.exclusive { "an exclusive" } else { "a shared" },
                 l.command,
                 l.pid,
                 l.host,
-                chrono::DateTime::from_timestamp(l.created_unix, 0)
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_default()
+                chrono::DateTime::from_timestamp(l.created_unix, 0).map(|t| t.to_rfc3339()).unwrap_or_default()
             ),
         }
     }
@@ -79,22 +73,14 @@ fn process_start(pid: u32) -> Option<u64> {
 
 /// The kernel boot id, which changes at every boot.
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// The pid namespace of this process: pids only mean the same process within one.
 fn pid_namespace() -> u64 {
     std::fs::read_link("/proc/self/ns/pid")
         .ok()
-        .and_then(|l| {
-            l.to_str()?
-                .strip_prefix("pid:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()
-        })
+        .and_then(|l| l.to_str()?.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok())
         .unwrap_or(0)
 }
 
@@ -122,19 +108,13 @@ pub fn list_locks(backend: &dyn Backend, keys: &Keys) -> Result<Vec<LockInfo>> {
     let mut out = Vec::new();
     for o in backend.list(LOCK_DIR)? {
         let lock = match backend.get(&o.name, None) {
-            Ok(b) => keys
-                .open(Domain::Lock, &b)
-                .and_then(|p| LockFile::decode(p.as_slice()).ok()),
+            Ok(b) => keys.open(Domain::Lock, &b).and_then(|p| LockFile::decode(p.as_slice()).ok()),
             // Removed since the listing.
             Err(crate::backend::BackendError::NotFound(_)) => continue,
             Err(e) => return Err(e.into()),
         };
         let stale = lock.as_ref().is_some_and(|l| is_stale(l, now, &me));
-        out.push(LockInfo {
-            name: o.name,
-            lock,
-            stale,
-        });
+        out.push(LockInfo { name: o.name, lock, stale });
     }
     Ok(out)
 }
@@ -167,11 +147,7 @@ pub struct LockGuard {
 
 impl std::fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "LockGuard({})",
-            self.held.name.lock().map(|n| n.clone()).unwrap_or_default()
-        )
+        write!(f, "LockGuard({})", self.held.name.lock().map(|n| n.clone()).unwrap_or_default())
     }
 }
 
@@ -204,12 +180,7 @@ impl Drop for LockGuard {
 }
 
 /// Take a lock, retrying for up to `wait` while another holder conflicts.
-pub fn lock(
-    repo: &Repository,
-    exclusive: bool,
-    command: &str,
-    wait: Duration,
-) -> Result<LockGuard> {
+pub fn lock(repo: &Repository, exclusive: bool, command: &str, wait: Duration) -> Result<LockGuard> {
     let deadline = std::time::Instant::now() + wait;
     loop {
         match try_lock(repo, exclusive, command) {
@@ -240,11 +211,7 @@ fn new_lock(exclusive: bool, command: &str) -> LockFile {
 }
 
 fn write_lock(backend: &dyn Backend, keys: &Keys, l: &LockFile) -> Result<String> {
-    let id: Id = put_named(
-        backend,
-        LOCK_DIR,
-        &keys.seal(Domain::Lock, &l.encode_to_vec()),
-    )?;
+    let id: Id = put_named(backend, LOCK_DIR, &keys.seal(Domain::Lock, &l.encode_to_vec()))?;
     Ok(format!("{LOCK_DIR}{id}"))
 }
 
@@ -260,15 +227,10 @@ fn try_lock(repo: &Repository, exclusive: bool, command: &str) -> Result<LockGua
             }
             if other.stale {
                 let ours = other.lock.as_ref().is_some_and(|l| {
-                    l.host == mine.host
-                        && l.boot_id == mine.boot_id
-                        && l.pid_namespace == mine.pid_namespace
+                    l.host == mine.host && l.boot_id == mine.boot_id && l.pid_namespace == mine.pid_namespace
                 });
                 if ours {
-                    tracing::info!(
-                        "removing stale lock of a process that is gone: {}",
-                        other.describe()
-                    );
+                    tracing::info!("removing stale lock of a process that is gone: {}", other.describe());
                     backend.delete(&other.name)?;
                 }
                 continue;
@@ -286,8 +248,7 @@ fn try_lock(repo: &Repository, exclusive: bool, command: &str) -> Result<LockGua
             backend.delete(&name)?;
             return Err(Error::Locked {
                 holder: other.describe(),
-                advice: "wait for it to finish; if that process is gone, run `collector unlock`"
-                    .into(),
+                advice: "wait for it to finish; if that process is gone, run `collector unlock`".into(),
             });
         }
         Err(e) => {
@@ -305,11 +266,7 @@ fn try_lock(repo: &Repository, exclusive: bool, command: &str) -> Result<LockGua
         let (backend, held, keys) = (backend.clone(), held.clone(), keys.clone());
         std::thread::spawn(move || refresh_loop(&*backend, &keys, &held, mine))
     };
-    Ok(LockGuard {
-        backend,
-        held,
-        refresher: Some(refresher),
-    })
+    Ok(LockGuard { backend, held, refresher: Some(refresher) })
 }
 
 fn refresh_loop(backend: &dyn Backend, keys: &Keys, held: &Held, mut lock: LockFile) {

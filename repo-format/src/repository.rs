@@ -77,27 +77,16 @@ pub struct Repository {
 impl Repository {
     /// Create a repository in an empty backend.
     pub fn init(backend: Arc<dyn Backend>, opts: &InitOptions) -> Result<Repository> {
-        if backend
-            .list(rf::CONFIG_NAME)?
-            .iter()
-            .any(|o| o.name == rf::CONFIG_NAME)
-        {
-            return Err(Error::AlreadyInitialised {
-                location: backend.location(),
-            });
+        if backend.list(rf::CONFIG_NAME)?.iter().any(|o| o.name == rf::CONFIG_NAME) {
+            return Err(Error::AlreadyInitialised { location: backend.location() });
         }
         opts.chunker_files.validate()?;
         opts.chunker_dumps.validate()?;
         if !(1..=22).contains(&opts.compression_level) {
-            return Err(Error::Invalid(format!(
-                "compression level {} is not in 1..=22",
-                opts.compression_level
-            )));
+            return Err(Error::Invalid(format!("compression level {} is not in 1..=22", opts.compression_level)));
         }
         if !(1024 * 1024..=1024 * 1024 * 1024).contains(&opts.pack_size) {
-            return Err(Error::Invalid(
-                "pack size must be between 1 MiB and 1 GiB".into(),
-            ));
+            return Err(Error::Invalid("pack size must be between 1 MiB and 1 GiB".into()));
         }
         let keys = Keys::generate(opts.passphrase.is_some());
         let cfg = RepoConfig {
@@ -109,31 +98,17 @@ impl Repository {
             compression_level: opts.compression_level,
             pack_size: opts.pack_size,
             small_file_threshold: opts.small_file_threshold,
-            plain_master_secret: if keys.encrypted() {
-                Vec::new()
-            } else {
-                keys.master().to_vec()
-            },
+            plain_master_secret: if keys.encrypted() { Vec::new() } else { keys.master().to_vec() },
         };
         if let Some(pass) = &opts.passphrase {
             let kf = key::wrap(&keys, pass, opts.kdf, &hostname())?;
             put_named(&*backend, rf::KEY_DIR, &kf.encode_to_vec())?;
         }
         // The config goes last: a repository exists once its config does.
-        if backend.put_if_absent(rf::CONFIG_NAME, &config::encode(&cfg, &keys))?
-            == PutOutcome::AlreadyExists
-        {
-            return Err(Error::AlreadyInitialised {
-                location: backend.location(),
-            });
+        if backend.put_if_absent(rf::CONFIG_NAME, &config::encode(&cfg, &keys))? == PutOutcome::AlreadyExists {
+            return Err(Error::AlreadyInitialised { location: backend.location() });
         }
-        Ok(Repository {
-            backend,
-            keys,
-            config: cfg,
-            index: MasterIndex::new(),
-            index_files: Vec::new(),
-        })
+        Ok(Repository { backend, keys, config: cfg, index: MasterIndex::new(), index_files: Vec::new() })
     }
 
     /// Open a repository; the passphrase is needed unless it is unencrypted.
@@ -141,21 +116,18 @@ impl Repository {
         let raw = match backend.get(rf::CONFIG_NAME, None) {
             Ok(b) => b,
             Err(BackendError::NotFound(_)) => {
-                return Err(Error::NoRepository {
-                    location: backend.location(),
-                });
+                return Err(Error::NoRepository { location: backend.location() });
             }
             Err(e) => return Err(e.into()),
         };
         let head = config::parse_head(&raw)?;
         let keys = if head.cipher == magic::CIPHER_NONE {
             let cfg = RepoConfig::decode(head.payload).map_err(|e| Error::corrupt("config", e))?;
-            let master: [u8; 32] = cfg.plain_master_secret.as_slice().try_into().map_err(|_| {
-                Error::corrupt(
-                    "config",
-                    "unencrypted repository without its 32-byte secret",
-                )
-            })?;
+            let master: [u8; 32] = cfg
+                .plain_master_secret
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::corrupt("config", "unencrypted repository without its 32-byte secret"))?;
             Keys::from_master(zeroize::Zeroizing::new(master), false)
         } else {
             let pass = passphrase.ok_or_else(|| Error::Invalid(
@@ -171,13 +143,7 @@ impl Repository {
                 supported: magic::REPO_VERSION,
             });
         }
-        Ok(Repository {
-            backend,
-            keys,
-            config,
-            index: MasterIndex::new(),
-            index_files: Vec::new(),
-        })
+        Ok(Repository { backend, keys, config, index: MasterIndex::new(), index_files: Vec::new() })
     }
 
     fn unlock_keys(backend: &dyn Backend, pass: &[u8]) -> Result<Keys> {
@@ -186,11 +152,7 @@ impl Repository {
         let mut unreadable = None;
         for o in &names {
             // A damaged or newer key file must not hide a good one: try them all.
-            match backend
-                .get(&o.name, None)
-                .map_err(Error::from)
-                .and_then(|b| key::unwrap(&o.name, &b, pass))
-            {
+            match backend.get(&o.name, None).map_err(Error::from).and_then(|b| key::unwrap(&o.name, &b, pass)) {
                 Ok(Some(k)) => return Ok(k),
                 Ok(None) => {}
                 Err(e) => unreadable = Some(e),
@@ -198,9 +160,7 @@ impl Repository {
         }
         match unreadable {
             Some(e) if names.len() == 1 => Err(e),
-            _ => Err(Error::WrongPassphrase {
-                location: backend.location(),
-            }),
+            _ => Err(Error::WrongPassphrase { location: backend.location() }),
         }
     }
 
@@ -231,28 +191,18 @@ impl Repository {
 
     /// A chunker for files or dumps.
     pub fn chunker(&self, dumps: bool) -> Result<Chunker> {
-        let p = if dumps {
-            self.config.dumps_params()
-        } else {
-            self.config.files_params()
-        };
+        let p = if dumps { self.config.dumps_params() } else { self.config.files_params() };
         Chunker::new(p, self.keys.chunker_seed())
     }
 
     /// Read, verify and open a content-addressed object (`dir` + storage id).
     pub fn read_object(&self, name: &str, domain: Domain) -> Result<Vec<u8>> {
         let bytes = self.backend.get(name, None)?;
-        let want =
-            rf::id_of_name(name).ok_or_else(|| Error::corrupt(name, "name is not a storage id"))?;
+        let want = rf::id_of_name(name).ok_or_else(|| Error::corrupt(name, "name is not a storage id"))?;
         if Id::of_stored(&bytes) != want {
-            return Err(Error::corrupt(
-                name,
-                "content does not match its name (BLAKE3)",
-            ));
+            return Err(Error::corrupt(name, "content does not match its name (BLAKE3)"));
         }
-        self.keys
-            .open(domain, &bytes)
-            .ok_or_else(|| Error::corrupt(name, "authentication failed"))
+        self.keys.open(domain, &bytes).ok_or_else(|| Error::corrupt(name, "authentication failed"))
     }
 
     /// Seal and store an object under `dir/<storage id>`.
@@ -267,9 +217,7 @@ impl Repository {
             return Err(match e {
                 Error::Corrupt { object, reason } => Error::Corrupt {
                     object,
-                    reason: format!(
-                        "{reason}; run `collector check --repair` to rebuild the index from the packs"
-                    ),
+                    reason: format!("{reason}; run `collector check --repair` to rebuild the index from the packs"),
                 },
                 e => e,
             });
@@ -280,10 +228,7 @@ impl Repository {
 
     /// Make the resident index from decoded index files, skipping superseded ones.
     pub fn install_index(&mut self, files: &[IndexFileEntry]) {
-        let superseded: HashSet<Id> = files
-            .iter()
-            .flat_map(|(_, f)| f.supersedes.iter().copied())
-            .collect();
+        let superseded: HashSet<Id> = files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
         let mut index = MasterIndex::new();
         let mut names = Vec::new();
         for (id, f) in files.iter().filter(|(id, _)| !superseded.contains(id)) {
@@ -306,10 +251,7 @@ impl Repository {
             let Some(id) = rf::id_of_name(&o.name) else {
                 continue;
             };
-            match self
-                .read_object(&o.name, Domain::Index)
-                .and_then(|p| IndexFile::decode(&o.name, &p))
-            {
+            match self.read_object(&o.name, Domain::Index).and_then(|p| IndexFile::decode(&o.name, &p)) {
                 Ok(f) => ok.push((id, f)),
                 Err(e) => bad.push(e),
             }
@@ -332,14 +274,11 @@ impl Repository {
     /// Read, open, decompress and verify one blob.
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
         let loc = self.locate(id)?;
-        let stored = self
-            .backend
-            .get(&rf::pack_name(&loc.pack), Some(loc.entry.range()))?;
+        let stored = self.backend.get(&rf::pack_name(&loc.pack), Some(loc.entry.range()))?;
         pack::decode_blob(&self.keys, &loc.entry, &stored).map_err(|e| match e {
-            Error::Corrupt { object, reason } => Error::Corrupt {
-                object: format!("{object} in pack {}", loc.pack),
-                reason,
-            },
+            Error::Corrupt { object, reason } => {
+                Error::Corrupt { object: format!("{object} in pack {}", loc.pack), reason }
+            }
             e => e,
         })
     }
@@ -351,8 +290,7 @@ impl Repository {
             return Err(Error::corrupt(format!("blob {id}"), "is not a tree"));
         }
         let raw = self.read_blob(id)?;
-        let tree =
-            Tree::decode(raw.as_slice()).map_err(|e| Error::corrupt(format!("tree {id}"), e))?;
+        let tree = Tree::decode(raw.as_slice()).map_err(|e| Error::corrupt(format!("tree {id}"), e))?;
         if tree.version > magic::METADATA_VERSION {
             return Err(Error::UnsupportedVersion {
                 object: format!("tree {id}"),
@@ -385,12 +323,8 @@ impl Repository {
 
     /// Ids of all snapshots.
     pub fn snapshot_ids(&self) -> Result<Vec<Id>> {
-        let mut ids: Vec<Id> = self
-            .backend
-            .list(rf::SNAPSHOT_DIR)?
-            .iter()
-            .filter_map(|o| rf::id_of_name(&o.name))
-            .collect();
+        let mut ids: Vec<Id> =
+            self.backend.list(rf::SNAPSHOT_DIR)?.iter().filter_map(|o| rf::id_of_name(&o.name)).collect();
         ids.sort();
         Ok(ids)
     }
@@ -409,18 +343,10 @@ impl Repository {
     /// Resolve `latest`, a full id or a unique hex prefix.
     pub fn find_snapshot(&self, what: &str) -> Result<Id> {
         if what == "latest" {
-            return self
-                .snapshots()?
-                .last()
-                .map(|(id, _)| *id)
-                .ok_or_else(|| Error::SnapshotNotFound(what.into()));
+            return self.snapshots()?.last().map(|(id, _)| *id).ok_or_else(|| Error::SnapshotNotFound(what.into()));
         }
         let want = what.to_ascii_lowercase();
-        let matches: Vec<Id> = self
-            .snapshot_ids()?
-            .into_iter()
-            .filter(|id| id.to_hex().starts_with(&want))
-            .collect();
+        let matches: Vec<Id> = self.snapshot_ids()?.into_iter().filter(|id| id.to_hex().starts_with(&want)).collect();
         match matches.as_slice() {
             [one] => Ok(*one),
             [] => Err(Error::SnapshotNotFound(what.into())),
@@ -437,16 +363,9 @@ impl Repository {
     /// crash in between leaves both passphrases working.
     pub fn change_passphrase(&self, new: &[u8], kdf: KdfParams) -> Result<()> {
         if !self.keys.encrypted() {
-            return Err(Error::Invalid(
-                "this repository is not encrypted; it has no passphrase".into(),
-            ));
+            return Err(Error::Invalid("this repository is not encrypted; it has no passphrase".into()));
         }
-        let old: Vec<String> = self
-            .backend
-            .list(rf::KEY_DIR)?
-            .into_iter()
-            .map(|o| o.name)
-            .collect();
+        let old: Vec<String> = self.backend.list(rf::KEY_DIR)?.into_iter().map(|o| o.name).collect();
         let kf = key::wrap(&self.keys, new, kdf, &hostname())?;
         let new_id = put_named(&*self.backend, rf::KEY_DIR, &kf.encode_to_vec())?;
         for name in old.iter().filter(|n| rf::id_of_name(n) != Some(new_id)) {

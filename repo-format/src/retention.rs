@@ -32,16 +32,7 @@ impl Policy {
     /// Whether no rule is set (prune refuses such a policy rather than remove everything).
     pub fn is_empty(&self) -> bool {
         self.within_secs.is_none()
-            && [
-                self.last,
-                self.hourly,
-                self.daily,
-                self.weekly,
-                self.monthly,
-                self.yearly,
-            ]
-            .iter()
-            .all(|&n| n == 0)
+            && [self.last, self.hourly, self.daily, self.weekly, self.monthly, self.yearly].iter().all(|&n| n == 0)
     }
 }
 
@@ -49,9 +40,7 @@ impl Policy {
 pub fn parse_within(s: &str) -> Result<i64, String> {
     let unit_at = s.char_indices().last().map(|(i, _)| i).unwrap_or(0);
     let (num, unit) = s.split_at(unit_at);
-    let n: i64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number and a unit, like 7d"))?;
+    let n: i64 = num.parse().map_err(|_| format!("{s:?}: expected a number and a unit, like 7d"))?;
     if n <= 0 {
         return Err(format!("{s:?}: the number must be positive"));
     }
@@ -109,29 +98,20 @@ pub fn plan<Tz: TimeZone>(
         for &i in &order {
             if times[i] > limit {
                 n += 1;
-                kept[i] = Some(Reason {
-                    rule: "within".into(),
-                    n,
-                });
+                kept[i] = Some(Reason { rule: "within".into(), n });
             }
         }
     }
 
     let rules: [Rule<Tz>; 6] = [
-        ("last", policy.last, |t| {
-            (t.year(), t.ordinal(), t.hour(), t.minute(), t.second())
-        }),
-        ("hourly", policy.hourly, |t| {
-            (t.year(), t.ordinal(), t.hour(), 0, 0)
-        }),
+        ("last", policy.last, |t| (t.year(), t.ordinal(), t.hour(), t.minute(), t.second())),
+        ("hourly", policy.hourly, |t| (t.year(), t.ordinal(), t.hour(), 0, 0)),
         ("daily", policy.daily, |t| (t.year(), t.ordinal(), 0, 0, 0)),
         ("weekly", policy.weekly, |t| {
             let w = t.iso_week();
             (w.year(), w.week(), 0, 0, 0)
         }),
-        ("monthly", policy.monthly, |t| {
-            (t.year(), t.month(), 0, 0, 0)
-        }),
+        ("monthly", policy.monthly, |t| (t.year(), t.month(), 0, 0, 0)),
         ("yearly", policy.yearly, |t| (t.year(), 0, 0, 0, 0)),
     ];
     for (name, n, period_of) in rules {
@@ -147,10 +127,7 @@ pub fn plan<Tz: TimeZone>(
                 last = Some(period);
                 if kept[i].is_none() {
                     count += 1;
-                    kept[i] = Some(Reason {
-                        rule: name.into(),
-                        n: count,
-                    });
+                    kept[i] = Some(Reason { rule: name.into(), n: count });
                     if n > 0 && count == n as usize {
                         finished = true;
                         break;
@@ -165,10 +142,7 @@ pub fn plan<Tz: TimeZone>(
             && kept[oldest].is_none()
         {
             count += 1;
-            kept[oldest] = Some(Reason {
-                rule: format!("{name}[oldest]"),
-                n: count,
-            });
+            kept[oldest] = Some(Reason { rule: format!("{name}[oldest]"), n: count });
         }
     }
     kept
@@ -200,36 +174,14 @@ mod tests {
             "2026-03-02T21:00:00Z",
             "2026-03-04T08:00:00Z", // a gap on the 3rd
         ];
-        let p = Policy {
-            daily: 3,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&times, p, "2026-03-05T00:00:00Z"),
-            ["daily #3", "removed", "daily #2", "daily #1"]
-        );
-        let p = Policy {
-            daily: 5,
-            ..Default::default()
-        };
+        let p = Policy { daily: 3, ..Default::default() };
+        assert_eq!(run(&times, p, "2026-03-05T00:00:00Z"), ["daily #3", "removed", "daily #2", "daily #1"]);
+        let p = Policy { daily: 5, ..Default::default() };
         // Only 3 days have snapshots: the oldest is kept as well, once.
-        assert_eq!(
-            run(&times, p, "2026-03-05T00:00:00Z"),
-            ["daily #3", "removed", "daily #2", "daily #1"]
-        );
-        let times2 = [
-            "2026-03-01T10:00:00Z",
-            "2026-03-01T11:00:00Z",
-            "2026-03-02T09:00:00Z",
-        ];
-        let p = Policy {
-            daily: 5,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&times2, p, "2026-03-05T00:00:00Z"),
-            ["daily[oldest] #3", "daily #2", "daily #1"]
-        );
+        assert_eq!(run(&times, p, "2026-03-05T00:00:00Z"), ["daily #3", "removed", "daily #2", "daily #1"]);
+        let times2 = ["2026-03-01T10:00:00Z", "2026-03-01T11:00:00Z", "2026-03-02T09:00:00Z"];
+        let p = Policy { daily: 5, ..Default::default() };
+        assert_eq!(run(&times2, p, "2026-03-05T00:00:00Z"), ["daily[oldest] #3", "daily #2", "daily #1"]);
     }
 
     #[test]
@@ -242,41 +194,17 @@ mod tests {
             "2026-03-29T21:30:00Z", // local 2026-03-29 23:30
             "2026-03-29T22:30:00Z", // local 2026-03-30 00:30
         ];
-        let p = Policy {
-            daily: 10,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&times, p, "2026-04-01T00:00:00Z"),
-            ["daily #3", "removed", "daily #2", "daily #1"]
-        );
+        let p = Policy { daily: 10, ..Default::default() };
+        assert_eq!(run(&times, p, "2026-04-01T00:00:00Z"), ["daily #3", "removed", "daily #2", "daily #1"]);
         // Autumn: 2026-10-25 03:00 CEST goes back to 02:00 CET; the repeated hour is one day.
-        let times = [
-            "2026-10-25T00:30:00Z",
-            "2026-10-25T01:30:00Z",
-            "2026-10-25T22:59:00Z",
-            "2026-10-25T23:01:00Z",
-        ];
-        let p = Policy {
-            daily: 10,
-            hourly: 0,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&times, p, "2026-11-01T00:00:00Z"),
-            ["daily[oldest] #3", "removed", "daily #2", "daily #1"]
-        );
+        let times = ["2026-10-25T00:30:00Z", "2026-10-25T01:30:00Z", "2026-10-25T22:59:00Z", "2026-10-25T23:01:00Z"];
+        let p = Policy { daily: 10, hourly: 0, ..Default::default() };
+        assert_eq!(run(&times, p, "2026-11-01T00:00:00Z"), ["daily[oldest] #3", "removed", "daily #2", "daily #1"]);
         // Hourly: 00:30Z is 02:30 CEST, 01:30Z is 02:30 CET: the same local hour label, but
         // they are neighbours in time, so borg's "period changed" test counts them once.
         let times = ["2026-10-25T00:30:00Z", "2026-10-25T01:30:00Z"];
-        let p = Policy {
-            hourly: 10,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&times, p, "2026-11-01T00:00:00Z"),
-            ["hourly[oldest] #2", "hourly #1"]
-        );
+        let p = Policy { hourly: 10, ..Default::default() };
+        assert_eq!(run(&times, p, "2026-11-01T00:00:00Z"), ["hourly[oldest] #2", "hourly #1"]);
     }
 
     #[test]
@@ -287,58 +215,25 @@ mod tests {
             "2027-01-03T12:00:00Z", // Sunday, still ISO week 2026-53
             "2027-01-04T12:00:00Z", // Monday, ISO week 2027-01
         ];
-        let p = Policy {
-            weekly: 3,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&times, p, "2027-01-05T00:00:00Z"),
-            ["weekly #3", "removed", "weekly #2", "weekly #1"]
-        );
+        let p = Policy { weekly: 3, ..Default::default() };
+        assert_eq!(run(&times, p, "2027-01-05T00:00:00Z"), ["weekly #3", "removed", "weekly #2", "weekly #1"]);
         // Month ends: the newest of each month, in local time (23:30Z on Jan 31 is Feb 1 in Berlin).
-        let times = [
-            "2026-01-30T12:00:00Z",
-            "2026-01-31T23:30:00Z",
-            "2026-02-28T12:00:00Z",
-            "2026-03-31T21:00:00Z",
-        ];
-        let p = Policy {
-            monthly: 2,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&times, p, "2026-04-05T00:00:00Z"),
-            ["removed", "removed", "monthly #2", "monthly #1"]
-        );
-        let p = Policy {
-            monthly: 3,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&times, p, "2026-04-05T00:00:00Z"),
-            ["monthly #3", "removed", "monthly #2", "monthly #1"]
-        );
+        let times = ["2026-01-30T12:00:00Z", "2026-01-31T23:30:00Z", "2026-02-28T12:00:00Z", "2026-03-31T21:00:00Z"];
+        let p = Policy { monthly: 2, ..Default::default() };
+        assert_eq!(run(&times, p, "2026-04-05T00:00:00Z"), ["removed", "removed", "monthly #2", "monthly #1"]);
+        let p = Policy { monthly: 3, ..Default::default() };
+        assert_eq!(run(&times, p, "2026-04-05T00:00:00Z"), ["monthly #3", "removed", "monthly #2", "monthly #1"]);
     }
 
     #[test]
     fn rules_share_periods_and_do_not_double_count() {
         // Daily 7 weekly 4 monthly 6 over 90 days of 1 snapshot/day at noon UTC.
-        let times: Vec<String> = (0..90)
-            .map(|d| (at("2026-01-01T12:00:00Z") + chrono::Duration::days(d)).to_rfc3339())
-            .collect();
+        let times: Vec<String> =
+            (0..90).map(|d| (at("2026-01-01T12:00:00Z") + chrono::Duration::days(d)).to_rfc3339()).collect();
         let refs: Vec<&str> = times.iter().map(String::as_str).collect();
-        let p = Policy {
-            daily: 7,
-            weekly: 4,
-            monthly: 6,
-            ..Default::default()
-        };
+        let p = Policy { daily: 7, weekly: 4, monthly: 6, ..Default::default() };
         let r = run(&refs, p, "2026-04-01T00:00:00Z");
-        let kept: Vec<(usize, &String)> = r
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| *s != "removed")
-            .collect();
+        let kept: Vec<(usize, &String)> = r.iter().enumerate().filter(|(_, s)| *s != "removed").collect();
         // 7 dailies (Mar 25..31), then 4 weeklies on Sundays before them (Mar 22, 15, 8, 1),
         // then monthlies: March's newest is kept already (daily) so it counts no month; Feb 28,
         // Jan 31, and then the oldest (Jan 1) because only 2 more months exist.
@@ -364,43 +259,16 @@ mod tests {
 
     #[test]
     fn within_last_and_unlimited() {
-        let times = [
-            "2026-05-01T00:00:00Z",
-            "2026-05-02T00:00:00Z",
-            "2026-05-03T00:00:00Z",
-            "2026-05-03T00:00:01Z",
-        ];
-        let p = Policy {
-            within_secs: Some(parse_within("2d").unwrap()),
-            ..Default::default()
-        };
+        let times = ["2026-05-01T00:00:00Z", "2026-05-02T00:00:00Z", "2026-05-03T00:00:00Z", "2026-05-03T00:00:01Z"];
+        let p = Policy { within_secs: Some(parse_within("2d").unwrap()), ..Default::default() };
         // Strictly newer than now - 48h = 2026-05-02T00:00:00Z.
-        assert_eq!(
-            run(&times, p, "2026-05-04T00:00:00Z"),
-            ["removed", "removed", "within #2", "within #1"]
-        );
-        let p = Policy {
-            last: 2,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&times, p, "2026-05-04T00:00:00Z"),
-            ["removed", "removed", "last #2", "last #1"]
-        );
-        let p = Policy {
-            daily: -1,
-            ..Default::default()
-        };
-        assert_eq!(
-            run(&times, p, "2026-05-04T00:00:00Z"),
-            ["daily #3", "daily #2", "removed", "daily #1"]
-        );
+        assert_eq!(run(&times, p, "2026-05-04T00:00:00Z"), ["removed", "removed", "within #2", "within #1"]);
+        let p = Policy { last: 2, ..Default::default() };
+        assert_eq!(run(&times, p, "2026-05-04T00:00:00Z"), ["removed", "removed", "last #2", "last #1"]);
+        let p = Policy { daily: -1, ..Default::default() };
+        assert_eq!(run(&times, p, "2026-05-04T00:00:00Z"), ["daily #3", "daily #2", "removed", "daily #1"]);
         assert_eq!(parse_within("1m").unwrap(), 31 * 24 * 3600);
-        assert!(
-            parse_within("0d").is_err()
-                && parse_within("5x").is_err()
-                && parse_within("d").is_err()
-        );
+        assert!(parse_within("0d").is_err() && parse_within("5x").is_err() && parse_within("d").is_err());
         assert!(parse_within("5é").is_err() && parse_within("99999999999999y").is_err());
     }
 }

@@ -59,11 +59,7 @@ impl Ctx {
         let (bytes, id, entries) = builder.finish(&self.keys);
         self.backend.put_if_absent(&rf::pack_name(&id), &bytes)?;
         self.shared.stats.lock().expect("stats").packs += 1;
-        self.shared
-            .written
-            .lock()
-            .expect("written")
-            .push((id, entries));
+        self.shared.written.lock().expect("written").push((id, entries));
         Ok(())
     }
 
@@ -88,13 +84,8 @@ pub struct Writer<'r> {
 impl<'r> Writer<'r> {
     /// Start a session with `threads` compression workers (0: one per core).
     pub fn new(repo: &'r Repository, threads: usize) -> Writer<'r> {
-        let threads = if threads == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-        } else {
-            threads
-        };
+        let threads =
+            if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { threads };
         let ctx = Arc::new(Ctx {
             backend: repo.backend().clone(),
             keys: repo.keys().clone(),
@@ -111,14 +102,7 @@ impl<'r> Writer<'r> {
                 std::thread::spawn(move || worker(&ctx, &rx, level))
             })
             .collect();
-        Writer {
-            repo,
-            ctx,
-            tx: Some(tx),
-            workers,
-            seen: HashSet::new(),
-            failed: false,
-        }
+        Writer { repo, ctx, tx: Some(tx), workers, seen: HashSet::new(), failed: false }
     }
 
     /// The repository written to.
@@ -145,9 +129,7 @@ impl<'r> Writer<'r> {
     /// a pack can never finish as if it had not.
     fn check_error(&mut self) -> Result<()> {
         if self.failed {
-            return Err(Error::Invalid(
-                "an earlier write of this session failed".into(),
-            ));
+            return Err(Error::Invalid("an earlier write of this session failed".into()));
         }
         match self.ctx.shared.error.lock().expect("error slot").take() {
             Some(e) => {
@@ -164,8 +146,7 @@ impl<'r> Writer<'r> {
         drop(self.tx.take());
         for w in self.workers.drain(..) {
             if w.join().is_err() {
-                self.ctx
-                    .fail(Error::Invalid("a write worker panicked".into()));
+                self.ctx.fail(Error::Invalid("a write worker panicked".into()));
             }
         }
         self.check_error()?;
@@ -178,15 +159,8 @@ impl<'r> Writer<'r> {
         if packs.is_empty() {
             return Ok((None, stats));
         }
-        let file = IndexFile {
-            supersedes: Vec::new(),
-            packs,
-        };
-        let id = put_named(
-            &*self.ctx.backend,
-            rf::INDEX_DIR,
-            &self.ctx.keys.seal(Domain::Index, &file.encode()),
-        )?;
+        let file = IndexFile { supersedes: Vec::new(), packs };
+        let id = put_named(&*self.ctx.backend, rf::INDEX_DIR, &self.ctx.keys.seal(Domain::Index, &file.encode()))?;
         Ok((Some((id, file)), stats))
     }
 }

@@ -11,26 +11,16 @@ fn same_data_twice_adds_only_metadata() {
     fs::create_dir_all(src.join("sub")).unwrap();
     fs::write(src.join("big"), common::noise(3 << 20, 1)).unwrap();
     for i in 0..50 {
-        fs::write(
-            src.join("sub").join(format!("f{i}")),
-            common::text(1000 + i * 10, i as u64),
-        )
-        .unwrap();
+        fs::write(src.join("sub").join(format!("f{i}")), common::text(1000 + i * 10, i as u64)).unwrap();
     }
     let (b, mut repo) = common::local_repo(&tmp.path().join("repo"));
     let (_, first) = common::backup(&mut repo, &src, "s");
     assert!(first.blobs_added > 10);
     let size_after_first = dir_size(&tmp.path().join("repo"));
     let (_, second) = common::backup(&mut repo, &src, "s");
-    assert_eq!(
-        second.blobs_added, 0,
-        "an unchanged tree re-uses every data and tree blob"
-    );
+    assert_eq!(second.blobs_added, 0, "an unchanged tree re-uses every data and tree blob");
     let grown = dir_size(&tmp.path().join("repo")) - size_after_first;
-    assert!(
-        grown < 2048,
-        "the second snapshot added {grown} bytes; only a snapshot object was expected"
-    );
+    assert!(grown < 2048, "the second snapshot added {grown} bytes; only a snapshot object was expected");
     drop(b);
 }
 
@@ -43,23 +33,12 @@ fn insertion_restores_only_chunks_around_it() {
     fs::write(src.join("big"), &data).unwrap();
     let (_b, mut repo) = common::local_repo(&tmp.path().join("repo"));
     let (_, first) = common::backup(&mut repo, &src, "s");
-    data.splice(
-        4_000_000..4_000_000,
-        b"a few inserted bytes".iter().copied(),
-    );
+    data.splice(4_000_000..4_000_000, b"a few inserted bytes".iter().copied());
     fs::write(src.join("big"), &data).unwrap();
     let (snap, second) = common::backup(&mut repo, &src, "s");
     // Chunks average 16 KiB, max 64 KiB: at most a few data chunks plus one tree.
-    assert!(
-        second.blobs_added <= 4,
-        "{} blobs added",
-        second.blobs_added
-    );
-    assert!(
-        second.bytes_added < 3 * 64 * 1024,
-        "{} bytes added",
-        second.bytes_added
-    );
+    assert!(second.blobs_added <= 4, "{} blobs added", second.blobs_added);
+    assert!(second.bytes_added < 3 * 64 * 1024, "{} bytes added", second.bytes_added);
     assert!(first.bytes_added > 8_000_000);
     let out = tmp.path().join("out");
     common::restore(&repo, &snap, &out);
@@ -72,11 +51,7 @@ fn dir_size(p: &std::path::Path) -> u64 {
         .map(|e| {
             let e = e.unwrap();
             let m = e.metadata().unwrap();
-            if m.is_dir() {
-                dir_size(&e.path())
-            } else {
-                m.len()
-            }
+            if m.is_dir() { dir_size(&e.path()) } else { m.len() }
         })
         .sum()
 }

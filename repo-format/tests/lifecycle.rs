@@ -26,10 +26,7 @@ fn prune_and_compact_free_space_and_keep_the_rest_intact() {
         let (id, _) = common::backup_at(&mut repo, &src, "s", start + Duration::days(day as i64));
         expected.push((id, common::snapshot_dir(&src)));
     }
-    let policy = Policy {
-        last: 3,
-        ..Default::default()
-    };
+    let policy = Policy { last: 3, ..Default::default() };
     let now = start + Duration::days(11);
     let plan = prune::plan(&repo, &policy, now, &Utc).unwrap();
     assert_eq!(plan.iter().filter(|d| d.keep.is_none()).count(), 7);
@@ -40,19 +37,10 @@ fn prune_and_compact_free_space_and_keep_the_rest_intact() {
     let r = compact::compact(&mut repo, compact::CompactOptions::default()).unwrap();
     let after = dir_size(&dir);
     assert!(r.bytes_freed > 6 << 20, "{r:?}");
-    assert!(
-        before - after > 6 << 20,
-        "repository shrank by {} bytes only",
-        before - after
-    );
+    assert!(before - after > 6 << 20, "repository shrank by {} bytes only", before - after);
     let mut repo = common::reopen(Arc::new(LocalBackend::new(&dir)));
     let c = check::check(&mut repo, check::CheckOptions { verify_data: true }).unwrap();
-    assert!(
-        c.is_clean() && c.notes.is_empty(),
-        "{:?} {:?}",
-        c.problems,
-        c.notes
-    );
+    assert!(c.is_clean() && c.notes.is_empty(), "{:?} {:?}", c.problems, c.notes);
     for (id, content) in &expected[7..] {
         let out = tmp.path().join(format!("out-{}", id.short()));
         common::restore(&repo, id, &out);
@@ -72,25 +60,11 @@ fn compact_removes_packs_left_by_an_interrupted_writer() {
     // A pack that made it to storage without its index (the writer died before finish).
     let mut pb = repo_format::repofile::pack::PackBuilder::new();
     let data = common::noise(1000, 2);
-    let sealed = repo_format::repofile::pack::encode_blob(
-        repo.keys(),
-        repo_format::BlobKind::Data,
-        &data,
-        None,
-    );
-    pb.add(
-        repo_format::BlobKind::Data,
-        repo.keys().blob_id(repo_format::BlobKind::Data, &data),
-        &sealed,
-        1000,
-    );
+    let sealed = repo_format::repofile::pack::encode_blob(repo.keys(), repo_format::BlobKind::Data, &data, None);
+    pb.add(repo_format::BlobKind::Data, repo.keys().blob_id(repo_format::BlobKind::Data, &data), &sealed, 1000);
     let (bytes, id, _) = pb.finish(repo.keys());
-    repo_format::backend::Backend::put_if_absent(
-        &**repo.backend(),
-        &repo_format::repofile::pack_name(&id),
-        &bytes,
-    )
-    .unwrap();
+    repo_format::backend::Backend::put_if_absent(&**repo.backend(), &repo_format::repofile::pack_name(&id), &bytes)
+        .unwrap();
     let c = check::check(&mut repo, Default::default()).unwrap();
     assert!(c.is_clean(), "an unindexed pack is not damage");
     assert!(c.notes.iter().any(|n| n.contains(&id.to_hex())));
@@ -99,10 +73,7 @@ fn compact_removes_packs_left_by_an_interrupted_writer() {
     let c = check::check(&mut repo, check::CheckOptions { verify_data: true }).unwrap();
     assert!(c.is_clean() && c.notes.is_empty(), "{:?}", c.notes);
     common::restore(&repo, &snap, &tmp.path().join("out"));
-    assert_eq!(
-        common::snapshot_dir(&src),
-        common::snapshot_dir(&tmp.path().join("out"))
-    );
+    assert_eq!(common::snapshot_dir(&src), common::snapshot_dir(&tmp.path().join("out")));
 }
 
 fn dir_size(p: &std::path::Path) -> u64 {
@@ -111,11 +82,7 @@ fn dir_size(p: &std::path::Path) -> u64 {
         .map(|e| {
             let e = e.unwrap();
             let m = e.metadata().unwrap();
-            if m.is_dir() {
-                dir_size(&e.path())
-            } else {
-                m.len()
-            }
+            if m.is_dir() { dir_size(&e.path()) } else { m.len() }
         })
         .sum()
 }

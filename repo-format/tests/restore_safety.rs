@@ -13,22 +13,13 @@ fn tree_with(nodes: Vec<Node>) -> (tempfile::TempDir, repo_format::Repository, I
     let (_b, mut repo) = common::local_repo(&tmp.path().join("repo"));
     let mut w = Writer::new(&repo, 1);
     let mut nodes = nodes;
-    for n in nodes
-        .iter_mut()
-        .filter(|n| n.kind == NodeKind::Hardlink as i32 || n.kind == NodeKind::File as i32)
-    {
+    for n in nodes.iter_mut().filter(|n| n.kind == NodeKind::Hardlink as i32 || n.kind == NodeKind::File as i32) {
         let id = w.add(BlobKind::Data, b"payload".to_vec()).unwrap();
-        n.content = vec![ChunkRef {
-            id: id.0.to_vec(),
-            offset: 0,
-            length: 7,
-        }];
+        n.content = vec![ChunkRef { id: id.0.to_vec(), offset: 0, length: 7 }];
         n.size = 7;
         n.mode = 0o644;
     }
-    let root = w
-        .add(BlobKind::Tree, Tree { version: 1, nodes }.encode_to_vec())
-        .unwrap();
+    let root = w.add(BlobKind::Tree, Tree { version: 1, nodes }.encode_to_vec()).unwrap();
     let (idx, _) = w.finish().unwrap();
     let (id, f) = idx.unwrap();
     repo.add_index(id, &f);
@@ -69,16 +60,9 @@ fn hard_link_through_a_restored_symlink_does_not_escape() {
     let target = tmp.path().join("target");
     repo_format::fs::restore(&repo, &root, &target).unwrap();
     let b = target.join("b");
-    assert_eq!(
-        fs::read(&b).unwrap(),
-        b"payload",
-        "written from its own content"
-    );
+    assert_eq!(fs::read(&b).unwrap(), b"payload", "written from its own content");
     use std::os::unix::fs::MetadataExt;
-    assert_ne!(
-        fs::metadata(&b).unwrap().ino(),
-        fs::metadata(&secret).unwrap().ino()
-    );
+    assert_ne!(fs::metadata(&b).unwrap().ino(), fs::metadata(&secret).unwrap().ino());
     assert_eq!(fs::metadata(&secret).unwrap().nlink(), 1);
 }
 
@@ -91,42 +75,20 @@ fn a_directory_cannot_be_restored_through_a_symlink_of_the_same_name() {
     let mut w = Writer::new(&repo, 1);
     let data = w.add(BlobKind::Data, b"payload".to_vec()).unwrap();
     let mut evil = node("evil", NodeKind::File, "");
-    evil.content = vec![ChunkRef {
-        id: data.0.to_vec(),
-        offset: 0,
-        length: 7,
-    }];
-    let subtree = w
-        .add(
-            BlobKind::Tree,
-            Tree {
-                version: 1,
-                nodes: vec![evil],
-            }
-            .encode_to_vec(),
-        )
-        .unwrap();
+    evil.content = vec![ChunkRef { id: data.0.to_vec(), offset: 0, length: 7 }];
+    let subtree = w.add(BlobKind::Tree, Tree { version: 1, nodes: vec![evil] }.encode_to_vec()).unwrap();
     let mut d = node("d", NodeKind::Dir, "");
     d.subtree = subtree.0.to_vec();
     let root = w
         .add(
             BlobKind::Tree,
-            Tree {
-                version: 1,
-                nodes: vec![
-                    node("d", NodeKind::Symlink, outside.path().to_str().unwrap()),
-                    d,
-                ],
-            }
-            .encode_to_vec(),
+            Tree { version: 1, nodes: vec![node("d", NodeKind::Symlink, outside.path().to_str().unwrap()), d] }
+                .encode_to_vec(),
         )
         .unwrap();
     let (idx, _) = w.finish().unwrap();
     let (id, f) = idx.unwrap();
     repo.add_index(id, &f);
     assert!(repo_format::fs::restore(&repo, &root, &tmp.path().join("target")).is_err());
-    assert!(
-        !outside.path().join("evil").exists(),
-        "nothing written through the symlink"
-    );
+    assert!(!outside.path().join("evil").exists(), "nothing written through the symlink");
 }

@@ -10,12 +10,7 @@ use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Item {
-    File {
-        size: usize,
-        seed: u64,
-        mode: u32,
-        xattr: bool,
-    },
+    File { size: usize, seed: u64, mode: u32, xattr: bool },
     Dir(Vec<(String, Item)>),
     Symlink(String),
     Hardlink(usize),
@@ -29,13 +24,8 @@ fn item() -> impl Strategy<Value = Item> {
         1 => (0usize..8).prop_map(Item::Hardlink),
     ];
     leaf.prop_recursive(3, 40, 8, |inner| {
-        prop::collection::btree_map("[a-zA-Z0-9_ .-]{1,12}", inner, 0..8).prop_map(|m| {
-            Item::Dir(
-                m.into_iter()
-                    .filter(|(n, _)| n != "." && n != "..")
-                    .collect(),
-            )
-        })
+        prop::collection::btree_map("[a-zA-Z0-9_ .-]{1,12}", inner, 0..8)
+            .prop_map(|m| Item::Dir(m.into_iter().filter(|(n, _)| n != "." && n != "..").collect()))
     })
 }
 
@@ -44,17 +34,8 @@ fn build(dir: &Path, entries: &[(String, Item)], files: &mut Vec<std::path::Path
     for (name, it) in entries {
         let p = dir.join(name);
         match it {
-            Item::File {
-                size,
-                seed,
-                mode,
-                xattr,
-            } => {
-                let data = if seed % 2 == 0 {
-                    common::text(*size, *seed)
-                } else {
-                    common::noise(*size, *seed)
-                };
+            Item::File { size, seed, mode, xattr } => {
+                let data = if seed % 2 == 0 { common::text(*size, *seed) } else { common::noise(*size, *seed) };
                 fs::write(&p, data).unwrap();
                 if *xattr {
                     xattr::set(&p, "user.magpie", &seed.to_le_bytes()).unwrap();
@@ -122,19 +103,14 @@ fn unencrypted_repository_round_trips_too() {
     fs::write(src.join("a/small"), b"small").unwrap();
     let mut o = common::test_options();
     o.passphrase = None;
-    let b = std::sync::Arc::new(repo_format::backend::LocalBackend::new(
-        tmp.path().join("repo"),
-    ));
+    let b = std::sync::Arc::new(repo_format::backend::LocalBackend::new(tmp.path().join("repo")));
     let mut repo = repo_format::Repository::init(b.clone(), &o).unwrap();
     let (snap, _) = common::backup(&mut repo, &src, "plain");
     let mut repo = repo_format::Repository::open(b, None).unwrap();
     repo.load_index().unwrap();
     assert!(!repo.keys().encrypted());
     common::restore(&repo, &snap, &tmp.path().join("out"));
-    assert_eq!(
-        common::snapshot_dir(&src),
-        common::snapshot_dir(&tmp.path().join("out"))
-    );
+    assert_eq!(common::snapshot_dir(&src), common::snapshot_dir(&tmp.path().join("out")));
 }
 
 /// A file whose bytes equal a tree's encoding must not be taken for that tree (or vice versa):

@@ -28,12 +28,7 @@ fn fixture() -> Fixture {
     let dir = tmp.path().join("repo");
     let (_b, mut repo) = common::local_repo(&dir);
     let (snap, _) = common::backup(&mut repo, &src, "t");
-    Fixture {
-        repo: dir,
-        src,
-        snap,
-        _tmp: tmp,
-    }
+    Fixture { repo: dir, src, snap, _tmp: tmp }
 }
 
 fn flip(path: &Path, offset: u64) {
@@ -43,29 +38,19 @@ fn flip(path: &Path, offset: u64) {
 }
 
 fn only_file(dir: &Path) -> PathBuf {
-    let mut v: Vec<_> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut v: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     v.sort();
     v.remove(0)
 }
 
 fn check(dir: &Path, verify: bool) -> check::CheckReport {
     let mut repo = Repository::open(Arc::new(LocalBackend::new(dir)), Some(common::PASS)).unwrap();
-    check::check(
-        &mut repo,
-        CheckOptions {
-            verify_data: verify,
-        },
-    )
-    .unwrap()
+    check::check(&mut repo, CheckOptions { verify_data: verify }).unwrap()
 }
 
 /// Restore must fail (never silently produce wrong bytes).
 fn restore_fails(f: &Fixture) -> Error {
-    let mut repo = match Repository::open(Arc::new(LocalBackend::new(&f.repo)), Some(common::PASS))
-    {
+    let mut repo = match Repository::open(Arc::new(LocalBackend::new(&f.repo)), Some(common::PASS)) {
         Ok(r) => r,
         Err(e) => return e,
     };
@@ -77,11 +62,7 @@ fn restore_fails(f: &Fixture) -> Error {
         Err(e) => return e,
     };
     let out = f.repo.parent().unwrap().join("out");
-    match repo_format::fs::restore(
-        &repo,
-        &repo_format::Id::from_slice(&snap.tree).unwrap(),
-        &out,
-    ) {
+    match repo_format::fs::restore(&repo, &repo_format::Id::from_slice(&snap.tree).unwrap(), &out) {
         Ok(_) => panic!("restore of a damaged repository succeeded"),
         Err(e) => e,
     }
@@ -100,25 +81,15 @@ fn clean_fixture_checks_clean() {
 fn flipped_byte_in_a_data_blob() {
     let f = fixture();
     let repo = common::reopen(Arc::new(LocalBackend::new(&f.repo)));
-    let loc = repo
-        .index()
-        .iter()
-        .find(|l| l.entry.kind == BlobKind::Data && l.entry.stored_len > 10_000)
-        .unwrap();
+    let loc = repo.index().iter().find(|l| l.entry.kind == BlobKind::Data && l.entry.stored_len > 10_000).unwrap();
     let pack = f.repo.join(repo_format::repofile::pack_name(&loc.pack));
     flip(&pack, loc.entry.offset as u64 + 100);
     let r = check(&f.repo, true);
     assert!(!r.is_clean());
     let hex = loc.pack.to_hex();
+    assert!(r.problems.iter().any(|p| p.object.contains(&hex)), "{:?}", r.problems);
     assert!(
-        r.problems.iter().any(|p| p.object.contains(&hex)),
-        "{:?}",
-        r.problems
-    );
-    assert!(
-        r.problems
-            .iter()
-            .any(|p| p.message.contains(&loc.entry.id.to_hex())),
+        r.problems.iter().any(|p| p.message.contains(&loc.entry.id.to_hex())),
         "the damaged blob is named: {:?}",
         r.problems
     );
@@ -135,9 +106,7 @@ fn flipped_byte_in_a_pack_header_is_found_without_verify_data() {
     flip(&path, len - 20);
     let r = check(&f.repo, false);
     assert!(
-        r.problems
-            .iter()
-            .any(|p| p.object.contains(&pack.to_hex()) && p.message.contains("header")),
+        r.problems.iter().any(|p| p.object.contains(&pack.to_hex()) && p.message.contains("header")),
         "{:?}",
         r.problems
     );
@@ -147,23 +116,10 @@ fn flipped_byte_in_a_pack_header_is_found_without_verify_data() {
 fn flipped_byte_in_a_tree_blob() {
     let f = fixture();
     let repo = common::reopen(Arc::new(LocalBackend::new(&f.repo)));
-    let loc = repo
-        .index()
-        .iter()
-        .find(|l| l.entry.kind == BlobKind::Tree)
-        .unwrap();
-    flip(
-        &f.repo.join(repo_format::repofile::pack_name(&loc.pack)),
-        loc.entry.offset as u64 + 30,
-    );
+    let loc = repo.index().iter().find(|l| l.entry.kind == BlobKind::Tree).unwrap();
+    flip(&f.repo.join(repo_format::repofile::pack_name(&loc.pack)), loc.entry.offset as u64 + 30);
     let r = check(&f.repo, false);
-    assert!(
-        r.problems
-            .iter()
-            .any(|p| p.message.contains(&loc.entry.id.to_hex())),
-        "tree named: {:?}",
-        r.problems
-    );
+    assert!(r.problems.iter().any(|p| p.message.contains(&loc.entry.id.to_hex())), "tree named: {:?}", r.problems);
     assert!(matches!(restore_fails(&f), Error::Corrupt { .. }));
 }
 
@@ -174,11 +130,7 @@ fn flipped_byte_in_an_index_file() {
     flip(&idx, 50);
     let r = check(&f.repo, false);
     let name = idx.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(
-        r.problems.iter().any(|p| p.object.contains(&name)),
-        "{:?}",
-        r.problems
-    );
+    assert!(r.problems.iter().any(|p| p.object.contains(&name)), "{:?}", r.problems);
     assert!(matches!(restore_fails(&f), Error::Corrupt { .. }));
 }
 
@@ -189,11 +141,7 @@ fn flipped_byte_in_a_snapshot() {
     flip(&snap, 40);
     let r = check(&f.repo, false);
     let name = snap.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(
-        r.problems.iter().any(|p| p.object.contains(&name)),
-        "{:?}",
-        r.problems
-    );
+    assert!(r.problems.iter().any(|p| p.object.contains(&name)), "{:?}", r.problems);
     assert!(matches!(restore_fails(&f), Error::Corrupt { .. }));
 }
 
@@ -216,36 +164,21 @@ fn wrong_passphrase_is_one_clear_line() {
     let e = Repository::open(Arc::new(LocalBackend::new(&f.repo)), Some(b"not it")).unwrap_err();
     assert!(matches!(e, Error::WrongPassphrase { .. }));
     let msg = e.to_string();
-    assert!(
-        msg.starts_with("wrong passphrase") && !msg.contains('\n'),
-        "{msg}"
-    );
+    assert!(msg.starts_with("wrong passphrase") && !msg.contains('\n'), "{msg}");
 }
 
 #[test]
 fn repair_salvages_intact_blobs_and_names_what_is_lost() {
     let f = fixture();
     let repo = common::reopen(Arc::new(LocalBackend::new(&f.repo)));
-    let loc = repo
-        .index()
-        .iter()
-        .find(|l| l.entry.kind == BlobKind::Data && l.entry.stored_len > 10_000)
-        .unwrap();
-    flip(
-        &f.repo.join(repo_format::repofile::pack_name(&loc.pack)),
-        loc.entry.offset as u64 + 100,
-    );
-    let mut repo =
-        Repository::open(Arc::new(LocalBackend::new(&f.repo)), Some(common::PASS)).unwrap();
+    let loc = repo.index().iter().find(|l| l.entry.kind == BlobKind::Data && l.entry.stored_len > 10_000).unwrap();
+    flip(&f.repo.join(repo_format::repofile::pack_name(&loc.pack)), loc.entry.offset as u64 + 100);
+    let mut repo = Repository::open(Arc::new(LocalBackend::new(&f.repo)), Some(common::PASS)).unwrap();
     let r = repo_format::ops::repair::repair(&mut repo, true).unwrap();
     assert_eq!(r.damaged_blobs, vec![loc.entry.id]);
     assert_eq!(r.damaged_snapshots.len(), 1);
     assert_eq!(r.damaged_snapshots[0].1, vec!["/big".to_string()]);
     // Everything else is still there: the small files restore.
     let after = check(&f.repo, true);
-    assert!(
-        after.problems.iter().all(|p| p.object.contains("/big")),
-        "{:?}",
-        after.problems
-    );
+    assert!(after.problems.iter().all(|p| p.object.contains("/big")), "{:?}", after.problems);
 }

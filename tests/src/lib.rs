@@ -16,16 +16,8 @@ pub const PASS: &[u8] = b"end-to-end test passphrase";
 /// Small chunks and packs so small data spans many of both; a cheap KDF.
 pub fn test_options() -> InitOptions {
     let mut o = InitOptions::encrypted(PASS);
-    o.kdf = KdfParams {
-        memory_kib: 256,
-        iterations: 1,
-        parallelism: 1,
-    };
-    o.chunker_files = ChunkerParams {
-        min: 4 * 1024,
-        avg: 16 * 1024,
-        max: 64 * 1024,
-    };
+    o.kdf = KdfParams { memory_kib: 256, iterations: 1, parallelism: 1 };
+    o.chunker_files = ChunkerParams { min: 4 * 1024, avg: 16 * 1024, max: 64 * 1024 };
     o.pack_size = 1024 * 1024;
     o.small_file_threshold = 4 * 1024;
     o
@@ -53,17 +45,7 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
 
 /// Compressible, text-like bytes.
 pub fn text(n: usize, seed: u64) -> Vec<u8> {
-    let words = [
-        "backup",
-        "restore",
-        "magpie",
-        "collector",
-        "agent",
-        "snapshot",
-        "the",
-        "of",
-        "and",
-    ];
+    let words = ["backup", "restore", "magpie", "collector", "agent", "snapshot", "the", "of", "and"];
     let mut out = Vec::with_capacity(n + 16);
     let mut x = seed | 1;
     while out.len() < n {
@@ -83,11 +65,7 @@ pub fn make_dataset(dir: &Path, seed: u64) {
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir.join("common")).expect("dataset dir");
     for i in 0..20 {
-        fs::write(
-            dir.join("common").join(format!("{i}.txt")),
-            text(2000 + i * 300, i as u64),
-        )
-        .expect("write");
+        fs::write(dir.join("common").join(format!("{i}.txt")), text(2000 + i * 300, i as u64)).expect("write");
     }
     fs::write(dir.join("big-constant"), noise(1 << 20, 7)).expect("write");
     fs::write(dir.join("rotating"), noise(512 * 1024, 1000 + seed)).expect("write");
@@ -118,10 +96,7 @@ pub fn backup(repo: &mut Repository, dir: &Path, seed: u64) -> repo_format::Resu
 }
 
 fn chrono_now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 /// Every regular file below `dir` with its content, by relative path.
@@ -134,10 +109,7 @@ pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.insert(
-                    p.strip_prefix(dir).expect("prefix").to_path_buf(),
-                    fs::read(&p).expect("read"),
-                );
+                out.insert(p.strip_prefix(dir).expect("prefix").to_path_buf(), fs::read(&p).expect("read"));
             }
         }
     }
@@ -150,10 +122,6 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is not built: run the tests with `cargo test --workspace`",
-        p.display()
-    );
+    assert!(p.exists(), "{} is not built: run the tests with `cargo test --workspace`", p.display());
     p
 }

@@ -24,11 +24,7 @@ fn random_below(n: u64) -> u64 {
 fn sigkill_at_random_points_never_damages_committed_snapshots() {
     let tmp = tempfile::tempdir().unwrap();
     let repo_dir = tmp.path().join("repo");
-    Repository::init(
-        Arc::new(LocalBackend::new(&repo_dir)),
-        &magpie_tests::test_options(),
-    )
-    .unwrap();
+    Repository::init(Arc::new(LocalBackend::new(&repo_dir)), &magpie_tests::test_options()).unwrap();
     let torture = env!("CARGO_BIN_EXE_torture");
 
     let mut committed: HashMap<Id, u64> = HashMap::new();
@@ -39,12 +35,7 @@ fn sigkill_at_random_points_never_damages_committed_snapshots() {
     for round in 0..KILLS {
         let work = tmp.path().join(format!("work{round}"));
         let mut cmd = Command::new(torture);
-        cmd.args([
-            repo_dir.as_os_str(),
-            work.as_os_str(),
-            next_seed.to_string().as_ref(),
-        ])
-        .stdout(Stdio::piped());
+        cmd.args([repo_dir.as_os_str(), work.as_os_str(), next_seed.to_string().as_ref()]).stdout(Stdio::piped());
         // One round in three kills itself inside prune (a window too short for the timer);
         // the others are killed by the timer wherever they are.
         let wait_ms = if round % 3 == 1 {
@@ -55,22 +46,15 @@ fn sigkill_at_random_points_never_damages_committed_snapshots() {
         };
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<_>>()
-        });
+        let reader =
+            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
         let deadline = std::time::Instant::now() + Duration::from_millis(wait_ms);
         while std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none() {
             std::thread::sleep(Duration::from_millis(5));
         }
         let _ = child.kill();
         let status = child.wait().unwrap();
-        assert!(
-            status.code().is_none(),
-            "the child stopped by itself: {status}"
-        );
+        assert!(status.code().is_none(), "the child stopped by itself: {status}");
         let mut phase = "startup".to_string();
         for line in reader.join().unwrap() {
             let parts: Vec<&str> = line.split(' ').collect();
@@ -92,22 +76,15 @@ fn sigkill_at_random_points_never_damages_committed_snapshots() {
         let _ = std::fs::remove_dir_all(&work);
 
         // The repository opens and checks clean, or repair makes it clean.
-        let mut repo = Repository::open(
-            Arc::new(LocalBackend::new(&repo_dir)),
-            Some(magpie_tests::PASS),
-        )
-        .unwrap_or_else(|e| panic!("round {round}: repository does not open after a kill: {e}"));
+        let mut repo = Repository::open(Arc::new(LocalBackend::new(&repo_dir)), Some(magpie_tests::PASS))
+            .unwrap_or_else(|e| panic!("round {round}: repository does not open after a kill: {e}"));
         let report = check::check(&mut repo, check::CheckOptions { verify_data: true }).unwrap();
         if !report.is_clean() {
             repairs += 1;
             let r = repair::repair(&mut repo, true).unwrap();
             assert!(r.nothing_lost(), "round {round}: repair lost data: {r:?}");
             let again = check::check(&mut repo, check::CheckOptions { verify_data: true }).unwrap();
-            assert!(
-                again.is_clean(),
-                "round {round}: not clean after repair: {:?}",
-                again.problems
-            );
+            assert!(again.is_clean(), "round {round}: not clean after repair: {:?}", again.problems);
         }
 
         // Every snapshot committed and not being forgotten is there and restores exactly.
@@ -117,10 +94,7 @@ fn sigkill_at_random_points_never_damages_committed_snapshots() {
             if forgetting.contains(id) {
                 continue;
             }
-            assert!(
-                present.contains(id),
-                "round {round}: committed snapshot {id} (seed {seed}) is gone"
-            );
+            assert!(present.contains(id), "round {round}: committed snapshot {id} (seed {seed}) is gone");
             let out = tmp.path().join("restore");
             let _ = std::fs::remove_dir_all(&out);
             let snap = repo.load_snapshot(id).unwrap();
@@ -135,14 +109,9 @@ fn sigkill_at_random_points_never_damages_committed_snapshots() {
         }
         committed.retain(|id, _| present.contains(id));
     }
-    eprintln!(
-        "kills by phase: {killed_in:?}; rounds that needed repair: {repairs}; next seed {next_seed}"
-    );
+    eprintln!("kills by phase: {killed_in:?}; rounds that needed repair: {repairs}; next seed {next_seed}");
     for phase in ["backup", "prune", "compact"] {
-        assert!(
-            killed_in.get(phase).copied().unwrap_or(0) >= 5,
-            "too few kills during {phase}: {killed_in:?}"
-        );
+        assert!(killed_in.get(phase).copied().unwrap_or(0) >= 5, "too few kills during {phase}: {killed_in:?}");
     }
     assert!(killed_in.values().sum::<usize>() >= 100);
 }

@@ -22,7 +22,9 @@ pub struct LocalBackend {
 impl LocalBackend {
     /// Use `root` (created on first write).
     pub fn new(root: impl Into<PathBuf>) -> LocalBackend {
-        LocalBackend { root: root.into() }
+        let root = root.into();
+        // Absolute, so that the walk up for fsyncs never reaches an empty parent.
+        LocalBackend { root: std::path::absolute(&root).unwrap_or(root) }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -65,16 +67,12 @@ impl Backend for LocalBackend {
         let mut buf = Vec::new();
         match range {
             None => {
-                f.read_to_end(&mut buf)
-                    .map_err(|e| BackendError::io(name, e))?;
+                f.read_to_end(&mut buf).map_err(|e| BackendError::io(name, e))?;
             }
             Some(r) => {
-                f.seek(SeekFrom::Start(r.start))
-                    .map_err(|e| BackendError::io(name, e))?;
+                f.seek(SeekFrom::Start(r.start)).map_err(|e| BackendError::io(name, e))?;
                 let len = r.end.saturating_sub(r.start);
-                f.take(len)
-                    .read_to_end(&mut buf)
-                    .map_err(|e| BackendError::io(name, e))?;
+                f.take(len).read_to_end(&mut buf).map_err(|e| BackendError::io(name, e))?;
                 if (buf.len() as u64) < len {
                     return Err(BackendError::io(
                         name,
@@ -92,8 +90,7 @@ impl Backend for LocalBackend {
     fn put_if_absent(&self, name: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
         let path = self.path(name);
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        self.create_dirs(&dir)
-            .map_err(|e| BackendError::io(name, e))?;
+        self.create_dirs(&dir).map_err(|e| BackendError::io(name, e))?;
         if path.exists() {
             // The writer that linked it may have died before its folder fsync: make it durable.
             Self::sync_dir(&dir).map_err(|e| BackendError::io(name, e))?;
@@ -142,11 +139,7 @@ impl Backend for LocalBackend {
                 if file_name.starts_with(TEMP_PREFIX) {
                     continue;
                 }
-                let name = if rel.is_empty() {
-                    file_name
-                } else {
-                    format!("{rel}/{file_name}")
-                };
+                let name = if rel.is_empty() { file_name } else { format!("{rel}/{file_name}") };
                 let meta = match entry.metadata() {
                     Ok(m) => m,
                     // Removed since the folder was read (a lock released, say).
@@ -158,10 +151,7 @@ impl Backend for LocalBackend {
                         stack.push(name);
                     }
                 } else if name.starts_with(prefix) {
-                    out.push(ObjectInfo {
-                        name,
-                        size: meta.len(),
-                    });
+                    out.push(ObjectInfo { name, size: meta.len() });
                 }
             }
         }
@@ -191,40 +181,21 @@ mod tests {
     fn create_only_list_range_delete() {
         let dir = tempfile::tempdir().unwrap();
         let b = LocalBackend::new(dir.path().join("repo"));
-        assert_eq!(
-            b.put_if_absent("data/ab/abc", b"hello").unwrap(),
-            PutOutcome::Created
-        );
-        assert_eq!(
-            b.put_if_absent("data/ab/abc", b"other").unwrap(),
-            PutOutcome::AlreadyExists
-        );
+        assert_eq!(b.put_if_absent("data/ab/abc", b"hello").unwrap(), PutOutcome::Created);
+        assert_eq!(b.put_if_absent("data/ab/abc", b"other").unwrap(), PutOutcome::AlreadyExists);
         assert_eq!(b.get("data/ab/abc", None).unwrap(), b"hello");
         assert_eq!(b.get("data/ab/abc", Some(1..3)).unwrap(), b"el");
         assert!(b.get("data/ab/abc", Some(3..9)).is_err());
         b.put_if_absent("snapshots/s1", b"x").unwrap();
-        let mut names: Vec<_> = b
-            .list("data/")
-            .unwrap()
-            .into_iter()
-            .map(|o| o.name)
-            .collect();
+        let mut names: Vec<_> = b.list("data/").unwrap().into_iter().map(|o| o.name).collect();
         names.sort();
         assert_eq!(names, ["data/ab/abc"]);
         assert_eq!(b.list("snapshots/").unwrap()[0].size, 1);
-        assert!(matches!(
-            b.get("nope", None),
-            Err(BackendError::NotFound(_))
-        ));
+        assert!(matches!(b.get("nope", None), Err(BackendError::NotFound(_))));
         b.delete("data/ab/abc").unwrap();
         b.delete("data/ab/abc").unwrap();
         assert!(b.list("data/").unwrap().is_empty());
         // No temporary files are left behind.
-        assert_eq!(
-            fs::read_dir(dir.path().join("repo/data/ab"))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_eq!(fs::read_dir(dir.path().join("repo/data/ab")).unwrap().count(), 0);
     }
 }

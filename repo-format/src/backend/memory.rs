@@ -32,23 +32,12 @@ impl Backend for MemoryBackend {
 
     fn get(&self, name: &str, range: Option<Range<u64>>) -> Result<Vec<u8>, BackendError> {
         let m = self.objects.lock().expect("memory backend lock");
-        let obj = m
-            .get(name)
-            .ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+        let obj = m.get(name).ok_or_else(|| BackendError::NotFound(name.to_string()))?;
         match range {
             None => Ok(obj.to_vec()),
-            Some(r) => obj
-                .get(r.start as usize..r.end as usize)
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| {
-                    BackendError::io(
-                        name,
-                        std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "range past the end",
-                        ),
-                    )
-                }),
+            Some(r) => obj.get(r.start as usize..r.end as usize).map(<[u8]>::to_vec).ok_or_else(|| {
+                BackendError::io(name, std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "range past the end"))
+            }),
         }
     }
 
@@ -65,18 +54,12 @@ impl Backend for MemoryBackend {
         let m = self.objects.lock().expect("memory backend lock");
         Ok(m.range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| ObjectInfo {
-                name: k.clone(),
-                size: v.len() as u64,
-            })
+            .map(|(k, v)| ObjectInfo { name: k.clone(), size: v.len() as u64 })
             .collect())
     }
 
     fn delete(&self, name: &str) -> Result<(), BackendError> {
-        self.objects
-            .lock()
-            .expect("memory backend lock")
-            .remove(name);
+        self.objects.lock().expect("memory backend lock").remove(name);
         Ok(())
     }
 }

@@ -46,22 +46,18 @@ pub enum BackendError {
     #[error("{0}: no such object in the repository")]
     NotFound(String),
     /// An I/O error on one object.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The object (or folder) concerned.
         path: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
+        /// The error (shown in the message, not repeated as a source).
+        err: std::io::Error,
     },
 }
 
 impl BackendError {
-    pub(crate) fn io(path: impl Into<String>, source: std::io::Error) -> Self {
-        BackendError::Io {
-            path: path.into(),
-            source,
-        }
+    pub(crate) fn io(path: impl Into<String>, err: std::io::Error) -> Self {
+        BackendError::Io { path: path.into(), err }
     }
 }
 

@@ -58,10 +58,7 @@ impl CheckReport {
     }
 
     fn problem(&mut self, object: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            object: object.into(),
-            message: message.into(),
-        });
+        self.problems.push(Problem { object: object.into(), message: message.into() });
     }
 }
 
@@ -85,10 +82,7 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
         let (o, m) = split_corrupt(e);
         report.problem(o, m);
     }
-    let superseded: HashSet<Id> = files
-        .iter()
-        .flat_map(|(_, f)| f.supersedes.iter().copied())
-        .collect();
+    let superseded: HashSet<Id> = files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
     let mut indexed: HashMap<Id, Vec<PackEntry>> = HashMap::new();
     for (_, f) in files.iter().filter(|(id, _)| !superseded.contains(id)) {
         for (pack, entries) in &f.packs {
@@ -106,15 +100,14 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
         .filter_map(|o| rf::id_of_name(&o.name).map(|id| (id, o.size)))
         .collect();
     for pack in stored.keys().filter(|p| !indexed.contains_key(p)) {
-        report.notes.push(format!("pack {pack} is not in the index (left by an interrupted run; `collector compact` removes it)"));
+        report.notes.push(format!(
+            "pack {pack} is not in the index (left by an interrupted run; `collector compact` removes it)"
+        ));
     }
     let mut to_check: Vec<(Id, u64, &Vec<PackEntry>)> = Vec::new();
     for (pack, entries) in &indexed {
         match stored.get(pack) {
-            None => report.problem(
-                rf::pack_name(pack),
-                format!("pack is missing; {} blobs lost", entries.len()),
-            ),
+            None => report.problem(rf::pack_name(pack), format!("pack is missing; {} blobs lost", entries.len())),
             Some(&size) => to_check.push((*pack, size, entries)),
         }
     }
@@ -150,23 +143,13 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
 
     for l in locking::list_locks(&**repo.backend(), repo.keys())? {
         if l.stale {
-            report.notes.push(format!(
-                "stale lock: {} (remove with `collector unlock`)",
-                l.describe()
-            ));
+            report.notes.push(format!("stale lock: {} (remove with `collector unlock`)", l.describe()));
         }
     }
     Ok(report)
 }
 
-fn check_tree(
-    repo: &Repository,
-    snap: &Id,
-    root: Id,
-    path: String,
-    seen: &mut HashSet<Id>,
-    report: &mut CheckReport,
-) {
+fn check_tree(repo: &Repository, snap: &Id, root: Id, path: String, seen: &mut HashSet<Id>, report: &mut CheckReport) {
     let mut stack = vec![(root, path)];
     while let Some((tree_id, path)) = stack.pop() {
         if !seen.insert(tree_id) {
@@ -175,10 +158,7 @@ fn check_tree(
         let tree = match repo.read_tree(&tree_id) {
             Ok(t) => t,
             Err(e) => {
-                report.problem(
-                    format!("snapshot {} /{path}", snap.short()),
-                    format!("tree {tree_id}: {e}"),
-                );
+                report.problem(format!("snapshot {} /{path}", snap.short()), format!("tree {tree_id}: {e}"));
                 continue;
             }
         };
@@ -190,26 +170,18 @@ fn check_tree(
             for c in &node.content {
                 let ok = Id::from_slice(&c.id)
                     .and_then(|id| repo.index().get(&id))
-                    .is_some_and(|loc| {
-                        c.offset as u64 + c.length as u64 <= loc.entry.raw_len as u64
-                    });
+                    .is_some_and(|loc| c.offset as u64 + c.length as u64 <= loc.entry.raw_len as u64);
                 if !ok {
                     report.problem(
                         format!("snapshot {} /{p}", snap.short()),
-                        format!(
-                            "content blob {} is missing or shorter than the range used",
-                            hex::encode(&c.id)
-                        ),
+                        format!("content blob {} is missing or shorter than the range used", hex::encode(&c.id)),
                     );
                 }
             }
             if node.node_kind() == NodeKind::Dir {
                 match Id::from_slice(&node.subtree) {
                     Some(sub) => stack.push((sub, format!("{p}/"))),
-                    None => report.problem(
-                        format!("snapshot {} /{p}", snap.short()),
-                        "directory without a tree",
-                    ),
+                    None => report.problem(format!("snapshot {} /{p}", snap.short()), "directory without a tree"),
                 }
             }
         }
@@ -217,18 +189,11 @@ fn check_tree(
 }
 
 /// Compare each pack with the index, in parallel; with `verify`, read and verify every blob.
-fn check_packs(
-    repo: &Repository,
-    packs: &[(Id, u64, &Vec<PackEntry>)],
-    verify: bool,
-) -> (Vec<Problem>, usize) {
+fn check_packs(repo: &Repository, packs: &[(Id, u64, &Vec<PackEntry>)], verify: bool) -> (Vec<Problem>, usize) {
     let next = AtomicUsize::new(0);
     let verified = AtomicUsize::new(0);
     let problems = Mutex::new(Vec::new());
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .min(8);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
@@ -258,12 +223,7 @@ fn check_pack(
 ) -> Vec<Problem> {
     let name = rf::pack_name(&id);
     let mut out = Vec::new();
-    let mut problem = |m: String| {
-        out.push(Problem {
-            object: name.clone(),
-            message: m,
-        })
-    };
+    let mut problem = |m: String| out.push(Problem { object: name.clone(), message: m });
     let header = if verify {
         let bytes = match repo.backend().get(&name, None) {
             Ok(b) => b,
@@ -294,14 +254,8 @@ fn check_pack(
     match header {
         Err(e) => problem(split_corrupt(e).1),
         Ok(h) => {
-            let mut a: Vec<_> = h
-                .iter()
-                .map(|e| (e.id, e.offset, e.stored_len, e.raw_len, e.kind))
-                .collect();
-            let mut b: Vec<_> = indexed
-                .iter()
-                .map(|e| (e.id, e.offset, e.stored_len, e.raw_len, e.kind))
-                .collect();
+            let mut a: Vec<_> = h.iter().map(|e| (e.id, e.offset, e.stored_len, e.raw_len, e.kind)).collect();
+            let mut b: Vec<_> = indexed.iter().map(|e| (e.id, e.offset, e.stored_len, e.raw_len, e.kind)).collect();
             a.sort();
             b.sort();
             if a != b {

@@ -75,11 +75,7 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
     let mut kept_ids: HashSet<Id> = HashSet::new();
     for (pack, entries) in by_pack {
         let total: u64 = entries.iter().map(|e| e.stored_len as u64).sum();
-        let live: u64 = entries
-            .iter()
-            .filter(|e| used.contains(&e.id))
-            .map(|e| e.stored_len as u64)
-            .sum();
+        let live: u64 = entries.iter().filter(|e| used.contains(&e.id)).map(|e| e.stored_len as u64).sum();
         if live == 0 {
             report.blobs_removed += entries.len();
             delete.push(pack);
@@ -115,32 +111,15 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
 
     let indexed: HashSet<Id> = repo.index().packs().iter().copied().collect();
     let written_ids: HashSet<Id> = repacker.written.iter().map(|(id, _)| *id).collect();
-    delete.extend(
-        stored
-            .keys()
-            .copied()
-            .filter(|id| !indexed.contains(id) && !written_ids.contains(id)),
-    );
+    delete.extend(stored.keys().copied().filter(|id| !indexed.contains(id) && !written_ids.contains(id)));
     if delete.is_empty() && repack.is_empty() {
         return Ok(report);
     }
 
-    let old_index: Vec<Id> = repo
-        .backend()
-        .list(rf::INDEX_DIR)?
-        .iter()
-        .filter_map(|o| rf::id_of_name(&o.name))
-        .collect();
-    let written: u64 = repacker
-        .written
-        .iter()
-        .flat_map(|(_, e)| e)
-        .map(|e| e.stored_len as u64)
-        .sum();
-    let file = IndexFile {
-        supersedes: old_index.clone(),
-        packs: keep.into_iter().chain(repacker.written).collect(),
-    };
+    let old_index: Vec<Id> =
+        repo.backend().list(rf::INDEX_DIR)?.iter().filter_map(|o| rf::id_of_name(&o.name)).collect();
+    let written: u64 = repacker.written.iter().flat_map(|(_, e)| e).map(|e| e.stored_len as u64).sum();
+    let file = IndexFile { supersedes: old_index.clone(), packs: keep.into_iter().chain(repacker.written).collect() };
     let new_index = write_index(repo, &file)?;
     for id in old_index.iter().filter(|id| **id != new_index) {
         repo.backend().delete(&format!("{}{id}", rf::INDEX_DIR))?;

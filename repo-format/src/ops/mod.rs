@@ -22,14 +22,16 @@ pub(crate) fn referenced_blobs(repo: &Repository, roots: &[Id]) -> Result<HashSe
         }
         for node in repo.read_tree(&tree_id)?.nodes {
             for c in &node.content {
-                used.insert(Id::from_slice(&c.id).ok_or_else(|| {
-                    Error::corrupt(format!("tree {tree_id}"), "chunk id is not 32 bytes")
-                })?);
+                used.insert(
+                    Id::from_slice(&c.id)
+                        .ok_or_else(|| Error::corrupt(format!("tree {tree_id}"), "chunk id is not 32 bytes"))?,
+                );
             }
             if node.node_kind() == NodeKind::Dir {
-                stack.push(Id::from_slice(&node.subtree).ok_or_else(|| {
-                    Error::corrupt(format!("tree {tree_id}"), "directory without a tree")
-                })?);
+                stack.push(
+                    Id::from_slice(&node.subtree)
+                        .ok_or_else(|| Error::corrupt(format!("tree {tree_id}"), "directory without a tree"))?,
+                );
             }
         }
     }
@@ -40,10 +42,7 @@ pub(crate) fn referenced_blobs(repo: &Repository, roots: &[Id]) -> Result<HashSe
 pub(crate) fn snapshot_roots(repo: &Repository) -> Result<Vec<Id>> {
     repo.snapshots()?
         .into_iter()
-        .map(|(id, s)| {
-            Id::from_slice(&s.tree)
-                .ok_or_else(|| Error::corrupt(format!("snapshot {id}"), "no root tree"))
-        })
+        .map(|(id, s)| Id::from_slice(&s.tree).ok_or_else(|| Error::corrupt(format!("snapshot {id}"), "no root tree")))
         .collect()
 }
 
@@ -57,11 +56,7 @@ pub(crate) struct Repacker<'a> {
 
 impl<'a> Repacker<'a> {
     pub fn new(repo: &'a Repository) -> Self {
-        Repacker {
-            repo,
-            current: Default::default(),
-            written: Vec::new(),
-        }
+        Repacker { repo, current: Default::default(), written: Vec::new() }
     }
 
     pub fn add(&mut self, e: &crate::repofile::pack::PackEntry, sealed: &[u8]) -> Result<()> {
@@ -78,22 +73,13 @@ impl<'a> Repacker<'a> {
             return Ok(());
         }
         let (bytes, id, entries) = b.finish(self.repo.keys());
-        self.repo
-            .backend()
-            .put_if_absent(&crate::repofile::pack_name(&id), &bytes)?;
+        self.repo.backend().put_if_absent(&crate::repofile::pack_name(&id), &bytes)?;
         self.written.push((id, entries));
         Ok(())
     }
 }
 
 /// Write an index file that replaces every index file in `supersedes`.
-pub(crate) fn write_index(
-    repo: &Repository,
-    file: &crate::repofile::index::IndexFile,
-) -> Result<Id> {
-    repo.write_object(
-        crate::repofile::INDEX_DIR,
-        crate::magic::Domain::Index,
-        &file.encode(),
-    )
+pub(crate) fn write_index(repo: &Repository, file: &crate::repofile::index::IndexFile) -> Result<Id> {
+    repo.write_object(crate::repofile::INDEX_DIR, crate::magic::Domain::Index, &file.encode())
 }

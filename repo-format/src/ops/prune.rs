@@ -20,27 +20,14 @@ pub struct Decision {
 }
 
 /// The decision for every snapshot, grouped by (agent, source), each group oldest first.
-pub fn plan<Tz: TimeZone>(
-    repo: &Repository,
-    policy: &Policy,
-    now: DateTime<Utc>,
-    tz: &Tz,
-) -> Result<Vec<Decision>> {
+pub fn plan<Tz: TimeZone>(repo: &Repository, policy: &Policy, now: DateTime<Utc>, tz: &Tz) -> Result<Vec<Decision>> {
     let mut snaps = repo.snapshots()?;
-    snaps.sort_by(|a, b| {
-        a.1.group()
-            .cmp(&b.1.group())
-            .then(a.1.time_ns.cmp(&b.1.time_ns))
-    });
+    snaps.sort_by(|a, b| a.1.group().cmp(&b.1.group()).then(a.1.time_ns.cmp(&b.1.time_ns)));
     let mut out = Vec::with_capacity(snaps.len());
     for group in snaps.chunk_by(|a, b| a.1.group() == b.1.group()) {
         let times: Vec<DateTime<Utc>> = group.iter().map(|(_, s)| s.time()).collect();
         for ((id, s), keep) in group.iter().zip(retention::plan(&times, policy, now, tz)) {
-            out.push(Decision {
-                id: *id,
-                snapshot: s.clone(),
-                keep,
-            });
+            out.push(Decision { id: *id, snapshot: s.clone(), keep });
         }
     }
     Ok(out)

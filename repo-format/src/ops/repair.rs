@@ -36,9 +36,7 @@ pub struct RepairReport {
 impl RepairReport {
     /// Whether everything was saved.
     pub fn nothing_lost(&self) -> bool {
-        self.unreadable_packs.is_empty()
-            && self.damaged_blobs.is_empty()
-            && self.damaged_snapshots.is_empty()
+        self.unreadable_packs.is_empty() && self.damaged_blobs.is_empty() && self.damaged_snapshots.is_empty()
     }
 }
 
@@ -57,9 +55,7 @@ pub fn repair(repo: &mut Repository, verify_data: bool) -> Result<RepairReport> 
         if !verify_data {
             match pack::read_header(&**repo.backend(), repo.keys(), &o.name, o.size) {
                 Ok(h) => good.push((id, h)),
-                Err(e @ Error::Corrupt { .. }) => {
-                    report.unreadable_packs.push(format!("{}: {e}", o.name))
-                }
+                Err(e @ Error::Corrupt { .. }) => report.unreadable_packs.push(format!("{}: {e}", o.name)),
                 // I/O trouble or a newer format is not damage: stop rather than drop the pack.
                 Err(e) => return Err(e),
             }
@@ -78,12 +74,8 @@ pub fn repair(repo: &mut Repository, verify_data: bool) -> Result<RepairReport> 
         let ok: Vec<&PackEntry> = header
             .iter()
             .filter(|e| {
-                let fine = pack::decode_blob(
-                    repo.keys(),
-                    e,
-                    &bytes[e.range().start as usize..e.range().end as usize],
-                )
-                .is_ok();
+                let fine =
+                    pack::decode_blob(repo.keys(), e, &bytes[e.range().start as usize..e.range().end as usize]).is_ok();
                 if !fine {
                     report.damaged_blobs.push(e.id);
                 }
@@ -103,35 +95,19 @@ pub fn repair(repo: &mut Repository, verify_data: bool) -> Result<RepairReport> 
     good.extend(repacker.written);
     report.packs_indexed = good.len();
 
-    let old_index: Vec<Id> = repo
-        .backend()
-        .list(rf::INDEX_DIR)?
-        .iter()
-        .filter_map(|o| rf::id_of_name(&o.name))
-        .collect();
-    let new_index = write_index(
-        repo,
-        &IndexFile {
-            supersedes: old_index.clone(),
-            packs: good,
-        },
-    )?;
+    let old_index: Vec<Id> =
+        repo.backend().list(rf::INDEX_DIR)?.iter().filter_map(|o| rf::id_of_name(&o.name)).collect();
+    let new_index = write_index(repo, &IndexFile { supersedes: old_index.clone(), packs: good })?;
     for id in old_index.iter().filter(|id| **id != new_index) {
         repo.backend().delete(&format!("{}{id}", rf::INDEX_DIR))?;
     }
     for id in damaged_packs {
         repo.backend().delete(&rf::pack_name(&id))?;
-        report.removed.push(format!(
-            "{} (damaged; its intact blobs were kept)",
-            rf::pack_name(&id)
-        ));
+        report.removed.push(format!("{} (damaged; its intact blobs were kept)", rf::pack_name(&id)));
     }
     for id in repo.snapshot_ids()? {
         let name = format!("{}{id}", rf::SNAPSHOT_DIR);
-        match repo
-            .read_object(&name, Domain::Snapshot)
-            .and_then(|_| repo.load_snapshot(&id))
-        {
+        match repo.read_object(&name, Domain::Snapshot).and_then(|_| repo.load_snapshot(&id)) {
             Ok(_) => {}
             Err(e @ Error::Corrupt { .. }) => {
                 repo.backend().delete(&name)?;
@@ -167,10 +143,7 @@ fn missing_paths(repo: &Repository, root: Id, out: &mut Vec<String>) {
         };
         for n in tree.nodes {
             let p = format!("{path}{}", String::from_utf8_lossy(&n.name));
-            if n.content
-                .iter()
-                .any(|c| Id::from_slice(&c.id).is_none_or(|id| !repo.index().contains(&id)))
-            {
+            if n.content.iter().any(|c| Id::from_slice(&c.id).is_none_or(|id| !repo.index().contains(&id))) {
                 out.push(p.clone());
             }
             if n.node_kind() == NodeKind::Dir

@@ -23,21 +23,13 @@ pub struct ChunkerSizes {
 
 impl From<ChunkerParams> for ChunkerSizes {
     fn from(p: ChunkerParams) -> Self {
-        ChunkerSizes {
-            min: p.min,
-            avg: p.avg,
-            max: p.max,
-        }
+        ChunkerSizes { min: p.min, avg: p.avg, max: p.max }
     }
 }
 
 impl From<&ChunkerSizes> for ChunkerParams {
     fn from(s: &ChunkerSizes) -> Self {
-        ChunkerParams {
-            min: s.min,
-            avg: s.avg,
-            max: s.max,
-        }
+        ChunkerParams { min: s.min, avg: s.avg, max: s.max }
     }
 }
 
@@ -76,18 +68,12 @@ pub struct RepoConfig {
 impl RepoConfig {
     /// Chunker sizes for files.
     pub fn files_params(&self) -> ChunkerParams {
-        self.chunker_files
-            .as_ref()
-            .map(Into::into)
-            .unwrap_or(ChunkerParams::FILES)
+        self.chunker_files.as_ref().map(Into::into).unwrap_or(ChunkerParams::FILES)
     }
 
     /// Chunker sizes for dumps.
     pub fn dumps_params(&self) -> ChunkerParams {
-        self.chunker_dumps
-            .as_ref()
-            .map(Into::into)
-            .unwrap_or(ChunkerParams::DUMPS)
+        self.chunker_dumps.as_ref().map(Into::into).unwrap_or(ChunkerParams::DUMPS)
     }
 
     /// The repository id.
@@ -101,11 +87,7 @@ pub fn encode(cfg: &RepoConfig, keys: &crate::crypto::Keys) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(magic::CONFIG_MAGIC);
     out.extend_from_slice(&magic::REPO_VERSION.to_le_bytes());
-    let cipher = if keys.encrypted() {
-        magic::CIPHER_XCHACHA20_POLY1305
-    } else {
-        magic::CIPHER_NONE
-    };
+    let cipher = if keys.encrypted() { magic::CIPHER_XCHACHA20_POLY1305 } else { magic::CIPHER_NONE };
     out.push(cipher);
     out.extend_from_slice(&keys.seal(Domain::Config, &cfg.encode_to_vec()));
     out
@@ -124,10 +106,7 @@ pub struct ConfigHead<'a> {
 /// Split the plain header from the payload.
 pub fn parse_head(bytes: &[u8]) -> Result<ConfigHead<'_>> {
     if bytes.len() < 13 || &bytes[..8] != magic::CONFIG_MAGIC {
-        return Err(Error::corrupt(
-            "config",
-            "not a magpie repository config (bad magic)",
-        ));
+        return Err(Error::corrupt("config", "not a magpie repository config (bad magic)"));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version > magic::REPO_VERSION {
@@ -141,17 +120,11 @@ pub fn parse_head(bytes: &[u8]) -> Result<ConfigHead<'_>> {
     if cipher != magic::CIPHER_NONE && cipher != magic::CIPHER_XCHACHA20_POLY1305 {
         return Err(Error::corrupt("config", format!("unknown cipher {cipher}")));
     }
-    Ok(ConfigHead {
-        version,
-        cipher,
-        payload: &bytes[13..],
-    })
+    Ok(ConfigHead { version, cipher, payload: &bytes[13..] })
 }
 
 /// Decode the payload once the keys are known.
 pub fn decode_payload(payload: &[u8], keys: &crate::crypto::Keys) -> Result<RepoConfig> {
-    let plain = keys
-        .open(Domain::Config, payload)
-        .ok_or_else(|| Error::corrupt("config", "authentication failed"))?;
+    let plain = keys.open(Domain::Config, payload).ok_or_else(|| Error::corrupt("config", "authentication failed"))?;
     RepoConfig::decode(plain.as_slice()).map_err(|e| Error::corrupt("config", e))
 }

@@ -43,10 +43,7 @@ impl IndexFile {
         }
         rows.sort_by(|a, b| a.1.id.cmp(&b.1.id).then(a.0.cmp(&b.0)));
         let mut out = Vec::with_capacity(
-            8 + 12
-                + 1024
-                + 32 * (self.supersedes.len() + self.packs.len())
-                + rows.len() * ENTRY_LEN,
+            8 + 12 + 1024 + 32 * (self.supersedes.len() + self.packs.len()) + rows.len() * ENTRY_LEN,
         );
         out.extend_from_slice(magic::INDEX_MAGIC);
         out.extend_from_slice(&(self.supersedes.len() as u32).to_le_bytes());
@@ -114,23 +111,15 @@ impl IndexFile {
             let offset = r.u32().expect("length checked");
             let stored_len = r.u32().expect("length checked");
             let raw_len = r.u32().expect("length checked");
-            let kind = BlobKind::from_u8(r.take(1).expect("length checked")[0])
-                .ok_or_else(|| bad("unknown blob kind"))?;
+            let kind =
+                BlobKind::from_u8(r.take(1).expect("length checked")[0]).ok_or_else(|| bad("unknown blob kind"))?;
             if prev.is_some_and(|p| p > id) {
                 return Err(bad("entries are not sorted"));
             }
             prev = Some(id);
             counts[id.0[0] as usize] += 1;
-            let pack = packs
-                .get_mut(ord)
-                .ok_or_else(|| bad("entry names a pack ordinal out of range"))?;
-            pack.1.push(PackEntry {
-                kind,
-                id,
-                offset,
-                stored_len,
-                raw_len,
-            });
+            let pack = packs.get_mut(ord).ok_or_else(|| bad("entry names a pack ordinal out of range"))?;
+            pack.1.push(PackEntry { kind, id, offset, stored_len, raw_len });
         }
         let mut acc = 0;
         for (c, f) in counts.iter().zip(fanout) {
@@ -171,13 +160,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_fanout() {
-        let e = |id: Id, offset| PackEntry {
-            kind: BlobKind::Data,
-            id,
-            offset,
-            stored_len: 10,
-            raw_len: 9,
-        };
+        let e = |id: Id, offset| PackEntry { kind: BlobKind::Data, id, offset, stored_len: 10, raw_len: 9 };
         let f = IndexFile {
             supersedes: vec![Id::random()],
             packs: vec![

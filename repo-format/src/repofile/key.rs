@@ -64,25 +64,14 @@ pub fn wrap(keys: &Keys, passphrase: &[u8], params: KdfParams, host: &str) -> Re
 pub fn unwrap(name: &str, bytes: &[u8], passphrase: &[u8]) -> Result<Option<Keys>> {
     let kf = KeyFile::decode(bytes).map_err(|e| Error::corrupt(name, e))?;
     if kf.version != 1 || kf.kdf != "argon2id" {
-        return Err(Error::UnsupportedVersion {
-            object: name.into(),
-            found: kf.version,
-            supported: 1,
-        });
+        return Err(Error::UnsupportedVersion { object: name.into(), found: kf.version, supported: 1 });
     }
-    let params = KdfParams {
-        memory_kib: kf.memory_kib,
-        iterations: kf.iterations,
-        parallelism: kf.parallelism,
-    };
-    let kek =
-        crypto::derive_kek(passphrase, &kf.salt, params).map_err(|e| Error::corrupt(name, e))?;
+    let params = KdfParams { memory_kib: kf.memory_kib, iterations: kf.iterations, parallelism: kf.parallelism };
+    let kek = crypto::derive_kek(passphrase, &kf.salt, params).map_err(|e| Error::corrupt(name, e))?;
     let Some(master) = crypto::open_with(&kek, Domain::Key, &kf.wrapped) else {
         return Ok(None);
     };
-    let master: [u8; 32] = master
-        .as_slice()
-        .try_into()
-        .map_err(|_| Error::corrupt(name, "wrapped master secret is not 32 bytes"))?;
+    let master: [u8; 32] =
+        master.as_slice().try_into().map_err(|_| Error::corrupt(name, "wrapped master secret is not 32 bytes"))?;
     Ok(Some(Keys::from_master(Zeroizing::new(master), true)))
 }

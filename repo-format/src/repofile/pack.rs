@@ -97,30 +97,18 @@ pub fn encode_blob(
 /// Open, decompress and verify one blob against its id.
 pub fn decode_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
     let what = || format!("blob {} ({:?})", entry.id, entry.kind);
-    let plain = keys
-        .open(entry.kind.domain(), stored)
-        .ok_or_else(|| Error::corrupt(what(), "authentication failed"))?;
-    let (flag, payload) = plain
-        .split_first()
-        .ok_or_else(|| Error::corrupt(what(), "empty blob"))?;
+    let plain =
+        keys.open(entry.kind.domain(), stored).ok_or_else(|| Error::corrupt(what(), "authentication failed"))?;
+    let (flag, payload) = plain.split_first().ok_or_else(|| Error::corrupt(what(), "empty blob"))?;
     if entry.raw_len > MAX_BLOB_SIZE {
-        return Err(Error::corrupt(
-            what(),
-            format!(
-                "claims {} bytes, more than any blob may hold",
-                entry.raw_len
-            ),
-        ));
+        return Err(Error::corrupt(what(), format!("claims {} bytes, more than any blob may hold", entry.raw_len)));
     }
     let raw = match *flag {
         magic::COMPRESSION_NONE => payload.to_vec(),
         magic::COMPRESSION_ZSTD => zstd::bulk::decompress(payload, entry.raw_len as usize)
             .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?,
         other => {
-            return Err(Error::corrupt(
-                what(),
-                format!("unknown compression {other}"),
-            ));
+            return Err(Error::corrupt(what(), format!("unknown compression {other}")));
         }
     };
     if raw.len() != entry.raw_len as usize || keys.blob_id(entry.kind, &raw) != entry.id {
@@ -176,35 +164,25 @@ impl PackBuilder {
         }
         let sealed = keys.seal(Domain::PackHeader, &header);
         self.data.extend_from_slice(&sealed);
-        self.data
-            .extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        self.data.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         let id = Id::of_stored(&self.data);
         (self.data, id, self.entries)
     }
 }
 
 /// Read and decode the header of the pack `name` whose size is `size`.
-pub fn read_header(
-    backend: &dyn Backend,
-    keys: &Keys,
-    name: &str,
-    size: u64,
-) -> Result<Vec<PackEntry>> {
+pub fn read_header(backend: &dyn Backend, keys: &Keys, name: &str, size: u64) -> Result<Vec<PackEntry>> {
     if size < 4 {
         return Err(Error::corrupt(name, "too short to be a pack"));
     }
     let tail = backend.get(name, Some(size - 4..size))?;
     let hlen = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
     if hlen + 4 > size {
-        return Err(Error::corrupt(
-            name,
-            "header length points before the start of the pack",
-        ));
+        return Err(Error::corrupt(name, "header length points before the start of the pack"));
     }
     let sealed = backend.get(name, Some(size - 4 - hlen..size - 4))?;
-    let header = keys
-        .open(Domain::PackHeader, &sealed)
-        .ok_or_else(|| Error::corrupt(name, "header authentication failed"))?;
+    let header =
+        keys.open(Domain::PackHeader, &sealed).ok_or_else(|| Error::corrupt(name, "header authentication failed"))?;
     parse_header(name, &header, size - 4 - hlen)
 }
 
@@ -212,27 +190,18 @@ fn parse_header(name: &str, header: &[u8], blobs_end: u64) -> Result<Vec<PackEnt
     if blobs_end > u32::MAX as u64 {
         return Err(Error::corrupt(name, "larger than a pack may be (4 GiB)"));
     }
-    let (&version, body) = header
-        .split_first()
-        .ok_or_else(|| Error::corrupt(name, "empty header"))?;
+    let (&version, body) = header.split_first().ok_or_else(|| Error::corrupt(name, "empty header"))?;
     if version != magic::PACK_HEADER_VERSION {
-        return Err(Error::UnsupportedVersion {
-            object: name.into(),
-            found: version as u32,
-            supported: 1,
-        });
+        return Err(Error::UnsupportedVersion { object: name.into(), found: version as u32, supported: 1 });
     }
     if body.len() % ENTRY_LEN != 0 {
-        return Err(Error::corrupt(
-            name,
-            "header length is not a whole number of entries",
-        ));
+        return Err(Error::corrupt(name, "header length is not a whole number of entries"));
     }
     let mut offset = 0u64;
     let mut out = Vec::with_capacity(body.len() / ENTRY_LEN);
     for e in body.chunks_exact(ENTRY_LEN) {
-        let kind = BlobKind::from_u8(e[0])
-            .ok_or_else(|| Error::corrupt(name, format!("unknown blob kind {}", e[0])))?;
+        let kind =
+            BlobKind::from_u8(e[0]).ok_or_else(|| Error::corrupt(name, format!("unknown blob kind {}", e[0])))?;
         let stored_len = u32::from_le_bytes(e[33..37].try_into().expect("4 bytes"));
         let raw_len = u32::from_le_bytes(e[37..41].try_into().expect("4 bytes"));
         out.push(PackEntry {
@@ -245,10 +214,7 @@ fn parse_header(name: &str, header: &[u8], blobs_end: u64) -> Result<Vec<PackEnt
         offset += stored_len as u64;
     }
     if offset != blobs_end {
-        return Err(Error::corrupt(
-            name,
-            format!("header describes {offset} bytes of blobs, pack holds {blobs_end}"),
-        ));
+        return Err(Error::corrupt(name, format!("header describes {offset} bytes of blobs, pack holds {blobs_end}")));
     }
     Ok(out)
 }
@@ -261,10 +227,7 @@ pub fn header_from_bytes(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<Pa
     }
     let hlen = u32::from_le_bytes(bytes[size - 4..].try_into().expect("4 bytes")) as usize;
     if hlen + 4 > size {
-        return Err(Error::corrupt(
-            name,
-            "header length points before the start of the pack",
-        ));
+        return Err(Error::corrupt(name, "header length points before the start of the pack"));
     }
     let header = keys
         .open(Domain::PackHeader, &bytes[size - 4 - hlen..size - 4])

@@ -17,16 +17,8 @@ pub const PASS: &[u8] = b"test passphrase";
 /// Small chunks and packs so that small test data spans many of both; a cheap KDF.
 pub fn test_options() -> InitOptions {
     let mut o = InitOptions::encrypted(PASS);
-    o.kdf = KdfParams {
-        memory_kib: 256,
-        iterations: 1,
-        parallelism: 1,
-    };
-    o.chunker_files = ChunkerParams {
-        min: 4 * 1024,
-        avg: 16 * 1024,
-        max: 64 * 1024,
-    };
+    o.kdf = KdfParams { memory_kib: 256, iterations: 1, parallelism: 1 };
+    o.chunker_files = ChunkerParams { min: 4 * 1024, avg: 16 * 1024, max: 64 * 1024 };
     o.pack_size = 1024 * 1024;
     o.small_file_threshold = 4 * 1024;
     o
@@ -102,16 +94,8 @@ pub fn snapshot_dir(root: &Path) -> BTreeMap<String, Entry> {
     out
 }
 
-fn walk(
-    root: &Path,
-    dir: &Path,
-    out: &mut BTreeMap<String, Entry>,
-    inodes: &mut BTreeMap<(u64, u64), String>,
-) {
-    let mut names: Vec<_> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>, inodes: &mut BTreeMap<(u64, u64), String>) {
+    let mut names: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     names.sort();
     for p in names {
         let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
@@ -122,52 +106,23 @@ fn walk(
             xattr::list(&p)
                 .unwrap()
                 .filter(|n| n.to_string_lossy().starts_with("user."))
-                .map(|n| {
-                    (
-                        n.to_string_lossy().into_owned(),
-                        xattr::get(&p, &n).unwrap().unwrap(),
-                    )
-                })
+                .map(|n| (n.to_string_lossy().into_owned(), xattr::get(&p, &n).unwrap().unwrap()))
                 .collect()
         };
         let (kind, content, mtime) = if m.file_type().is_symlink() {
-            (
-                "symlink",
-                fs::read_link(&p)
-                    .unwrap()
-                    .to_string_lossy()
-                    .as_bytes()
-                    .to_vec(),
-                None,
-            )
+            ("symlink", fs::read_link(&p).unwrap().to_string_lossy().as_bytes().to_vec(), None)
         } else if m.is_dir() {
-            (
-                "dir",
-                Vec::new(),
-                Some(m.mtime() * 1_000_000_000 + m.mtime_nsec()),
-            )
+            ("dir", Vec::new(), Some(m.mtime() * 1_000_000_000 + m.mtime_nsec()))
         } else {
-            (
-                "file",
-                fs::read(&p).unwrap(),
-                Some(m.mtime() * 1_000_000_000 + m.mtime_nsec()),
-            )
+            ("file", fs::read(&p).unwrap(), Some(m.mtime() * 1_000_000_000 + m.mtime_nsec()))
         };
-        let link_group = (m.is_file() && m.nlink() > 1).then(|| {
-            inodes
-                .entry((m.dev(), m.ino()))
-                .or_insert(rel.clone())
-                .clone()
-        });
+        let link_group =
+            (m.is_file() && m.nlink() > 1).then(|| inodes.entry((m.dev(), m.ino())).or_insert(rel.clone()).clone());
         out.insert(
             rel.clone(),
             Entry {
                 kind,
-                mode: if kind == "symlink" {
-                    0
-                } else {
-                    m.mode() & 0o7777
-                },
+                mode: if kind == "symlink" { 0 } else { m.mode() & 0o7777 },
                 mtime_ns: mtime,
                 content,
                 xattrs,
@@ -195,20 +150,8 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
 
 /// Text-like, compressible bytes.
 pub fn text(n: usize, seed: u64) -> Vec<u8> {
-    let words = [
-        "backup",
-        "restore",
-        "magpie",
-        "collector",
-        "agent",
-        "snapshot",
-        "chunk",
-        "pack",
-        "index",
-        "the",
-        "of",
-        "and",
-    ];
+    let words =
+        ["backup", "restore", "magpie", "collector", "agent", "snapshot", "chunk", "pack", "index", "the", "of", "and"];
     let mut out = Vec::with_capacity(n + 16);
     let mut x = seed | 1;
     while out.len() < n {

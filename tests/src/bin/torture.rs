@@ -18,9 +18,7 @@ use repo_format::retention::Policy;
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     // The test reads these lines after killing us: each must be out before the next step.
-    writeln!(out, "{line}")
-        .and_then(|_| out.flush())
-        .expect("stdout");
+    writeln!(out, "{line}").and_then(|_| out.flush()).expect("stdout");
 }
 
 fn main() {
@@ -29,33 +27,21 @@ fn main() {
     let mut seed: u64 = args[3].parse().expect("seed");
     let mut repo = magpie_tests::open(&repo_dir).expect("open repository");
     let data = work.join("data");
-    let kill_at: Option<usize> = std::env::var("TORTURE_KILL_AT_DELETE")
-        .ok()
-        .and_then(|v| v.parse().ok());
+    let kill_at: Option<usize> = std::env::var("TORTURE_KILL_AT_DELETE").ok().and_then(|v| v.parse().ok());
     let mut deletes = 0usize;
     loop {
         magpie_tests::make_dataset(&data, seed);
         say("phase backup");
         {
-            let _l = locking::lock(&repo, false, "torture backup", Duration::from_secs(30))
-                .expect("shared lock");
+            let _l = locking::lock(&repo, false, "torture backup", Duration::from_secs(30)).expect("shared lock");
             let id = magpie_tests::backup(&mut repo, &data, seed).expect("backup");
             say(&format!("committed {id} {seed}"));
         }
         if seed % 3 == 2 {
-            let _l = locking::lock(&repo, true, "torture prune", Duration::from_secs(30))
-                .expect("exclusive lock");
+            let _l = locking::lock(&repo, true, "torture prune", Duration::from_secs(30)).expect("exclusive lock");
             say("phase prune");
-            let plan = prune::plan(
-                &repo,
-                &Policy {
-                    last: 2,
-                    ..Default::default()
-                },
-                chrono::Utc::now(),
-                &chrono::Utc,
-            )
-            .expect("plan");
+            let plan = prune::plan(&repo, &Policy { last: 2, ..Default::default() }, chrono::Utc::now(), &chrono::Utc)
+                .expect("plan");
             for d in plan.iter().filter(|d| d.keep.is_none()) {
                 if kill_at == Some(deletes) {
                     sigkill_self();
@@ -65,8 +51,7 @@ fn main() {
                 repo.delete_snapshot(&d.id).expect("delete snapshot");
             }
             say("phase compact");
-            compact::compact(&mut repo, compact::CompactOptions { max_garbage: 0.05 })
-                .expect("compact");
+            compact::compact(&mut repo, compact::CompactOptions { max_garbage: 0.05 }).expect("compact");
         }
         seed += 1;
     }
@@ -74,9 +59,7 @@ fn main() {
 
 fn sigkill_self() -> ! {
     let pid = std::process::id().to_string();
-    let _ = std::process::Command::new("kill")
-        .args(["-9", &pid])
-        .status();
+    let _ = std::process::Command::new("kill").args(["-9", &pid]).status();
     loop {
         std::thread::sleep(Duration::from_secs(1));
     }

@@ -1,0 +1,106 @@
+//! Connecting to an agent over mutual TLS and the ReadFiles byte stream.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use magpie_proto::v1::FileFrame;
+use magpie_proto::v1::agent_client::AgentClient;
+use prost::Message;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::{AgentEntry, TlsConfig};
+
+/// Open a channel to an agent; errors name the agent and the cause in one line.
+pub async fn connect(agent: &AgentEntry, tls: &TlsConfig) -> Result<AgentClient<Channel>> {
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let host = agent
+        .endpoint
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']))
+        .unwrap_or(&agent.endpoint)
+        .to_string();
+    let tls_cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
+        .domain_name(agent.tls_name.clone().unwrap_or(host));
+    let endpoint = Endpoint::from_shared(agent.endpoint.clone())
+        .with_context(|| format!("agent {}: bad endpoint {:?}", agent.name, agent.endpoint))?
+        .tls_config(tls_cfg)
+        .with_context(|| format!("agent {}: TLS configuration", agent.name))?
+        .connect_timeout(Duration::from_secs(agent.connect_timeout_secs))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(30));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow!("agent {} ({}): cannot connect: {}", agent.name, agent.endpoint, cause_chain(&e)))?;
+    Ok(AgentClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// The innermost causes of an error, joined, with TLS alerts explained.
+pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = c.source();
+    }
+    let text = parts.join(": ");
+    let hint = if text.contains("AccessDenied") || text.contains("access denied") {
+        " (the agent refused our certificate: is its fingerprint in the agent's tls.allowed_collectors?)"
+    } else if text.contains("CertificateExpired") || text.contains("Expired") || text.contains("expired") {
+        " (a certificate has expired: issue a new one with `collector certs issue`)"
+    } else if text.contains("UnknownCA") || text.contains("UnknownIssuer") || text.contains("BadCertificate") {
+        " (the certificates are not from the same CA)"
+    } else {
+        ""
+    };
+    format!("{text}{hint}")
+}
+
+/// Turns the segments of a ReadFiles stream back into FileFrames.
+pub struct FrameReader {
+    zstd: Option<zstd::stream::write::Decoder<'static, Vec<u8>>>,
+    plain: Vec<u8>,
+}
+
+impl FrameReader {
+    pub fn new(compressed: bool) -> Result<FrameReader> {
+        Ok(FrameReader {
+            zstd: if compressed { Some(zstd::stream::write::Decoder::new(Vec::new())?) } else { None },
+            plain: Vec::new(),
+        })
+    }
+
+    /// Feed one segment; returns the frames it completed.
+    pub fn push(&mut self, segment: &[u8]) -> Result<Vec<FileFrame>> {
+        match &mut self.zstd {
+            Some(d) => {
+                use std::io::Write;
+                d.write_all(segment).context("corrupt zstd stream from the agent")?;
+                d.flush()?;
+                self.plain.append(d.get_mut());
+            }
+            None => self.plain.extend_from_slice(segment),
+        }
+        let mut frames = Vec::new();
+        let mut pos = 0;
+        loop {
+            let mut rest = &self.plain[pos..];
+            let before = rest.len();
+            let Ok(len) = prost::decode_length_delimiter(&mut rest) else { break };
+            let header = before - rest.len();
+            if rest.len() < len {
+                break;
+            }
+            frames.push(FileFrame::decode(&rest[..len]).context("malformed frame from the agent")?);
+            pos += header + len;
+        }
+        self.plain.drain(..pos);
+        Ok(frames)
+    }
+}

@@ -1,0 +1,608 @@
+//! `collector pull`: one snapshot per source, sending over the network only what changed.
+//!
+//! Per source: list the entries; compare each file with the previous snapshot of the same
+//! (agent, source) by size, mtime, ctime and inode, and reuse the chunk list of every unchanged
+//! file; fetch the rest in batched ReadFiles calls (one compressed stream per call); chunk and
+//! store them on an ingest thread; build the trees bottom-up; commit the snapshot last.
+//! Nothing is committed for a source whose pull fails.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use magpie_proto::v1::agent_client::AgentClient;
+use magpie_proto::v1::{Entry, EntryKind, FileFrame, HandshakeRequest, ListRequest, ReadFilesRequest};
+use prost::Message;
+use repo_format::archive::{ChunkedContent, FileContent, SmallFiles, StreamRange};
+use repo_format::repofile::tree::{ChunkRef, Node, NodeKind, Tree, Xattr};
+use repo_format::{BlobKind, Id, Repository, Snapshot, SnapshotStats, Writer};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use crate::client::{self, FrameReader};
+use crate::config::{AgentEntry, CollectorConfig};
+
+/// Files per ReadFiles call, and bytes (by listed size) per call.
+const BATCH_FILES: usize = 2000;
+const BATCH_BYTES: u64 = 256 << 20;
+/// Warnings kept in a snapshot's metadata.
+const MAX_WARNINGS: usize = 100;
+
+/// The outcome of one source.
+#[derive(Debug, Default, Serialize)]
+pub struct SourceSummary {
+    pub agent: String,
+    pub source: String,
+    pub snapshot: Option<String>,
+    pub error: Option<String>,
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_unchanged: u64,
+    pub files_failed: u64,
+    /// File content received from the agent.
+    pub bytes_read: u64,
+    /// Bytes of ReadFiles payload on the wire (after the agent's compression).
+    pub wire_bytes: u64,
+    /// Plaintext bytes of new blobs.
+    pub bytes_added: u64,
+    /// Stored bytes of new blobs.
+    pub stored_added: u64,
+    pub duration_secs: f64,
+    pub warnings: Vec<String>,
+}
+
+/// Which agents and sources to pull.
+#[derive(Debug, Default)]
+pub struct Selection {
+    pub agent: Option<String>,
+    pub sources: Vec<String>,
+}
+
+/// Pull every selected source of every selected agent. Failures are per source (or per agent
+/// when it cannot be reached) and reported in the summaries, never hidden.
+pub fn pull(cfg: &CollectorConfig, repo: &mut Repository, sel: &Selection) -> Result<Vec<SourceSummary>> {
+    if let Some(a) = &sel.agent
+        && !cfg.agents.iter().any(|x| &x.name == a)
+    {
+        bail!("no agent {a:?} in the configuration");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let mut out = Vec::new();
+    for agent in cfg.agents.iter().filter(|a| sel.agent.as_ref().is_none_or(|n| n == &a.name)) {
+        let started = Instant::now();
+        let hs = rt.block_on(async {
+            let mut c = client::connect(agent, &cfg.tls).await?;
+            let hs = c
+                .handshake(HandshakeRequest {
+                    collector_version: env!("CARGO_PKG_VERSION").into(),
+                    protocol: magpie_proto::PROTOCOL_VERSION,
+                })
+                .await
+                .map_err(|s| anyhow!("agent {}: handshake refused: {}", agent.name, s.message()))?
+                .into_inner();
+            Ok::<_, anyhow::Error>((c, hs))
+        });
+        let (client, hs) = match hs {
+            Ok(x) => x,
+            Err(e) => {
+                out.push(SourceSummary {
+                    agent: agent.name.clone(),
+                    error: Some(format!("{e:#}")),
+                    duration_secs: started.elapsed().as_secs_f64(),
+                    ..Default::default()
+                });
+                continue;
+            }
+        };
+        let wanted: Vec<String> = if !sel.sources.is_empty() {
+            sel.sources.clone()
+        } else if !agent.sources.is_empty() {
+            agent.sources.clone()
+        } else {
+            hs.sources.iter().map(|s| s.name.clone()).collect()
+        };
+        for name in wanted {
+            let started = Instant::now();
+            let mut summary = SourceSummary { agent: agent.name.clone(), source: name.clone(), ..Default::default() };
+            let result = match hs.sources.iter().find(|s| s.name == name) {
+                None => Err(anyhow!(
+                    "agent {} has no source {name:?} (it declares: {})",
+                    agent.name,
+                    hs.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                )),
+                Some(info) => pull_source(&rt, client.clone(), agent, &hs.agent_version, info, repo, &mut summary),
+            };
+            if let Err(e) = result {
+                summary.error = Some(format!("{e:#}"));
+            }
+            summary.duration_secs = started.elapsed().as_secs_f64();
+            out.push(summary);
+        }
+    }
+    Ok(out)
+}
+
+/// What to do with one file entry.
+enum Plan {
+    Reuse(Node),
+    Fetch { had_previous: bool },
+    LinkTo(usize),
+}
+
+fn pull_source(
+    rt: &tokio::runtime::Runtime,
+    mut client: AgentClient<Channel>,
+    agent: &AgentEntry,
+    agent_version: &str,
+    info: &magpie_proto::v1::SourceInfo,
+    repo: &mut Repository,
+    summary: &mut SourceSummary,
+) -> Result<()> {
+    let start = chrono::Utc::now();
+    let lock = repo_format::locking::lock(repo, false, "collector pull", std::time::Duration::ZERO)?;
+    repo.load_index()?;
+
+    // 1. The listing.
+    let entries: Vec<Entry> = rt.block_on(async {
+        let mut stream = client
+            .list(ListRequest { source: info.name.clone() })
+            .await
+            .map_err(|s| anyhow!("agent {}: listing {}: {}", agent.name, info.name, s.message()))?
+            .into_inner();
+        let mut all = Vec::new();
+        while let Some(batch) = stream
+            .message()
+            .await
+            .map_err(|s| anyhow!("agent {}: listing {} broke off: {}", agent.name, info.name, s.message()))?
+        {
+            all.extend(batch.entries);
+        }
+        Ok::<_, anyhow::Error>(all)
+    })?;
+    let mut warnings = Vec::new();
+    let mut tree = DirTree::default();
+    for (i, e) in entries.iter().enumerate() {
+        if !e.error.is_empty() {
+            warnings.push(format!("{}: {}", String::from_utf8_lossy(&e.path), e.error));
+            continue;
+        }
+        tree.insert(&e.path, i);
+    }
+
+    // 2. The files cache: the previous snapshot of this source.
+    let previous = previous_snapshot(repo, &agent.name, &info.name)?;
+    let prev_files: HashMap<Vec<u8>, Node> = match &previous {
+        Some((_, s)) => {
+            let mut m = HashMap::new();
+            let root = Id::from_slice(&s.tree).context("previous snapshot has no tree")?;
+            repo_format::fs::walk(repo, &root, &mut |p, n| {
+                if matches!(n.node_kind(), NodeKind::File | NodeKind::Hardlink) && !n.blake3.is_empty() {
+                    m.insert(p.to_vec(), n.clone());
+                }
+                Ok(())
+            })?;
+            m
+        }
+        None => HashMap::new(),
+    };
+
+    // 3. The plan, in restore order (so the first name of a hard link comes first).
+    let mut plans: HashMap<usize, Plan> = HashMap::new();
+    let mut fetch: Vec<usize> = Vec::new();
+    let mut first_link: HashMap<(u64, u64), usize> = HashMap::new();
+    for i in tree.files_in_order(&entries) {
+        let e = &entries[i];
+        if e.nlink > 1 {
+            if let Some(&first) = first_link.get(&(e.device, e.inode)) {
+                plans.insert(i, Plan::LinkTo(first));
+                continue;
+            }
+            first_link.insert((e.device, e.inode), i);
+        }
+        let prev = prev_files.get(&e.path);
+        let unchanged = prev.is_some_and(|n| {
+            n.size == e.size && n.mtime_ns == e.mtime_ns && n.ctime_ns == e.ctime_ns && n.inode == e.inode
+        });
+        if unchanged {
+            summary.files_unchanged += 1;
+            plans.insert(i, Plan::Reuse(prev.expect("checked").clone()));
+        } else {
+            plans.insert(i, Plan::Fetch { had_previous: prev.is_some() });
+            fetch.push(i);
+        }
+    }
+
+    // 4. Fetch and store on an ingest thread; 5. build the trees.
+    let threshold = repo.config().small_file_threshold as u64;
+    let repo_ref: &Repository = repo;
+    let (root_id, stats, index) = std::thread::scope(|s| -> Result<_> {
+        let (tx, mut rx) = mpsc::channel::<(usize, Vec<FileFrame>)>(8);
+        let (fetch_ref, entries_ref) = (&fetch, &entries);
+        let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>)> {
+            let mut w = Writer::new(repo_ref, 0);
+            let mut st = Ingest::new(repo_ref.chunker(false)?, threshold);
+            while let Some((base, frames)) = rx.blocking_recv() {
+                for f in frames {
+                    let idx = fetch_ref
+                        .get(base + f.index as usize)
+                        .copied()
+                        .ok_or_else(|| anyhow!("the agent sent a file it was not asked for"))?;
+                    st.frame(&mut w, repo_ref, entries_ref, idx, f)?;
+                }
+            }
+            st.finish_dir(&mut w)?;
+            Ok((st.results, w))
+        });
+        let net = rt.block_on(fetch_all(&mut client, agent, &info.name, &entries, &fetch, tx));
+        let ingested = ingest.join().map_err(|_| anyhow!("the ingest thread panicked"))?;
+        let (results, mut w) = ingested?;
+        (summary.wire_bytes, summary.bytes_read) = net?;
+        if let Some(&missing) = fetch.iter().find(|i| !results.contains_key(i)) {
+            bail!(
+                "agent {}: the stream ended before {} arrived",
+                agent.name,
+                String::from_utf8_lossy(&entries[missing].path)
+            );
+        }
+        let mut stats = SnapshotStats::default();
+        let mut b = TreeBuild {
+            entries: &entries,
+            tree: &tree,
+            plans: &plans,
+            results: &results,
+            stats: &mut stats,
+            warnings: &mut warnings,
+            summary,
+        };
+        let root = b.dir(&mut w, b"")?;
+        let (index, ws) = w.finish()?;
+        stats.blobs_added = ws.blobs;
+        stats.bytes_added = ws.raw_bytes;
+        stats.stored_added = ws.stored_bytes;
+        Ok((root, stats, index))
+    })?;
+
+    // 6. Commit: the snapshot is the last write.
+    if let Some((id, f)) = index {
+        repo.add_index(id, &f);
+    }
+    let mut metadata = HashMap::new();
+    metadata.insert("agent_version".to_string(), agent_version.to_string());
+    if !warnings.is_empty() {
+        metadata
+            .insert("warnings".to_string(), warnings.iter().take(MAX_WARNINGS).cloned().collect::<Vec<_>>().join("\n"));
+        metadata.insert("warning_count".to_string(), warnings.len().to_string());
+    }
+    let snap = Snapshot {
+        version: repo_format::magic::METADATA_VERSION,
+        time_ns: start.timestamp_nanos_opt().unwrap_or_default(),
+        end_time_ns: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+        host: repo_format::repository::hostname(),
+        agent: agent.name.clone(),
+        source: info.name.clone(),
+        source_kind: info.kind.clone(),
+        role: info.role.clone(),
+        category: info.category.clone(),
+        tree: root_id.0.to_vec(),
+        parent: previous.map(|(id, _)| id.0.to_vec()).unwrap_or_default(),
+        stats: Some(stats.clone()),
+        metadata,
+        program_version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    };
+    lock.ensure_held()?;
+    let id = repo.save_snapshot(&snap)?;
+    summary.snapshot = Some(id.to_hex());
+    summary.bytes_added = stats.bytes_added;
+    summary.stored_added = stats.stored_added;
+    summary.warnings = warnings;
+    Ok(())
+}
+
+/// Results of fetched files by entry index: the content, or why it failed; and whether it
+/// changed while being read.
+type Fetches = HashMap<usize, (Result<FileContent, String>, bool)>;
+
+/// Stream the files to fetch in batches; returns (wire bytes, content bytes).
+async fn fetch_all(
+    client: &mut AgentClient<Channel>,
+    agent: &AgentEntry,
+    source: &str,
+    entries: &[Entry],
+    fetch: &[usize],
+    tx: mpsc::Sender<(usize, Vec<FileFrame>)>,
+) -> Result<(u64, u64)> {
+    let (mut wire, mut read) = (0u64, 0u64);
+    let mut i = 0;
+    while i < fetch.len() {
+        let mut j = i;
+        let mut bytes = 0u64;
+        while j < fetch.len() && j - i < BATCH_FILES && (j == i || bytes + entries[fetch[j]].size <= BATCH_BYTES) {
+            bytes += entries[fetch[j]].size;
+            j += 1;
+        }
+        let paths = fetch[i..j].iter().map(|&k| entries[k].path.clone()).collect();
+        let mut stream = client
+            .read_files(ReadFilesRequest { source: source.to_string(), paths, compress: agent.compress })
+            .await
+            .map_err(|s| anyhow!("agent {}: reading files of {source}: {}", agent.name, s.message()))?
+            .into_inner();
+        let mut reader = FrameReader::new(agent.compress)?;
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| anyhow!("agent {}: the file stream of {source} broke off: {}", agent.name, s.message()))?
+        {
+            wire += msg.encoded_len() as u64;
+            let frames = reader.push(&msg.data)?;
+            read += frames.iter().map(|f| f.data.len() as u64).sum::<u64>();
+            if !frames.is_empty() && tx.send((i, frames)).await.is_err() {
+                // The ingest thread stopped; its error is the one to report.
+                return Ok((wire, read));
+            }
+        }
+        i = j;
+    }
+    Ok((wire, read))
+}
+
+enum Current {
+    Small(Vec<u8>),
+    Large(ChunkedContent),
+}
+
+/// The ingest side: file frames in, content in the repository out.
+struct Ingest {
+    chunker: repo_format::chunker::Chunker,
+    threshold: u64,
+    current: Option<(usize, Current)>,
+    small: SmallFiles,
+    /// Directory of the small files pushed since the last flush, and those files.
+    small_dir: Vec<u8>,
+    pending: Vec<(usize, StreamRange, [u8; 32], u64, bool)>,
+    results: Fetches,
+}
+
+fn parent_of(path: &[u8]) -> &[u8] {
+    path.iter().rposition(|&b| b == b'/').map(|p| &path[..p]).unwrap_or(b"")
+}
+
+impl Ingest {
+    fn new(chunker: repo_format::chunker::Chunker, threshold: u64) -> Ingest {
+        Ingest {
+            small: SmallFiles::new(chunker.clone()),
+            chunker,
+            threshold,
+            current: None,
+            small_dir: Vec::new(),
+            pending: Vec::new(),
+            results: HashMap::new(),
+        }
+    }
+
+    fn frame(
+        &mut self,
+        w: &mut Writer<'_>,
+        _repo: &Repository,
+        entries: &[Entry],
+        idx: usize,
+        f: FileFrame,
+    ) -> Result<()> {
+        if self.current.as_ref().is_none_or(|(i, _)| *i != idx) {
+            let cur = if entries[idx].size < self.threshold {
+                Current::Small(Vec::new())
+            } else {
+                Current::Large(ChunkedContent::new(self.chunker.clone()))
+            };
+            self.current = Some((idx, cur));
+        }
+        let (_, cur) = self.current.as_mut().expect("set above");
+        if !f.data.is_empty() {
+            match cur {
+                Current::Small(buf) => buf.extend_from_slice(&f.data),
+                Current::Large(c) => c.push(w, &f.data)?,
+            }
+        }
+        if !f.end {
+            return Ok(());
+        }
+        let (_, cur) = self.current.take().expect("set above");
+        if !f.error.is_empty() {
+            self.results.insert(idx, (Err(f.error), false));
+            return Ok(());
+        }
+        match cur {
+            Current::Small(buf) => {
+                let hash = *blake3::hash(&buf).as_bytes();
+                if hash.as_slice() != f.blake3.as_slice() {
+                    self.results
+                        .insert(idx, (Err("content differs from the BLAKE3 the agent computed".into()), f.changed));
+                    return Ok(());
+                }
+                let dir = parent_of(&entries[idx].path);
+                if dir != self.small_dir.as_slice() {
+                    self.finish_dir(w)?;
+                    self.small_dir = dir.to_vec();
+                }
+                let range = self.small.push(w, &buf)?;
+                self.pending.push((idx, range, hash, buf.len() as u64, f.changed));
+            }
+            Current::Large(c) => {
+                let content = c.finish(w)?;
+                let result = if content.blake3.as_slice() == f.blake3.as_slice() {
+                    Ok(content)
+                } else {
+                    Err("content differs from the BLAKE3 the agent computed".into())
+                };
+                self.results.insert(idx, (result, f.changed));
+            }
+        }
+        Ok(())
+    }
+
+    /// Cut the shared stream of the current directory's small files and resolve them.
+    fn finish_dir(&mut self, w: &mut Writer<'_>) -> Result<()> {
+        self.small.flush(w)?;
+        for (idx, range, blake3, size, changed) in self.pending.drain(..) {
+            self.results.insert(idx, (Ok(FileContent { chunks: self.small.resolve(range), size, blake3 }), changed));
+        }
+        self.small.clear();
+        Ok(())
+    }
+}
+
+/// Entries by directory.
+#[derive(Default)]
+struct DirTree {
+    children: HashMap<Vec<u8>, Vec<(Vec<u8>, usize)>>,
+}
+
+impl DirTree {
+    fn insert(&mut self, path: &[u8], idx: usize) {
+        let parent = parent_of(path);
+        let name = path[if parent.is_empty() { 0 } else { parent.len() + 1 }..].to_vec();
+        self.children.entry(parent.to_vec()).or_default().push((name, idx));
+    }
+
+    fn sorted(&self, dir: &[u8]) -> Vec<(Vec<u8>, usize)> {
+        let mut v = self.children.get(dir).cloned().unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// File entries in restore order: depth first; in each directory the entries that are not
+    /// directories by name, then the sub-directories by name.
+    fn files_in_order(&self, entries: &[Entry]) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut stack = vec![Vec::new()];
+        while let Some(dir) = stack.pop() {
+            let kids = self.sorted(&dir);
+            out.extend(kids.iter().filter(|(_, i)| entries[*i].kind == EntryKind::File as i32).map(|(_, i)| *i));
+            for (_, i) in kids.iter().rev().filter(|(_, i)| entries[*i].kind == EntryKind::Dir as i32) {
+                stack.push(entries[*i].path.clone());
+            }
+        }
+        out
+    }
+}
+
+fn node_from_entry(e: &Entry, name: Vec<u8>) -> Node {
+    let kind = match EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unknown) {
+        EntryKind::File => NodeKind::File,
+        EntryKind::Dir => NodeKind::Dir,
+        EntryKind::Symlink => NodeKind::Symlink,
+        EntryKind::CharDevice => NodeKind::CharDevice,
+        EntryKind::BlockDevice => NodeKind::BlockDevice,
+        EntryKind::Fifo => NodeKind::Fifo,
+        EntryKind::Socket => NodeKind::Socket,
+        EntryKind::Unknown => NodeKind::Unknown,
+    };
+    Node {
+        name,
+        kind: kind as i32,
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        user: e.user.clone(),
+        group: e.group.clone(),
+        mtime_ns: e.mtime_ns,
+        ctime_ns: e.ctime_ns,
+        size: e.size,
+        inode: e.inode,
+        device: e.device,
+        nlink: e.nlink,
+        link_target: e.link_target.clone(),
+        rdev: e.rdev,
+        xattrs: e.xattrs.iter().map(|x| Xattr { name: x.name.clone(), value: x.value.clone() }).collect(),
+        ..Default::default()
+    }
+}
+
+struct TreeBuild<'a> {
+    entries: &'a [Entry],
+    tree: &'a DirTree,
+    plans: &'a HashMap<usize, Plan>,
+    results: &'a Fetches,
+    stats: &'a mut SnapshotStats,
+    warnings: &'a mut Vec<String>,
+    summary: &'a mut SourceSummary,
+}
+
+impl TreeBuild<'_> {
+    /// The content a file entry ends up with, if any.
+    fn content(&self, idx: usize) -> Option<(Vec<ChunkRef>, Vec<u8>, u64)> {
+        match self.plans.get(&idx)? {
+            Plan::Reuse(n) => Some((n.content.clone(), n.blake3.clone(), n.size)),
+            Plan::Fetch { .. } => match self.results.get(&idx)? {
+                (Ok(c), _) => Some((c.chunks.clone(), c.blake3.to_vec(), c.size)),
+                (Err(_), _) => None,
+            },
+            Plan::LinkTo(first) => self.content(*first),
+        }
+    }
+
+    fn dir(&mut self, w: &mut Writer<'_>, path: &[u8]) -> Result<Id> {
+        let mut nodes = Vec::new();
+        for (name, idx) in self.tree.sorted(path) {
+            let e = &self.entries[idx];
+            let mut node = node_from_entry(e, name);
+            let shown = || String::from_utf8_lossy(&e.path).into_owned();
+            match node.node_kind() {
+                NodeKind::Dir => {
+                    node.subtree = self.dir(w, &e.path)?.0.to_vec();
+                    self.stats.dirs += 1;
+                }
+                NodeKind::File => {
+                    match self.plans.get(&idx) {
+                        Some(Plan::Fetch { had_previous }) => match self.results.get(&idx) {
+                            Some((Ok(_), changed)) => {
+                                if *had_previous {
+                                    self.summary.files_changed += 1;
+                                } else {
+                                    self.summary.files_new += 1;
+                                }
+                                if *changed {
+                                    self.warnings
+                                        .push(format!("{}: changed while it was read; stored as read", shown()));
+                                }
+                            }
+                            Some((Err(why), _)) => {
+                                self.summary.files_failed += 1;
+                                self.warnings.push(format!("{}: not stored: {why}", shown()));
+                                continue;
+                            }
+                            None => bail!("{}: no result", shown()),
+                        },
+                        Some(Plan::LinkTo(first)) => {
+                            node.kind = NodeKind::Hardlink as i32;
+                            node.link_target = self.entries[*first].path.clone();
+                        }
+                        _ => {}
+                    }
+                    let Some((chunks, blake3, size)) = self.content(idx) else {
+                        self.warnings.push(format!("{}: not stored: its first link failed", shown()));
+                        continue;
+                    };
+                    (node.content, node.blake3, node.size) = (chunks, blake3, size);
+                    self.stats.files += 1;
+                    self.stats.bytes += node.size;
+                }
+                _ => self.stats.others += 1,
+            }
+            nodes.push(node);
+        }
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let tree = Tree { version: repo_format::magic::METADATA_VERSION, nodes };
+        Ok(w.add(BlobKind::Tree, tree.encode_to_vec())?)
+    }
+}
+
+/// The newest snapshot of (agent, source).
+fn previous_snapshot(repo: &Repository, agent: &str, source: &str) -> Result<Option<(Id, Snapshot)>> {
+    Ok(repo
+        .snapshots()?
+        .into_iter()
+        .filter(|(_, s)| s.agent == agent && s.source == source)
+        .max_by_key(|(_, s)| s.time_ns))
+}
