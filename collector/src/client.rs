@@ -10,16 +10,18 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::config::{AgentEntry, TlsConfig};
 
+fn host_port(agent: &AgentEntry) -> (String, String) {
+    let rest = agent.endpoint.trim_start_matches("https://").trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((h, p)) => (h.trim_matches(['[', ']']).to_string(), p.to_string()),
+        None => (rest.to_string(), "443".to_string()),
+    }
+}
+
 /// Open a channel to an agent; errors name the agent and the cause in one line.
 pub async fn connect(agent: &AgentEntry, tls: &TlsConfig) -> Result<AgentClient<Channel>> {
     let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-    let host = agent
-        .endpoint
-        .trim_start_matches("https://")
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_matches(['[', ']']))
-        .unwrap_or(&agent.endpoint)
-        .to_string();
+    let (host, _) = host_port(agent);
     let tls_cfg = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
         .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
@@ -60,6 +62,36 @@ pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
         ""
     };
     format!("{text}{hint}")
+}
+
+/// Why a TLS session with the agent fails, found with a plain TLS connection: with TLS 1.3 the
+/// agent judges our certificate after our side of the handshake is done, and the gRPC stack
+/// only reports a cancelled connection. The agent's alert says what is wrong.
+pub async fn diagnose_tls(agent: &AgentEntry, tls: &TlsConfig) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&tls.ca).ok()?.flatten() {
+        roots.add(c).ok()?;
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(&tls.cert).ok()?.flatten().collect();
+    let key = PrivateKeyDer::from_pem_file(&tls.key).ok()?;
+    let mut cfg =
+        rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key).ok()?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let (host, port) = host_port(agent);
+    let name = ServerName::try_from(agent.tls_name.clone().unwrap_or(host.clone())).ok()?;
+    let tcp = tokio::net::TcpStream::connect(format!("{host}:{port}")).await.ok()?;
+    let mut s = match tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await {
+        Ok(s) => s,
+        Err(e) => return Some(cause_chain(&e)),
+    };
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+        Ok(Err(e)) => Some(cause_chain(&e)),
+        _ => None,
+    }
 }
 
 /// Turns the segments of a ReadFiles stream back into FileFrames.

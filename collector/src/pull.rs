@@ -73,14 +73,20 @@ pub fn pull(cfg: &CollectorConfig, repo: &mut Repository, sel: &Selection) -> Re
         let started = Instant::now();
         let hs = rt.block_on(async {
             let mut c = client::connect(agent, &cfg.tls).await?;
-            let hs = c
-                .handshake(HandshakeRequest {
-                    collector_version: env!("CARGO_PKG_VERSION").into(),
-                    protocol: magpie_proto::PROTOCOL_VERSION,
-                })
-                .await
-                .map_err(|s| anyhow!("agent {}: handshake refused: {}", agent.name, s.message()))?
-                .into_inner();
+            let request = HandshakeRequest {
+                collector_version: env!("CARGO_PKG_VERSION").into(),
+                protocol: magpie_proto::PROTOCOL_VERSION,
+            };
+            let hs = match c.handshake(request).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    let why = match client::diagnose_tls(agent, &cfg.tls).await {
+                        Some(tls_error) => tls_error,
+                        None => client::cause_chain(&s),
+                    };
+                    bail!("agent {} ({}): handshake failed: {why}", agent.name, agent.endpoint);
+                }
+            };
             Ok::<_, anyhow::Error>((c, hs))
         });
         let (client, hs) = match hs {
@@ -125,7 +131,7 @@ pub fn pull(cfg: &CollectorConfig, repo: &mut Repository, sel: &Selection) -> Re
 
 /// What to do with one file entry.
 enum Plan {
-    Reuse(Node),
+    Reuse(Box<Node>),
     Fetch { had_previous: bool },
     LinkTo(usize),
 }
@@ -206,7 +212,7 @@ fn pull_source(
         });
         if unchanged {
             summary.files_unchanged += 1;
-            plans.insert(i, Plan::Reuse(prev.expect("checked").clone()));
+            plans.insert(i, Plan::Reuse(Box::new(prev.expect("checked").clone())));
         } else {
             plans.insert(i, Plan::Fetch { had_previous: prev.is_some() });
             fetch.push(i);
@@ -349,7 +355,7 @@ async fn fetch_all(
 
 enum Current {
     Small(Vec<u8>),
-    Large(ChunkedContent),
+    Large(Box<ChunkedContent>),
 }
 
 /// The ingest side: file frames in, content in the repository out.
@@ -393,7 +399,7 @@ impl Ingest {
             let cur = if entries[idx].size < self.threshold {
                 Current::Small(Vec::new())
             } else {
-                Current::Large(ChunkedContent::new(self.chunker.clone()))
+                Current::Large(Box::new(ChunkedContent::new(self.chunker.clone())))
             };
             self.current = Some((idx, cur));
         }

@@ -125,3 +125,181 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     assert!(p.exists(), "{} is not built: run the tests with `cargo test --workspace`", p.display());
     p
 }
+
+/// A test PKI made by the real `collector certs` commands.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// A CA in `dir` with an agent certificate `agent` (SANs localhost, 127.0.0.1) and a
+    /// collector certificate `collector`.
+    pub fn new(dir: &Path) -> Pki {
+        let pki = Pki { dir: dir.to_path_buf() };
+        pki.certs(&["init"]);
+        pki.certs(&["issue", "agent", "agent", "--san", "localhost", "--san", "127.0.0.1"]);
+        pki.certs(&["issue", "collector", "collector"]);
+        pki
+    }
+
+    /// Run `collector certs ARGS --dir DIR`; panics on failure.
+    pub fn certs(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(workspace_bin("collector"))
+            .arg("certs")
+            .args(args)
+            .arg("--dir")
+            .arg(&self.dir)
+            .output()
+            .expect("run collector certs");
+        assert!(out.status.success(), "collector certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The fingerprint of NAME.pem.
+    pub fn fingerprint(&self, name: &str) -> String {
+        let out = std::process::Command::new(workspace_bin("collector"))
+            .args(["certs", "fingerprint"])
+            .arg(self.dir.join(format!("{name}.pem")))
+            .output()
+            .expect("fingerprint");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+}
+
+/// A running `agent serve`, killed on drop. Its log is kept for assertions.
+pub struct Agent {
+    child: std::process::Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Start an agent serving `roots` as source `files` to the pinned identities.
+    pub fn start(work: &Path, pki: &Pki, pinned: &[String], sources_toml: &str) -> Agent {
+        Agent::start_on(work, pki, pinned, sources_toml, free_port())
+    }
+
+    /// The same, on a given port (to restart an agent where the collector expects it).
+    pub fn start_on(work: &Path, pki: &Pki, pinned: &[String], sources_toml: &str, port: u16) -> Agent {
+        let cfg = work.join("agent.toml");
+        let pins: Vec<String> = pinned.iter().map(|p| format!("{p:?}")).collect();
+        fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nname = \"main\"\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_collectors = [{}]\n{sources_toml}",
+                pki.path("agent.pem"),
+                pki.path("agent-key.pem"),
+                pki.path("ca.pem"),
+                pins.join(", ")
+            ),
+        )
+        .expect("write agent.toml");
+        let log = work.join("agent.log");
+        let child = std::process::Command::new(workspace_bin("agent"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stderr(fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start agent");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent did not start: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Agent { child, port, log }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kill the agent now (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// A collector setup: repository, passphrase and collector.toml pointing at one agent.
+pub struct Collector {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Collector {
+    /// Initialise a repository in `dir` and write a configuration using `cert`/`key` of `pki`.
+    pub fn new(dir: &Path, pki: &Pki, agent_port: u16, cert: &str, compress: bool) -> Collector {
+        fs::create_dir_all(dir).expect("collector dir");
+        fs::write(dir.join("pass"), "pull test passphrase\n").expect("pass");
+        let config = dir.join("collector.toml");
+        fs::write(
+            &config,
+            format!(
+                "repository = {:?}\npassphrase_file = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[agent]]\nname = \"main\"\nendpoint = \"https://127.0.0.1:{agent_port}\"\ncompress = {compress}\nconnect_timeout_secs = 5\n",
+                dir.join("repo"),
+                dir.join("pass"),
+                pki.path("ca.pem"),
+                pki.path(&format!("{cert}.pem")),
+                pki.path(&format!("{cert}-key.pem")),
+            ),
+        )
+        .expect("collector.toml");
+        let c = Collector { dir: dir.to_path_buf(), config };
+        let out = c.run(&["init", "--kdf-memory-mib", "1", "--kdf-iterations", "1"]);
+        assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+        c
+    }
+
+    /// Run `collector --config … ARGS`.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(workspace_bin("collector"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("MAGPIE_PASSPHRASE")
+            .env_remove("MAGPIE_REPOSITORY")
+            .output()
+            .expect("run collector")
+    }
+
+    /// `pull --json`, parsed; panics unless it succeeded.
+    pub fn pull(&self) -> serde_json::Value {
+        let out = self.run(&["pull", "--json"]);
+        assert!(
+            out.status.success(),
+            "pull failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("pull --json");
+        v[0].clone()
+    }
+
+    /// Open the repository.
+    pub fn repo(&self) -> Repository {
+        let mut r = Repository::open(Arc::new(LocalBackend::new(self.dir.join("repo"))), Some(b"pull test passphrase"))
+            .expect("open");
+        r.load_index().expect("index");
+        r
+    }
+}

@@ -1,0 +1,309 @@
+//! `collector pull` against a real `agent serve` over mutual TLS on 127.0.0.1.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use magpie_tests::{Agent, Collector, Pki};
+
+fn source_toml(root: &Path) -> String {
+    format!("[[source]]\nname = \"files\"\nkind = \"path\"\nroots = [{root:?}]\nrole = \"data\"\n")
+}
+
+/// Kind, mode, mtime, content hash, link target, and the first path sharing the inode.
+type EntryState = (String, u32, i64, String, Vec<u8>, Option<Vec<u8>>);
+
+/// What a user compares after a restore, by relative path.
+fn state(root: &Path) -> BTreeMap<Vec<u8>, EntryState> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut names: Vec<PathBuf> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).collect();
+        names.sort();
+        for p in names {
+            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let (kind, hash, link) = if m.file_type().is_symlink() {
+                ("symlink", String::new(), fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec())
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                ("dir", String::new(), Vec::new())
+            } else {
+                let mut h = blake3::Hasher::new();
+                h.update_reader(fs::File::open(&p).unwrap()).unwrap();
+                ("file", h.finalize().to_hex().to_string(), Vec::new())
+            };
+            let group = (m.is_file() && m.nlink() > 1).then(|| inodes.entry(m.ino()).or_insert(rel.clone()).clone());
+            let mtime = if kind == "symlink" { 0 } else { m.mtime() * 1_000_000_000 + m.mtime_nsec() };
+            let mode = if kind == "symlink" { 0 } else { m.mode() & 0o7777 };
+            out.insert(rel, (kind.to_string(), mode, mtime, hash, link, group));
+        }
+    }
+    out
+}
+
+fn restore(c: &Collector, out: &Path) {
+    let o = c.run(&["restore", "latest", "--target-dir", out.to_str().unwrap()]);
+    assert!(o.status.success(), "restore: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Where a source root lands inside a restore target.
+fn inside(target: &Path, root: &Path) -> PathBuf {
+    target.join(root.strip_prefix("/").unwrap())
+}
+
+fn setup(name: &str) -> (tempfile::TempDir, Pki, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join(name);
+    fs::create_dir_all(&src).unwrap();
+    (tmp, pki, src)
+}
+
+#[test]
+fn pull_round_trip_with_odd_names_links_modes_and_a_large_file() {
+    let (tmp, pki, src) = setup("src");
+    fs::create_dir_all(src.join("dir with spaces/deeper")).unwrap();
+    fs::write(src.join("dir with spaces/deeper/text.txt"), magpie_tests::text(200_000, 1)).unwrap();
+    fs::write(src.join("empty"), b"").unwrap();
+    fs::write(src.join("new\nline"), b"newline in the name").unwrap();
+    fs::write(src.join(std::ffi::OsStr::from_bytes(b"latin1-\xe9t\xe9")), b"not utf-8").unwrap();
+    fs::write(src.join("random.bin"), magpie_tests::noise(3 << 20, 2)).unwrap();
+    for i in 0..300 {
+        fs::write(src.join("dir with spaces").join(format!("small-{i}")), magpie_tests::text(100 + i * 7, i as u64))
+            .unwrap();
+    }
+    fs::write(src.join("secret"), b"mode 600").unwrap();
+    fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(src.join("tool"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(src.join("tool"), fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::symlink("random.bin", src.join("link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", src.join("dangling")).unwrap();
+    fs::hard_link(src.join("secret"), src.join("dir with spaces/hard")).unwrap();
+    // A 1 GiB sparse file with a few written regions.
+    let big = fs::File::create(src.join("sparse-1g")).unwrap();
+    big.set_len(1 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    for off in [0u64, 300 << 20, (1 << 30) - 5] {
+        big.write_all_at(b"magpie", off.min((1 << 30) - 6)).unwrap();
+    }
+    drop(big);
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 42);
+    fs::File::open(src.join("random.bin")).unwrap().set_modified(t).unwrap();
+
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", true);
+    let s = c.pull();
+    assert!(s["snapshot"].is_string(), "{s}");
+    assert_eq!(s["files_failed"], 0, "{s}");
+    let out = tmp.path().join("out");
+    restore(&c, &out);
+    assert_eq!(state(&src), state(&inside(&out, &src)));
+    // The sparse gigabyte went over the wire compressed.
+    assert!(s["wire_bytes"].as_u64().unwrap() < 100 << 20, "{s}");
+}
+
+#[test]
+fn unchanged_files_are_not_transferred_and_a_change_moves_only_that_file() {
+    let (tmp, pki, src) = setup("src");
+    for i in 0..50 {
+        fs::write(src.join(format!("f{i}")), magpie_tests::noise(10_000 + i, i as u64)).unwrap();
+    }
+    fs::write(src.join("big"), magpie_tests::noise(5 << 20, 99)).unwrap();
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+    let first = c.pull();
+    assert_eq!(first["files_new"], 51, "{first}");
+    let second = c.pull();
+    assert_eq!(second["files_unchanged"], 51, "{second}");
+    assert_eq!(second["bytes_read"], 0, "{second}");
+    assert_eq!(second["wire_bytes"], 0, "{second}");
+    assert_eq!(second["bytes_added"].as_u64().unwrap(), 0, "{second}");
+    fs::write(src.join("f7"), b"changed").unwrap();
+    let third = c.pull();
+    assert_eq!(third["files_changed"], 1, "{third}");
+    assert_eq!(third["files_unchanged"], 50, "{third}");
+    assert_eq!(third["bytes_read"], 7, "{third}");
+    let out = tmp.path().join("out");
+    restore(&c, &out);
+    assert_eq!(state(&src), state(&inside(&out, &src)));
+}
+
+fn pull_fails(c: &Collector) -> String {
+    let o = c.run(&["pull"]);
+    assert_eq!(o.status.code(), Some(4), "{}", String::from_utf8_lossy(&o.stdout));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(text.contains("main") && text.contains("FAILED"), "{text}");
+    assert_eq!(c.run(&["list", "--json"]).stdout, b"[]\n", "no snapshot");
+    text
+}
+
+#[test]
+fn certificates_from_another_ca_unpinned_or_expired_are_refused() {
+    let (tmp, pki, src) = setup("src");
+    fs::write(src.join("f"), b"x").unwrap();
+    pki.certs(&["issue", "collector", "intruder"]);
+    pki.certs(&["issue", "collector", "old", "--valid-from", "2020-01-01", "--valid-until", "2021-01-01"]);
+    let other = Pki::new(&tmp.path().join("other-pki"));
+    // The other CA's collector certificate, copied next to ours.
+    fs::copy(other.path("collector.pem"), pki.path("foreign.pem")).unwrap();
+    fs::copy(other.path("collector-key.pem"), pki.path("foreign-key.pem")).unwrap();
+    let pinned = [pki.fingerprint("collector"), pki.fingerprint("old"), pki.fingerprint("foreign")];
+    let agent = Agent::start(tmp.path(), &pki, &pinned, &source_toml(&src));
+
+    let foreign = Collector::new(&tmp.path().join("c-foreign"), &pki, agent.port, "foreign", false);
+    pull_fails(&foreign);
+    let unpinned = Collector::new(&tmp.path().join("c-unpinned"), &pki, agent.port, "intruder", false);
+    let text = pull_fails(&unpinned);
+    assert!(text.contains("allowed_collectors"), "the error says what to fix: {text}");
+    let expired = Collector::new(&tmp.path().join("c-expired"), &pki, agent.port, "old", false);
+    let text = pull_fails(&expired);
+    assert!(text.to_lowercase().contains("expired"), "the error says the certificate expired: {text}");
+
+    let log = agent.log();
+    assert!(log.contains(&pki.fingerprint("intruder")) && log.contains("not in tls.allowed_collectors"), "{log}");
+    assert!(log.contains(&pki.fingerprint("old")), "the expired certificate is logged: {log}");
+    assert!(log.matches("refused collector certificate").count() >= 3, "{log}");
+    // The pinned, valid collector gets in.
+    let good = Collector::new(&tmp.path().join("c-good"), &pki, agent.port, "collector", false);
+    good.pull();
+}
+
+#[test]
+fn a_client_without_a_certificate_is_refused() {
+    let (tmp, pki, src) = setup("src");
+    fs::write(src.join("f"), b"x").unwrap();
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(fs::read(pki.path("ca.pem")).unwrap()))
+            .domain_name("localhost");
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", agent.port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await?;
+        let mut c = magpie_proto::v1::agent_client::AgentClient::new(ch);
+        c.handshake(magpie_proto::v1::HandshakeRequest::default())
+            .await
+            .map_err(|s| Box::new(s) as Box<dyn std::error::Error>)?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    });
+    assert!(result.is_err(), "a client without a certificate got an answer");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(agent.log().contains("TLS handshake with 127.0.0.1"), "{}", agent.log());
+}
+
+/// Ask the agent for paths directly, as a compromised collector could.
+fn read_raw(pki: &Pki, port: u16, paths: Vec<Vec<u8>>) -> Vec<magpie_proto::v1::FileFrame> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(fs::read(pki.path("ca.pem")).unwrap()))
+            .identity(tonic::transport::Identity::from_pem(
+                fs::read(pki.path("collector.pem")).unwrap(),
+                fs::read(pki.path("collector-key.pem")).unwrap(),
+            ))
+            .domain_name("localhost");
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = magpie_proto::v1::agent_client::AgentClient::new(ch);
+        let mut s = c
+            .read_files(magpie_proto::v1::ReadFilesRequest { source: "files".into(), paths, compress: false })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut buf = Vec::new();
+        while let Some(m) = s.message().await.unwrap() {
+            buf.extend_from_slice(&m.data);
+        }
+        let mut frames = Vec::new();
+        let mut rest = buf.as_slice();
+        while !rest.is_empty() {
+            frames.push(<magpie_proto::v1::FileFrame as prost::Message>::decode_length_delimited(&mut rest).unwrap());
+        }
+        frames
+    })
+}
+
+#[test]
+fn symlinks_out_of_a_root_are_recorded_never_followed() {
+    let (tmp, pki, src) = setup("src");
+    let outside = tmp.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("secret"), b"must not be read").unwrap();
+    std::os::unix::fs::symlink(&outside, src.join("escape-dir")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), src.join("escape-file")).unwrap();
+    fs::write(src.join("ok"), b"fine").unwrap();
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+    let s = c.pull();
+    assert_eq!(s["bytes_read"], 4, "only `ok` was read: {s}");
+    let ls = String::from_utf8(c.run(&["ls", "latest", "-R"]).stdout).unwrap();
+    assert!(ls.contains("escape-dir -> ") && ls.contains("escape-file -> "), "{ls}");
+    assert!(!ls.contains("escape-dir/secret"), "{ls}");
+    // Asked directly, the agent refuses every way out of the root.
+    let rel = |p: &Path| p.strip_prefix("/").unwrap().as_os_str().as_bytes().to_vec();
+    let mut escape = rel(&src);
+    escape.extend_from_slice(b"/escape-dir/secret");
+    let mut through_file = rel(&src);
+    through_file.extend_from_slice(b"/escape-file");
+    let mut dotdot = rel(&src);
+    dotdot.extend_from_slice(b"/../outside/secret");
+    let frames = read_raw(&pki, agent.port, vec![escape, through_file, dotdot, rel(&outside.join("secret"))]);
+    assert_eq!(frames.len(), 4, "one (error) frame per path");
+    for f in &frames {
+        assert!(f.end && !f.error.is_empty() && f.data.is_empty(), "{f:?}");
+    }
+}
+
+#[test]
+fn agent_killed_mid_pull_fails_cleanly_and_the_next_pull_succeeds() {
+    let (tmp, pki, src) = setup("src");
+    for i in 0..4 {
+        fs::write(src.join(format!("big{i}")), magpie_tests::noise(64 << 20, i)).unwrap();
+    }
+    let mut agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let port = agent.port;
+    let c = Collector::new(&tmp.path().join("collector"), &pki, port, "collector", true);
+    let child = std::process::Command::new(magpie_tests::workspace_bin("collector"))
+        .arg("--config")
+        .arg(&c.config)
+        .arg("pull")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the agent once the pull is under way (its log shows the handshake).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !agent.log().contains("handshake from collector") {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    agent.kill();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(c.run(&["list", "--json"]).stdout, b"[]\n", "nothing partial was committed");
+    // Restart where the collector expects it; the next pull into the same repository succeeds.
+    drop(agent);
+    let _agent = Agent::start_on(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src), port);
+    let s = c.pull();
+    assert_eq!(s["files_new"], 4, "{s}");
+    let o = c.run(&["check", "--verify-data"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let out = tmp.path().join("out");
+    restore(&c, &out);
+    assert_eq!(state(&src), state(&inside(&out, &src)));
+}
