@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use magpie_proto::v1::agent_server::Agent;
 use magpie_proto::v1::{
-    FileFrame, HandshakeRequest, HandshakeResponse, ListRequest, ListResponse, ReadFilesRequest, ReadFilesResponse,
-    SourceInfo,
+    DeltaFrame, DeltaRequest, DeltaResponse, FileFrame, HandshakeRequest, HandshakeResponse, ListRequest, ListResponse,
+    ReadFilesRequest, ReadFilesResponse, SourceInfo,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,6 +20,12 @@ use crate::wire::FrameWriter;
 const LIST_BATCH: usize = 512;
 /// Bytes of file content per FileFrame.
 const PIECE: usize = 256 * 1024;
+/// Window of a file diffed at once: `fast_rsync::diff` needs a slice, so a large file is diffed
+/// in windows read with ordinary reads (never mapped: a live file that shrinks would kill us).
+const DELTA_WINDOW: usize = 16 << 20;
+/// A first window whose delta is more than this share literal data means the file changed
+/// wholesale: the collector is told to fetch it whole instead.
+const NO_GAIN: f64 = 0.9;
 
 pub struct AgentService {
     pub name: String,
@@ -153,4 +159,131 @@ impl Agent for AgentService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    type DeltaStream = ReceiverStream<Result<DeltaResponse, Status>>;
+
+    async fn delta(&self, request: Request<DeltaRequest>) -> Result<Response<Self::DeltaStream>, Status> {
+        let req = request.into_inner();
+        let idx = self.source(&req.source)?;
+        let signature = fast_rsync::Signature::deserialize(req.signature)
+            .map_err(|_| Status::invalid_argument("the signature is not a fast_rsync MD4 signature"))?;
+        let sources = self.sources.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let send = |data: Vec<u8>| data.is_empty() || tx.blocking_send(Ok(DeltaResponse { data })).is_ok();
+            let mut w = match FrameWriter::new(req.compress) {
+                Ok(w) => w,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                    return;
+                }
+            };
+            let end = match delta_frames(&sources[idx], &req.path, &signature, &mut |f| match w.push(&f) {
+                Ok(Some(seg)) => send(seg),
+                Ok(None) => true,
+                Err(_) => false,
+            }) {
+                Ok(Some(end)) => end,
+                Ok(None) => return,
+                Err(e) => DeltaFrame { end: true, error: e.to_string(), ..Default::default() },
+            };
+            if let Ok(Some(seg)) = w.push(&end)
+                && !send(seg)
+            {
+                return;
+            }
+            if let Ok(seg) = w.finish() {
+                send(seg);
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Diff a file window by window; hands each window's frame to `emit` (false = the collector went
+/// away, returns None) and returns the end frame.
+fn delta_frames(
+    src: &Source,
+    path: &[u8],
+    signature: &fast_rsync::Signature,
+    emit: &mut dyn FnMut(DeltaFrame) -> bool,
+) -> std::io::Result<Option<DeltaFrame>> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut f = source::open(src, path)?;
+    let before = f.metadata()?;
+    let index = signature.index();
+    let mut hasher = blake3::Hasher::new();
+    let mut window = vec![0u8; DELTA_WINDOW];
+    let mut first = true;
+    loop {
+        let mut n = 0;
+        while n < window.len() {
+            match f.read(&mut window[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        hasher.update(&window[..n]);
+        let mut delta = Vec::new();
+        fast_rsync::diff(&index, &window[..n], &mut delta).map_err(|e| std::io::Error::other(e.to_string()))?;
+        if first && literal_bytes(&delta) as f64 > NO_GAIN * n as f64 {
+            return Ok(Some(DeltaFrame { end: true, error: "no-gain".into(), ..Default::default() }));
+        }
+        first = false;
+        if !emit(DeltaFrame { delta, window_len: n as u64, ..Default::default() }) {
+            return Ok(None);
+        }
+        if n < window.len() {
+            break;
+        }
+    }
+    let after = f.metadata()?;
+    let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
+    Ok(Some(DeltaFrame {
+        end: true,
+        blake3: hasher.finalize().as_bytes().to_vec(),
+        size: after.len(),
+        mtime_ns: ns(after.mtime(), after.mtime_nsec()),
+        ctime_ns: ns(after.ctime(), after.ctime_nsec()),
+        changed: before.len() != after.len()
+            || before.mtime_nsec() != after.mtime_nsec()
+            || before.mtime() != after.mtime(),
+        ..Default::default()
+    }))
+}
+
+/// Literal bytes in a librsync-format delta (commands: 0 end; 1..=64 literal of that length;
+/// 0x41..=0x44 literal with a 1/2/4/8-byte length; 0x45..=0x54 copy).
+fn literal_bytes(delta: &[u8]) -> usize {
+    let mut pos = 4;
+    let mut total = 0;
+    let int = |b: &[u8]| b.iter().fold(0usize, |a, &x| (a << 8) | x as usize);
+    while let Some(&cmd) = delta.get(pos) {
+        pos += 1;
+        match cmd {
+            0 => break,
+            1..=0x40 => {
+                total += cmd as usize;
+                pos += cmd as usize;
+            }
+            0x41..=0x44 => {
+                let w = 1 << (cmd - 0x41);
+                let n = delta.get(pos..pos + w).map(int).unwrap_or(0);
+                total += n;
+                pos += w + n;
+            }
+            0x45..=0x54 => {
+                let m = cmd - 0x45;
+                pos += (1 << (m / 4)) + (1 << (m % 4));
+            }
+            _ => break,
+        }
+    }
+    total
 }

@@ -1,7 +1,6 @@
-//! The ReadFiles byte stream: length-delimited FileFrames in one zstd stream per RPC, so the
-//! compression context spans every file of the call (per-message compression would lose it).
+//! The ReadFiles and Delta byte streams: length-delimited frames in one zstd stream per RPC, so
+//! the compression context spans every file of the call (per-message compression would lose it).
 
-use magpie_proto::v1::FileFrame;
 use prost::Message;
 
 /// Plain bytes gathered before a segment is flushed into one gRPC message.
@@ -22,7 +21,7 @@ impl FrameWriter {
     }
 
     /// Add a frame; returns a segment to send when one is due.
-    pub fn push(&mut self, frame: &FileFrame) -> std::io::Result<Option<Vec<u8>>> {
+    pub fn push(&mut self, frame: &impl Message) -> std::io::Result<Option<Vec<u8>>> {
         let bytes = frame.encode_length_delimited_to_vec();
         match self {
             FrameWriter::Plain(buf) => {

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use magpie_proto::v1::FileFrame;
 use magpie_proto::v1::agent_client::AgentClient;
 use prost::Message;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -94,7 +93,7 @@ pub async fn diagnose_tls(agent: &AgentEntry, tls: &TlsConfig) -> Option<String>
     }
 }
 
-/// Turns the segments of a ReadFiles stream back into FileFrames.
+/// Turns the segments of a ReadFiles or Delta stream back into frames.
 pub struct FrameReader {
     zstd: Option<zstd::stream::write::Decoder<'static, Vec<u8>>>,
     plain: Vec<u8>,
@@ -109,7 +108,7 @@ impl FrameReader {
     }
 
     /// Feed one segment; returns the frames it completed.
-    pub fn push(&mut self, segment: &[u8]) -> Result<Vec<FileFrame>> {
+    pub fn push<M: Message + Default>(&mut self, segment: &[u8]) -> Result<Vec<M>> {
         match &mut self.zstd {
             Some(d) => {
                 use std::io::Write;
@@ -129,7 +128,7 @@ impl FrameReader {
             if rest.len() < len {
                 break;
             }
-            frames.push(FileFrame::decode(&rest[..len]).context("malformed frame from the agent")?);
+            frames.push(M::decode(&rest[..len]).context("malformed frame from the agent")?);
             pos += header + len;
         }
         self.plain.drain(..pos);

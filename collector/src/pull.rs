@@ -7,11 +7,14 @@
 //! Nothing is committed for a source whose pull fails.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use magpie_proto::v1::agent_client::AgentClient;
-use magpie_proto::v1::{Entry, EntryKind, FileFrame, HandshakeRequest, ListRequest, ReadFilesRequest};
+use magpie_proto::v1::{
+    DeltaFrame, DeltaRequest, Entry, EntryKind, FileFrame, HandshakeRequest, ListRequest, ReadFilesRequest,
+};
 use prost::Message;
 use repo_format::archive::{ChunkedContent, FileContent, SmallFiles, StreamRange};
 use repo_format::repofile::tree::{ChunkRef, Node, NodeKind, Tree, Xattr};
@@ -22,6 +25,7 @@ use tonic::transport::Channel;
 
 use crate::client::{self, FrameReader};
 use crate::config::{AgentEntry, CollectorConfig};
+use crate::delta::{self, OldContent};
 
 /// Files per ReadFiles call, and bytes (by listed size) per call.
 const BATCH_FILES: usize = 2000;
@@ -40,6 +44,8 @@ pub struct SourceSummary {
     pub files_changed: u64,
     pub files_unchanged: u64,
     pub files_failed: u64,
+    /// Changed files that travelled as rsync deltas.
+    pub files_delta: u64,
     /// File content received from the agent.
     pub bytes_read: u64,
     /// Bytes of ReadFiles payload on the wire (after the agent's compression).
@@ -196,6 +202,9 @@ fn pull_source(
     // 3. The plan, in restore order (so the first name of a hard link comes first).
     let mut plans: HashMap<usize, Plan> = HashMap::new();
     let mut fetch: Vec<usize> = Vec::new();
+    // Changed large files whose previous version is similar in size travel as deltas.
+    let mut deltas: Vec<usize> = Vec::new();
+    let mut delta_prev: HashMap<usize, Node> = HashMap::new();
     let mut first_link: HashMap<(u64, u64), usize> = HashMap::new();
     for i in tree.files_in_order(&entries) {
         let e = &entries[i];
@@ -215,7 +224,18 @@ fn pull_source(
             plans.insert(i, Plan::Reuse(Box::new(prev.expect("checked").clone())));
         } else {
             plans.insert(i, Plan::Fetch { had_previous: prev.is_some() });
-            fetch.push(i);
+            match prev {
+                Some(p)
+                    if p.size >= delta::DELTA_MIN
+                        && e.size >= delta::DELTA_MIN
+                        && e.size <= p.size * 2
+                        && p.size <= e.size * 2 =>
+                {
+                    deltas.push(i);
+                    delta_prev.insert(i, p.clone());
+                }
+                _ => fetch.push(i),
+            }
         }
     }
 
@@ -223,28 +243,71 @@ fn pull_source(
     let threshold = repo.config().small_file_threshold as u64;
     let repo_ref: &Repository = repo;
     let (root_id, stats, index) = std::thread::scope(|s| -> Result<_> {
-        let (tx, mut rx) = mpsc::channel::<(usize, Vec<FileFrame>)>(8);
-        let (fetch_ref, entries_ref) = (&fetch, &entries);
+        let (tx, mut rx) = mpsc::channel::<Msg>(8);
+        let (entries_ref, delta_prev_ref) = (&entries, &delta_prev);
         let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>)> {
             let mut w = Writer::new(repo_ref, 0);
             let mut st = Ingest::new(repo_ref.chunker(false)?, threshold);
-            while let Some((base, frames)) = rx.blocking_recv() {
-                for f in frames {
-                    let idx = fetch_ref
-                        .get(base + f.index as usize)
-                        .copied()
-                        .ok_or_else(|| anyhow!("the agent sent a file it was not asked for"))?;
-                    st.frame(&mut w, repo_ref, entries_ref, idx, f)?;
+            let mut patch: Option<Patch<'_>> = None;
+            while let Some(msg) = rx.blocking_recv() {
+                match msg {
+                    Msg::Files(batch, frames) => {
+                        for f in frames {
+                            let idx = batch
+                                .get(f.index as usize)
+                                .copied()
+                                .ok_or_else(|| anyhow!("the agent sent a file it was not asked for"))?;
+                            st.frame(&mut w, entries_ref, idx, f)?;
+                        }
+                    }
+                    Msg::Delta(idx, f) => {
+                        let p = match patch.as_mut() {
+                            Some(p) if p.idx == idx => p,
+                            _ => patch.insert(Patch::new(idx, repo_ref, &delta_prev_ref[&idx], &st.chunker)),
+                        };
+                        p.window(&mut w, &f);
+                    }
+                    Msg::DeltaEnd(idx, f, reply) => {
+                        let p = match patch.take() {
+                            Some(p) if p.idx == idx => p,
+                            _ => Patch::new(idx, repo_ref, &delta_prev_ref[&idx], &st.chunker),
+                        };
+                        let ok = match p.finish(&mut w, &f)? {
+                            Some(content) => {
+                                st.results.insert(idx, (Ok(content), f.changed));
+                                true
+                            }
+                            None => false,
+                        };
+                        let _ = reply.send(ok);
+                    }
                 }
             }
             st.finish_dir(&mut w)?;
             Ok((st.results, w))
         });
-        let net = rt.block_on(fetch_all(&mut client, agent, &info.name, &entries, &fetch, tx));
+        let net = rt.block_on(async {
+            let (mut wire, mut fallback, mut delta_done) = (0u64, Vec::new(), 0u64);
+            for &idx in &deltas {
+                let (ok, bytes) =
+                    pull_delta(&mut client, agent, &info.name, repo_ref, &entries[idx], &delta_prev[&idx], idx, &tx)
+                        .await?;
+                wire += bytes;
+                if ok {
+                    delta_done += 1;
+                } else {
+                    fallback.push(idx);
+                }
+            }
+            fetch.extend(fallback);
+            let (w2, read) = fetch_all(&mut client, agent, &info.name, &entries, &fetch, tx).await?;
+            Ok::<_, anyhow::Error>((wire + w2, read, delta_done))
+        });
         let ingested = ingest.join().map_err(|_| anyhow!("the ingest thread panicked"))?;
         let (results, mut w) = ingested?;
-        (summary.wire_bytes, summary.bytes_read) = net?;
-        if let Some(&missing) = fetch.iter().find(|i| !results.contains_key(i)) {
+        let (wire, read, delta_done) = net?;
+        (summary.wire_bytes, summary.bytes_read, summary.files_delta) = (wire, read, delta_done);
+        if let Some(&missing) = fetch.iter().chain(&deltas).find(|i| !results.contains_key(i)) {
             bail!(
                 "agent {}: the stream ended before {} arrived",
                 agent.name,
@@ -310,6 +373,112 @@ fn pull_source(
 /// changed while being read.
 type Fetches = HashMap<usize, (Result<FileContent, String>, bool)>;
 
+/// What the network side hands the ingest thread.
+enum Msg {
+    /// Frames of a ReadFiles call, whose `index` points into the batch (entry indices).
+    Files(Arc<Vec<usize>>, Vec<FileFrame>),
+    /// One window of a delta for an entry.
+    Delta(usize, DeltaFrame),
+    /// The end of a delta: the ingest thread answers whether the result verified.
+    DeltaEnd(usize, DeltaFrame, tokio::sync::oneshot::Sender<bool>),
+}
+
+/// Pull one file as an rsync delta against its previous version. Returns whether it verified
+/// (if not, the caller fetches it whole) and the wire bytes it cost.
+#[allow(clippy::too_many_arguments)]
+async fn pull_delta(
+    client: &mut AgentClient<Channel>,
+    agent: &AgentEntry,
+    source: &str,
+    repo: &Repository,
+    entry: &Entry,
+    prev: &Node,
+    idx: usize,
+    tx: &mpsc::Sender<Msg>,
+) -> Result<(bool, u64)> {
+    let signature = OldContent::new(repo, prev).signature()?;
+    let request =
+        DeltaRequest { source: source.to_string(), path: entry.path.clone(), signature, compress: agent.compress };
+    let mut stream = client
+        .delta(request)
+        .await
+        .map_err(|s| {
+            anyhow!("agent {}: delta of {}: {}", agent.name, String::from_utf8_lossy(&entry.path), s.message())
+        })?
+        .into_inner();
+    let mut reader = FrameReader::new(agent.compress)?;
+    let mut wire = 0u64;
+    let gone = || anyhow!("the ingest thread stopped");
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow!("agent {}: the delta stream of {source} broke off: {}", agent.name, s.message()))?
+    {
+        wire += msg.encoded_len() as u64;
+        for f in reader.push::<DeltaFrame>(&msg.data)? {
+            if f.end {
+                let (reply, verdict) = tokio::sync::oneshot::channel();
+                tx.send(Msg::DeltaEnd(idx, f, reply)).await.map_err(|_| gone())?;
+                return Ok((verdict.await.unwrap_or(false), wire));
+            }
+            tx.send(Msg::Delta(idx, f)).await.map_err(|_| gone())?;
+        }
+    }
+    bail!(
+        "agent {}: the delta stream of {} ended without its last frame",
+        agent.name,
+        String::from_utf8_lossy(&entry.path)
+    )
+}
+
+/// A file being rebuilt from its previous version and the agent's window deltas.
+struct Patch<'r> {
+    idx: usize,
+    old: OldContent<'r>,
+    content: ChunkedContent,
+    buf: Vec<u8>,
+    /// Why the delta cannot be used (a bad delta is not an error of the pull: the file is
+    /// fetched whole instead).
+    failed: Option<String>,
+}
+
+impl<'r> Patch<'r> {
+    fn new(idx: usize, repo: &'r Repository, prev: &Node, chunker: &repo_format::chunker::Chunker) -> Patch<'r> {
+        Patch {
+            idx,
+            old: OldContent::new(repo, prev),
+            content: ChunkedContent::new(chunker.clone()),
+            buf: Vec::new(),
+            failed: None,
+        }
+    }
+
+    fn window(&mut self, w: &mut Writer<'_>, f: &DeltaFrame) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.buf.clear();
+        let r =
+            self.old.apply(&f.delta, f.window_len, &mut self.buf).and_then(|_| Ok(self.content.push(w, &self.buf)?));
+        if let Err(e) = r {
+            self.failed = Some(format!("{e:#}"));
+        }
+    }
+
+    /// The rebuilt content if it verifies against the agent's BLAKE3.
+    fn finish(self, w: &mut Writer<'_>, end: &DeltaFrame) -> Result<Option<FileContent>> {
+        if !end.error.is_empty() || self.failed.is_some() {
+            tracing::debug!(
+                "delta not used: {}",
+                if end.error.is_empty() { self.failed.unwrap_or_default() } else { end.error.clone() }
+            );
+            return Ok(None);
+        }
+        let content = self.content.finish(w)?;
+        Ok((content.blake3.as_slice() == end.blake3.as_slice()).then_some(content))
+    }
+}
+
 /// Stream the files to fetch in batches; returns (wire bytes, content bytes).
 async fn fetch_all(
     client: &mut AgentClient<Channel>,
@@ -317,7 +486,7 @@ async fn fetch_all(
     source: &str,
     entries: &[Entry],
     fetch: &[usize],
-    tx: mpsc::Sender<(usize, Vec<FileFrame>)>,
+    tx: mpsc::Sender<Msg>,
 ) -> Result<(u64, u64)> {
     let (mut wire, mut read) = (0u64, 0u64);
     let mut i = 0;
@@ -328,7 +497,8 @@ async fn fetch_all(
             bytes += entries[fetch[j]].size;
             j += 1;
         }
-        let paths = fetch[i..j].iter().map(|&k| entries[k].path.clone()).collect();
+        let batch: Arc<Vec<usize>> = Arc::new(fetch[i..j].to_vec());
+        let paths = batch.iter().map(|&k| entries[k].path.clone()).collect();
         let mut stream = client
             .read_files(ReadFilesRequest { source: source.to_string(), paths, compress: agent.compress })
             .await
@@ -341,9 +511,9 @@ async fn fetch_all(
             .map_err(|s| anyhow!("agent {}: the file stream of {source} broke off: {}", agent.name, s.message()))?
         {
             wire += msg.encoded_len() as u64;
-            let frames = reader.push(&msg.data)?;
+            let frames: Vec<FileFrame> = reader.push(&msg.data)?;
             read += frames.iter().map(|f| f.data.len() as u64).sum::<u64>();
-            if !frames.is_empty() && tx.send((i, frames)).await.is_err() {
+            if !frames.is_empty() && tx.send(Msg::Files(batch.clone(), frames)).await.is_err() {
                 // The ingest thread stopped; its error is the one to report.
                 return Ok((wire, read));
             }
@@ -387,14 +557,7 @@ impl Ingest {
         }
     }
 
-    fn frame(
-        &mut self,
-        w: &mut Writer<'_>,
-        _repo: &Repository,
-        entries: &[Entry],
-        idx: usize,
-        f: FileFrame,
-    ) -> Result<()> {
+    fn frame(&mut self, w: &mut Writer<'_>, entries: &[Entry], idx: usize, f: FileFrame) -> Result<()> {
         if self.current.as_ref().is_none_or(|(i, _)| *i != idx) {
             let cur = if entries[idx].size < self.threshold {
                 Current::Small(Vec::new())

@@ -307,3 +307,33 @@ fn agent_killed_mid_pull_fails_cleanly_and_the_next_pull_succeeds() {
     restore(&c, &out);
     assert_eq!(state(&src), state(&inside(&out, &src)));
 }
+
+#[test]
+fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
+    let (tmp, pki, src) = setup("src");
+    let size = 256usize << 20;
+    let mut data = magpie_tests::noise(size, 7);
+    fs::write(src.join("disk.img"), &data).unwrap();
+    // A file that will change wholesale: the delta does not pay and it travels whole.
+    fs::write(src.join("rewritten"), magpie_tests::noise(2 << 20, 1)).unwrap();
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", true);
+    c.pull();
+    let mid = size / 2;
+    data[mid..mid + (1 << 20)].copy_from_slice(&magpie_tests::noise(1 << 20, 8));
+    fs::write(src.join("disk.img"), &data).unwrap();
+    fs::write(src.join("rewritten"), magpie_tests::noise(2 << 20, 2)).unwrap();
+    let s = c.pull();
+    assert_eq!(s["files_changed"], 2, "{s}");
+    assert_eq!(s["files_delta"], 1, "{s}");
+    let wire = s["wire_bytes"].as_u64().unwrap();
+    let whole_rewritten = 2u64 << 20;
+    assert!(
+        wire - whole_rewritten.min(wire) < (size as u64) * 3 / 100,
+        "{wire} bytes on the wire for a 1 MiB change: {s}"
+    );
+    assert!(s["bytes_added"].as_u64().unwrap() < 8 << 20, "only chunks around the change are new: {s}");
+    let out = tmp.path().join("out");
+    restore(&c, &out);
+    assert_eq!(state(&src), state(&inside(&out, &src)));
+}

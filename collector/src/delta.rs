@@ -1,0 +1,173 @@
+//! rsync deltas on the collector's side: the signature of the previous version, computed by
+//! streaming it from the repository, and the application of the agent's window deltas to that
+//! version, read back from the repository a range at a time. Neither holds a whole file in
+//! memory. The result is only trusted once its BLAKE3 matches the agent's (MD4 is not trusted).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use repo_format::repofile::tree::{ChunkRef, Node};
+use repo_format::{Id, Repository};
+
+/// Files smaller than this travel whole: a delta would not pay for its round trip.
+pub const DELTA_MIN: u64 = 1 << 20;
+/// MD4 bytes per block in the signature; BLAKE3 verifies the result anyway.
+const CRYPTO_HASH_SIZE: u32 = 8;
+
+/// Block size for a previous version of `size` bytes: about its square root, 2–64 KiB.
+pub fn block_size(size: u64) -> u32 {
+    let b = ((size as f64).sqrt() as u32).next_multiple_of(64);
+    b.clamp(2048, 65536)
+}
+
+/// The previous version of a file, readable at any offset from the repository.
+pub struct OldContent<'r> {
+    repo: &'r Repository,
+    /// (start offset, chunk range).
+    refs: Vec<(u64, ChunkRef)>,
+    size: u64,
+    cache: VecDeque<(Id, Arc<Vec<u8>>)>,
+}
+
+impl<'r> OldContent<'r> {
+    pub fn new(repo: &'r Repository, node: &Node) -> OldContent<'r> {
+        let mut refs = Vec::with_capacity(node.content.len());
+        let mut at = 0u64;
+        for c in &node.content {
+            refs.push((at, c.clone()));
+            at += c.length as u64;
+        }
+        OldContent { repo, refs, size: at, cache: VecDeque::new() }
+    }
+
+    fn blob(&mut self, id: &Id) -> Result<Arc<Vec<u8>>> {
+        if let Some((_, b)) = self.cache.iter().find(|(i, _)| i == id) {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(self.repo.read_blob(id)?);
+        if self.cache.len() >= 8 {
+            self.cache.pop_front();
+        }
+        self.cache.push_back((*id, b.clone()));
+        Ok(b)
+    }
+
+    /// Append bytes `offset..offset + len` of the old version to `out`.
+    pub fn read(&mut self, mut offset: u64, mut len: u64, out: &mut Vec<u8>) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            bail!("the delta copies {len} bytes at {offset}, past the previous version's {} bytes", self.size);
+        }
+        while len > 0 {
+            let i = self.refs.partition_point(|(start, c)| start + c.length as u64 <= offset);
+            let (start, c) = self.refs[i].clone();
+            let id = Id::from_slice(&c.id).ok_or_else(|| anyhow::anyhow!("chunk reference without a 32-byte id"))?;
+            let blob = self.blob(&id)?;
+            let within = offset - start;
+            let take = len.min(c.length as u64 - within);
+            let from = c.offset as usize + within as usize;
+            let piece = blob
+                .get(from..from + take as usize)
+                .ok_or_else(|| anyhow::anyhow!("blob {id} is shorter than its reference"))?;
+            out.extend_from_slice(piece);
+            offset += take;
+            len -= take;
+        }
+        Ok(())
+    }
+
+    /// The fast_rsync signature of the whole old version, computed a window at a time (a
+    /// signature is a header then one entry per block, so block-aligned windows concatenate).
+    pub fn signature(&mut self) -> Result<Vec<u8>> {
+        let bs = block_size(self.size);
+        let opts = fast_rsync::SignatureOptions { block_size: bs, crypto_hash_size: CRYPTO_HASH_SIZE };
+        let window = bs as u64 * 1024;
+        let mut sig: Vec<u8> = Vec::new();
+        let mut buf = Vec::with_capacity(window as usize);
+        let mut at = 0;
+        loop {
+            buf.clear();
+            let len = window.min(self.size - at);
+            self.read(at, len, &mut buf)?;
+            let part = fast_rsync::Signature::calculate(&buf, opts).into_serialized();
+            if sig.is_empty() {
+                sig = part;
+            } else {
+                sig.extend_from_slice(&part[12..]);
+            }
+            at += len;
+            if at >= self.size {
+                return Ok(sig);
+            }
+        }
+    }
+
+    /// Apply one window's delta (librsync format), appending at most `limit` bytes to `out`.
+    pub fn apply(&mut self, delta: &[u8], limit: u64, out: &mut Vec<u8>) -> Result<()> {
+        let start_len = out.len();
+        let mut d = Reader { b: delta, pos: 0 };
+        if d.int(4)? != 0x7273_0236 {
+            bail!("not an rsync delta (bad magic)");
+        }
+        loop {
+            let cmd = d.int(1)? as u8;
+            let produced = (out.len() - start_len) as u64;
+            match cmd {
+                0 => break,
+                1..=0x40 | 0x41..=0x44 => {
+                    let n = if cmd <= 0x40 { cmd as u64 } else { d.int(1 << (cmd - 0x41))? };
+                    if produced + n > limit {
+                        bail!("the delta produces more than its window of {limit} bytes");
+                    }
+                    out.extend_from_slice(d.take(n)?);
+                }
+                0x45..=0x54 => {
+                    let m = cmd - 0x45;
+                    let offset = d.int(1 << (m / 4))?;
+                    let n = d.int(1 << (m % 4))?;
+                    if produced + n > limit {
+                        bail!("the delta produces more than its window of {limit} bytes");
+                    }
+                    self.read(offset, n, out)?;
+                }
+                other => bail!("unknown rsync delta command {other:#x}"),
+            }
+        }
+        if (out.len() - start_len) as u64 != limit {
+            bail!("the delta produced {} bytes for a window of {limit}", out.len() - start_len);
+        }
+        Ok(())
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: u64) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n as usize).filter(|&e| e <= self.b.len());
+        let Some(end) = end else { bail!("the delta is truncated") };
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    /// A big-endian integer of `width` bytes.
+    fn int(&mut self, width: usize) -> Result<u64> {
+        Ok(self.take(width as u64)?.iter().fold(0u64, |a, &x| (a << 8) | x as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sizes_follow_the_square_root_within_bounds() {
+        assert_eq!(block_size(1000), 2048);
+        assert_eq!(block_size(256 << 20), 16384);
+        assert_eq!(block_size(1 << 40), 65536);
+    }
+}
