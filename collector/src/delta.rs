@@ -114,7 +114,7 @@ impl<'r> OldContent<'r> {
             let produced = (out.len() - start_len) as u64;
             match cmd {
                 0 => break,
-                1..=0x40 | 0x41..=0x44 => {
+                1..=0x44 => {
                     let n = if cmd <= 0x40 { cmd as u64 } else { d.int(1 << (cmd - 0x41))? };
                     if produced + n > limit {
                         bail!("the delta produces more than its window of {limit} bytes");
