@@ -68,6 +68,9 @@ pub struct Source {
     pub category: String,
     /// Canonical absolute roots.
     pub roots: Vec<PathBuf>,
+    /// The roots, opened once at start (O_PATH): reads resolve beneath these handles, so a
+    /// path component swapped for a symlink later cannot move a root.
+    pub root_dirs: Vec<std::os::fd::OwnedFd>,
     pub exclude: GlobSet,
     pub one_file_system: bool,
 }
@@ -94,8 +97,15 @@ impl AgentConfig {
             );
         }
         for pin in &self.tls.allowed_collectors {
-            if !(pin.starts_with("sha256:") || pin.starts_with("san:")) {
-                bail!("tls.allowed_collectors: {pin:?} must start with \"sha256:\" or \"san:\"");
+            let ok = match pin.split_once(':') {
+                Some(("sha256", hex)) => hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+                Some(("san", name)) => !name.is_empty(),
+                _ => false,
+            };
+            if !ok {
+                bail!(
+                    "tls.allowed_collectors: {pin:?} must be \"sha256:\" and 64 hex digits (`collector certs fingerprint`) or \"san:NAME\""
+                );
             }
         }
         let mut names = std::collections::HashSet::new();
@@ -125,6 +135,22 @@ impl AgentConfig {
                 }
                 roots.push(c);
             }
+            for (i, a) in roots.iter().enumerate() {
+                if let Some(b) = roots.iter().skip(i + 1).find(|b| a.starts_with(b) || b.starts_with(a)) {
+                    bail!("source {:?}: roots {} and {} overlap; keep the outer one", s.name, a.display(), b.display());
+                }
+            }
+            let root_dirs = roots
+                .iter()
+                .map(|r| {
+                    rustix::fs::open(
+                        r,
+                        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+                        rustix::fs::Mode::empty(),
+                    )
+                    .with_context(|| format!("source {:?}: cannot open root {}", s.name, r.display()))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let mut gs = GlobSetBuilder::new();
             for g in &s.exclude {
                 gs.add(Glob::new(g).with_context(|| format!("source {:?}: bad exclude glob {g:?}", s.name))?);
@@ -135,6 +161,7 @@ impl AgentConfig {
                 role: s.role.clone(),
                 category: s.category.clone(),
                 roots,
+                root_dirs,
                 exclude: gs.build()?,
                 one_file_system: s.one_file_system,
             });

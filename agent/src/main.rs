@@ -76,7 +76,9 @@ fn serve(path: &std::path::Path) -> Result<()> {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "agent".into())
     });
-    let service = server::AgentService { name, sources: Arc::new(sources) };
+    // At most four reads or diffs at once: each holds buffers of a few MiB.
+    let work = Arc::new(tokio::sync::Semaphore::new(4));
+    let service = server::AgentService { name, sources: Arc::new(sources), work };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         let listener =
@@ -88,7 +90,9 @@ fn serve(path: &std::path::Path) -> Result<()> {
                 let (tcp, peer) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
+                        // Out of descriptors, say: back off instead of spinning.
                         tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     }
                 };
@@ -106,7 +110,9 @@ fn serve(path: &std::path::Path) -> Result<()> {
             }
         });
         tonic::transport::Server::builder()
-            .add_service(magpie_proto::v1::agent_server::AgentServer::new(service))
+            .concurrency_limit_per_connection(16)
+            .max_concurrent_streams(16)
+            .add_service(magpie_proto::v1::agent_server::AgentServer::new(service).max_decoding_message_size(66 << 20))
             .serve_with_incoming_shutdown(ReceiverStream::new(rx), async {
                 let _ = tokio::signal::ctrl_c().await;
             })

@@ -22,7 +22,11 @@ const LIST_BATCH: usize = 512;
 const PIECE: usize = 256 * 1024;
 /// Window of a file diffed at once: `fast_rsync::diff` needs a slice, so a large file is diffed
 /// in windows read with ordinary reads (never mapped: a live file that shrinks would kill us).
-const DELTA_WINDOW: usize = 16 << 20;
+const DELTA_WINDOW: usize = 4 << 20;
+/// Signature limits: the block sizes and MD4 prefix the collector uses, and a length that covers
+/// a 100 GiB file at the smallest block (a forged header could otherwise stall `diff`).
+const SIG_BLOCK: std::ops::RangeInclusive<u32> = 2048..=65536;
+const SIG_MAX_LEN: usize = 64 << 20;
 /// A first window whose delta is more than this share literal data means the file changed
 /// wholesale: the collector is told to fetch it whole instead.
 const NO_GAIN: f64 = 0.9;
@@ -30,6 +34,25 @@ const NO_GAIN: f64 = 0.9;
 pub struct AgentService {
     pub name: String,
     pub sources: Arc<Vec<Source>>,
+    /// Bounds the reads and diffs running at once, and so the memory they hold.
+    pub work: Arc<tokio::sync::Semaphore>,
+}
+
+/// Paths per ReadFiles call.
+const MAX_PATHS: usize = 10_000;
+
+/// Accept only signatures of the shape the collector sends.
+fn check_signature(sig: Vec<u8>) -> Result<fast_rsync::Signature, Status> {
+    let bad = |why: &str| Status::invalid_argument(format!("bad signature: {why}"));
+    if sig.len() > SIG_MAX_LEN || sig.len() < 12 {
+        return Err(bad("length"));
+    }
+    let word = |i: usize| u32::from_be_bytes(sig[i..i + 4].try_into().expect("4 bytes"));
+    let (block, hash) = (word(4), word(8));
+    if !SIG_BLOCK.contains(&block) || !(1..=16).contains(&hash) || (sig.len() - 12) % (4 + hash as usize) != 0 {
+        return Err(bad("block size, hash size or length out of range"));
+    }
+    fast_rsync::Signature::deserialize(sig).map_err(|_| bad("not a fast_rsync MD4 signature"))
 }
 
 impl AgentService {
@@ -76,11 +99,10 @@ impl Agent for AgentService {
                 if batch.len() < LIST_BATCH {
                     return true;
                 }
-                tx.blocking_send(Ok(ListResponse { entries: std::mem::take(&mut batch) })).is_ok()
+                tx.blocking_send(Ok(ListResponse { entries: std::mem::take(&mut batch), complete: false })).is_ok()
             });
-            if !batch.is_empty() {
-                let _ = tx.blocking_send(Ok(ListResponse { entries: batch }));
-            }
+            // The last message says the listing is whole; a stream cut short lacks it.
+            let _ = tx.blocking_send(Ok(ListResponse { entries: batch, complete: true }));
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -90,9 +112,14 @@ impl Agent for AgentService {
     async fn read_files(&self, request: Request<ReadFilesRequest>) -> Result<Response<Self::ReadFilesStream>, Status> {
         let req = request.into_inner();
         let idx = self.source(&req.source)?;
+        if req.paths.len() > MAX_PATHS {
+            return Err(Status::invalid_argument(format!("at most {MAX_PATHS} paths per call")));
+        }
+        let permit = self.work.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
         let sources = self.sources.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let src = &sources[idx];
             let send = |data: Vec<u8>| data.is_empty() || tx.blocking_send(Ok(ReadFilesResponse { data })).is_ok();
             let fail = |e: std::io::Error| {
@@ -165,11 +192,12 @@ impl Agent for AgentService {
     async fn delta(&self, request: Request<DeltaRequest>) -> Result<Response<Self::DeltaStream>, Status> {
         let req = request.into_inner();
         let idx = self.source(&req.source)?;
-        let signature = fast_rsync::Signature::deserialize(req.signature)
-            .map_err(|_| Status::invalid_argument("the signature is not a fast_rsync MD4 signature"))?;
+        let signature = check_signature(req.signature)?;
+        let permit = self.work.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
         let sources = self.sources.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let send = |data: Vec<u8>| data.is_empty() || tx.blocking_send(Ok(DeltaResponse { data })).is_ok();
             let mut w = match FrameWriter::new(req.compress) {
                 Ok(w) => w,
@@ -251,9 +279,7 @@ fn delta_frames(
         size: after.len(),
         mtime_ns: ns(after.mtime(), after.mtime_nsec()),
         ctime_ns: ns(after.ctime(), after.ctime_nsec()),
-        changed: before.len() != after.len()
-            || before.mtime_nsec() != after.mtime_nsec()
-            || before.mtime() != after.mtime(),
+        changed: source::moved(&before, &after),
         ..Default::default()
     }))
 }

@@ -37,6 +37,11 @@ fn excluded(src: &Source, rel: &[u8]) -> bool {
     !src.exclude.is_empty() && src.exclude.is_match(Path::new(std::ffi::OsStr::from_bytes(rel)))
 }
 
+/// Excluded itself or below an excluded directory (listing skips the whole subtree).
+fn excluded_or_below(src: &Source, rel: &[u8]) -> bool {
+    (0..rel.len()).filter(|&i| rel[i] == b'/').any(|i| excluded(src, &rel[..i])) || excluded(src, rel)
+}
+
 /// Metadata of one entry as the protocol carries it.
 pub fn entry(path: &Path, rel: Vec<u8>, m: &fs::Metadata) -> Entry {
     let ft = m.file_type();
@@ -67,8 +72,8 @@ pub fn entry(path: &Path, rel: Vec<u8>, m: &fs::Metadata) -> Entry {
         mode: m.mode() & 0o7777,
         uid: m.uid(),
         gid: m.gid(),
-        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
+        ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
         size: if ft.is_file() { m.len() } else { 0 },
         inode: m.ino(),
         device: m.dev(),
@@ -95,7 +100,7 @@ pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
         // The root's parents appear as directories so that each root keeps its own path.
         let rel_root = root_rel(root).to_vec();
         let mut prefix = PathBuf::from("/");
-        let comps: Vec<&[u8]> = rel_root.split(|&b| b == b'/').collect();
+        let comps: Vec<&[u8]> = if rel_root.is_empty() { Vec::new() } else { rel_root.split(|&b| b == b'/').collect() };
         for i in 0..comps.len() {
             prefix.push(std::ffi::OsStr::from_bytes(comps[i]));
             let rel = comps[..=i].join(&b'/');
@@ -158,35 +163,48 @@ pub fn open(src: &Source, rel: &[u8]) -> io::Result<File> {
     if rel.split(|&b| b == b'/').any(|c| c.is_empty() || c == b"." || c == b".." || c.contains(&0)) {
         return Err(refuse("not a plain relative path"));
     }
-    if excluded(src, rel) {
+    if excluded_or_below(src, rel) {
         return Err(refuse("excluded from the source"));
     }
-    let (root, rest) = src
+    let (dir, rest) = src
         .roots
         .iter()
-        .find_map(|r| {
+        .zip(&src.root_dirs)
+        .find_map(|(r, dir)| {
             let rr = root_rel(r);
-            let rest = rel.strip_prefix(rr)?.strip_prefix(b"/")?;
-            Some((r, rest))
+            let rest = if rr.is_empty() { rel } else { rel.strip_prefix(rr)?.strip_prefix(b"/")? };
+            Some((dir, rest))
         })
         .ok_or_else(|| refuse("outside every root of the source"))?;
-    let dir = File::open(root)?;
     let mut resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     if src.one_file_system {
         resolve |= ResolveFlags::NO_XDEV;
     }
-    let fd = rustix::fs::openat2(
-        &dir,
-        std::ffi::OsStr::from_bytes(rest),
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
-        Mode::empty(),
-        resolve,
-    )?;
-    let f = File::from(fd);
+    let at = |flags: OFlags| {
+        rustix::fs::openat2(
+            dir,
+            std::ffi::OsStr::from_bytes(rest),
+            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            resolve,
+        )
+    };
+    // Look before opening for reading: opening a device can have effects of its own.
+    let probe = File::from(at(OFlags::PATH)?);
+    if !probe.metadata()?.is_file() {
+        return Err(refuse("not a regular file"));
+    }
+    let f = File::from(at(OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK)?);
     if !f.metadata()?.is_file() {
         return Err(refuse("not a regular file"));
     }
     Ok(f)
+}
+
+/// Whether a file's size, mtime or ctime moved between two looks.
+pub fn moved(before: &fs::Metadata, after: &fs::Metadata) -> bool {
+    (before.len(), before.mtime(), before.mtime_nsec(), before.ctime(), before.ctime_nsec())
+        != (after.len(), after.mtime(), after.mtime_nsec(), after.ctime(), after.ctime_nsec())
 }
 
 /// What reading one file produced.
@@ -200,10 +218,13 @@ pub struct ReadResult {
 }
 
 /// Read a file in pieces of `piece` bytes, handing each to `sink` (false = stop).
-pub fn read(mut f: File, piece: usize, sink: &mut dyn FnMut(&[u8]) -> bool) -> io::Result<ReadResult> {
+pub fn read(f: File, piece: usize, sink: &mut dyn FnMut(&[u8]) -> bool) -> io::Result<ReadResult> {
     let before = f.metadata()?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; piece];
+    // Read what the file held when opened: one that keeps growing must not stream forever
+    // (growth shows as `changed`).
+    let mut f = f.take(before.len());
     loop {
         let n = match f.read(&mut buf) {
             Ok(0) => break,
@@ -216,16 +237,13 @@ pub fn read(mut f: File, piece: usize, sink: &mut dyn FnMut(&[u8]) -> bool) -> i
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "collector went away"));
         }
     }
-    let after = f.metadata()?;
-    let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
+    let after = f.get_ref().metadata()?;
+    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
     Ok(ReadResult {
         blake3: *hasher.finalize().as_bytes(),
         size: after.len(),
         mtime_ns: ns(after.mtime(), after.mtime_nsec()),
         ctime_ns: ns(after.ctime(), after.ctime_nsec()),
-        changed: before.len() != after.len()
-            || before.mtime() != after.mtime()
-            || before.mtime_nsec() != after.mtime_nsec()
-            || before.ctime_nsec() != after.ctime_nsec(),
+        changed: moved(&before, &after),
     })
 }

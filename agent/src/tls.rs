@@ -70,7 +70,7 @@ impl ClientCertVerifier for PinnedClients {
             tracing::warn!("refused collector certificate {who}: {e}");
             return Err(e);
         }
-        if self.fingerprints.contains(&fp) || names.iter().any(|n| self.sans.contains(n)) {
+        if self.fingerprints.contains(&fp) || names.iter().any(|n| self.sans.contains(&n.to_ascii_lowercase())) {
             tracing::info!("collector {who} connected");
             return Ok(ClientCertVerified::assertion());
         }
@@ -125,7 +125,12 @@ pub fn server_config(cfg: &TlsConfig) -> Result<rustls::ServerConfig> {
             .filter(|p| p.starts_with("sha256:"))
             .map(|p| p.to_ascii_lowercase())
             .collect(),
-        sans: cfg.allowed_collectors.iter().filter_map(|p| p.strip_prefix("san:")).map(str::to_string).collect(),
+        sans: cfg
+            .allowed_collectors
+            .iter()
+            .filter_map(|p| p.strip_prefix("san:"))
+            .map(str::to_ascii_lowercase)
+            .collect(),
     };
     let key = PrivateKeyDer::from_pem_file(&cfg.key)
         .with_context(|| format!("cannot read private key {}", cfg.key.display()))?;

@@ -73,9 +73,13 @@ impl Common {
             }
             return Ok((from, until));
         }
+        let days = self.days.unwrap_or(default_days);
+        if !(1..=36500).contains(&days) {
+            bail!("--days must be between 1 and 36500");
+        }
         let now = OffsetDateTime::now_utc();
         // A minute of slack for clocks slightly behind ours.
-        Ok((now - Duration::minutes(1), now + Duration::days(self.days.unwrap_or(default_days))))
+        Ok((now - Duration::minutes(1), now + Duration::days(days)))
     }
 }
 
@@ -92,17 +96,11 @@ pub fn fingerprint(der: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(der)))
 }
 
-fn write_private(path: &Path, data: &str, overwrite: bool) -> Result<()> {
-    if path.exists() && !overwrite {
-        bail!("{} exists; remove it first if you mean to replace it", path.display());
-    }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+/// Write a new file, 0600 from its creation; never replaces or follows an existing name.
+fn write_private(path: &Path, data: &str) -> Result<()> {
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| {
+        format!("cannot create {} (if it exists, remove it first if you mean to replace it)", path.display())
+    })?;
     f.write_all(data.as_bytes())?;
     f.sync_all()?;
     Ok(())
@@ -135,8 +133,8 @@ fn init(common: &Common, name: &str) -> Result<()> {
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     (params.not_before, params.not_after) = common.validity(3650)?;
     let cert = params.self_signed(&key)?;
-    write_private(&key_path, &key.serialize_pem(), false)?;
-    write_private(&cert_path, &cert.pem(), false)?;
+    write_private(&key_path, &key.serialize_pem())?;
+    write_private(&cert_path, &cert.pem())?;
     println!("CA written to {} (keep {} offline if you can)", cert_path.display(), key_path.display());
     println!("fingerprint {}", fingerprint(cert.der()));
     Ok(())
@@ -173,8 +171,15 @@ fn issue(common: &Common, role: &str, name: &str, sans: &[String]) -> Result<()>
     (params.not_before, params.not_after) = common.validity(397)?;
     let cert = params.signed_by(&key, &issuer)?;
     let (cert_path, key_path) = (common.dir.join(format!("{name}.pem")), common.dir.join(format!("{name}-key.pem")));
-    write_private(&key_path, &key.serialize_pem(), false)?;
-    write_private(&cert_path, &cert.pem(), false)?;
+    if cert_path.exists() || key_path.exists() {
+        bail!(
+            "{} or {} exists; remove both first if you mean to replace them",
+            cert_path.display(),
+            key_path.display()
+        );
+    }
+    write_private(&key_path, &key.serialize_pem())?;
+    write_private(&cert_path, &cert.pem())?;
     println!(
         "{role} certificate {} (SANs: {}) valid {} to {}",
         cert_path.display(),

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use magpie_proto::v1::agent_client::AgentClient;
 use prost::Message;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -93,6 +93,11 @@ pub async fn diagnose_tls(agent: &AgentEntry, tls: &TlsConfig) -> Option<String>
     }
 }
 
+/// Largest frame an honest agent sends (a delta window of literals and its framing).
+const MAX_FRAME: usize = 24 << 20;
+/// Decompressed bytes held while waiting for a frame to complete.
+const MAX_PENDING: usize = 2 * MAX_FRAME;
+
 /// Turns the segments of a ReadFiles or Delta stream back into frames.
 pub struct FrameReader {
     zstd: Option<zstd::stream::write::Decoder<'static, Vec<u8>>>,
@@ -115,6 +120,11 @@ impl FrameReader {
                 d.write_all(segment).context("corrupt zstd stream from the agent")?;
                 d.flush()?;
                 self.plain.append(d.get_mut());
+                if self.plain.len() > MAX_PENDING {
+                    bail!(
+                        "the agent's stream decompresses to more than {MAX_PENDING} bytes without completing a frame"
+                    );
+                }
             }
             None => self.plain.extend_from_slice(segment),
         }
@@ -125,6 +135,9 @@ impl FrameReader {
             let before = rest.len();
             let Ok(len) = prost::decode_length_delimiter(&mut rest) else { break };
             let header = before - rest.len();
+            if len > MAX_FRAME {
+                bail!("the agent sent a frame of {len} bytes (at most {MAX_FRAME})");
+            }
             if rest.len() < len {
                 break;
             }

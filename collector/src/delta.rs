@@ -12,6 +12,8 @@ use repo_format::{Id, Repository};
 
 /// Files smaller than this travel whole: a delta would not pay for its round trip.
 pub const DELTA_MIN: u64 = 1 << 20;
+/// Largest window an agent diffs at once (it uses 4 MiB).
+const MAX_WINDOW: u64 = 16 << 20;
 /// MD4 bytes per block in the signature; BLAKE3 verifies the result anyway.
 const CRYPTO_HASH_SIZE: u32 = 8;
 
@@ -104,6 +106,9 @@ impl<'r> OldContent<'r> {
 
     /// Apply one window's delta (librsync format), appending at most `limit` bytes to `out`.
     pub fn apply(&mut self, delta: &[u8], limit: u64, out: &mut Vec<u8>) -> Result<()> {
+        if limit > MAX_WINDOW {
+            bail!("a delta window of {limit} bytes is larger than any agent sends ({MAX_WINDOW})");
+        }
         let start_len = out.len();
         let mut d = Reader { b: delta, pos: 0 };
         if d.int(4)? != 0x7273_0236 {
@@ -116,7 +121,7 @@ impl<'r> OldContent<'r> {
                 0 => break,
                 1..=0x44 => {
                     let n = if cmd <= 0x40 { cmd as u64 } else { d.int(1 << (cmd - 0x41))? };
-                    if produced + n > limit {
+                    if produced.saturating_add(n) > limit {
                         bail!("the delta produces more than its window of {limit} bytes");
                     }
                     out.extend_from_slice(d.take(n)?);
@@ -125,7 +130,7 @@ impl<'r> OldContent<'r> {
                     let m = cmd - 0x45;
                     let offset = d.int(1 << (m / 4))?;
                     let n = d.int(1 << (m % 4))?;
-                    if produced + n > limit {
+                    if produced.saturating_add(n) > limit {
                         bail!("the delta produces more than its window of {limit} bytes");
                     }
                     self.read(offset, n, out)?;

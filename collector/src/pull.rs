@@ -163,24 +163,22 @@ fn pull_source(
             .map_err(|s| anyhow!("agent {}: listing {}: {}", agent.name, info.name, s.message()))?
             .into_inner();
         let mut all = Vec::new();
+        let mut complete = false;
         while let Some(batch) = stream
             .message()
             .await
             .map_err(|s| anyhow!("agent {}: listing {} broke off: {}", agent.name, info.name, s.message()))?
         {
             all.extend(batch.entries);
+            complete = batch.complete;
+        }
+        if !complete {
+            bail!("agent {}: the listing of {} ended before it was complete", agent.name, info.name);
         }
         Ok::<_, anyhow::Error>(all)
     })?;
     let mut warnings = Vec::new();
-    let mut tree = DirTree::default();
-    for (i, e) in entries.iter().enumerate() {
-        if !e.error.is_empty() {
-            warnings.push(format!("{}: {}", String::from_utf8_lossy(&e.path), e.error));
-            continue;
-        }
-        tree.insert(&e.path, i);
-    }
+    let tree = DirTree::from_entries(&entries, &mut warnings);
 
     // 2. The files cache: the previous snapshot of this source.
     let previous = previous_snapshot(repo, &agent.name, &info.name)?;
@@ -287,12 +285,13 @@ fn pull_source(
             Ok((st.results, w))
         });
         let net = rt.block_on(async {
-            let (mut wire, mut fallback, mut delta_done) = (0u64, Vec::new(), 0u64);
+            let (mut wire, mut read, mut fallback, mut delta_done) = (0u64, 0u64, Vec::new(), 0u64);
             for &idx in &deltas {
-                let (ok, bytes) =
+                let (ok, bytes, delta_read) =
                     pull_delta(&mut client, agent, &info.name, repo_ref, &entries[idx], &delta_prev[&idx], idx, &tx)
                         .await?;
                 wire += bytes;
+                read += delta_read;
                 if ok {
                     delta_done += 1;
                 } else {
@@ -300,8 +299,8 @@ fn pull_source(
                 }
             }
             fetch.extend(fallback);
-            let (w2, read) = fetch_all(&mut client, agent, &info.name, &entries, &fetch, tx).await?;
-            Ok::<_, anyhow::Error>((wire + w2, read, delta_done))
+            let (w2, r2) = fetch_all(&mut client, agent, &info.name, &entries, &fetch, tx).await?;
+            Ok::<_, anyhow::Error>((wire + w2, read + r2, delta_done))
         });
         let ingested = ingest.join().map_err(|_| anyhow!("the ingest thread panicked"))?;
         let (results, mut w) = ingested?;
@@ -384,7 +383,7 @@ enum Msg {
 }
 
 /// Pull one file as an rsync delta against its previous version. Returns whether it verified
-/// (if not, the caller fetches it whole) and the wire bytes it cost.
+/// (if not, the caller fetches it whole), the wire bytes it cost and the bytes the agent read.
 #[allow(clippy::too_many_arguments)]
 async fn pull_delta(
     client: &mut AgentClient<Channel>,
@@ -395,19 +394,25 @@ async fn pull_delta(
     prev: &Node,
     idx: usize,
     tx: &mpsc::Sender<Msg>,
-) -> Result<(bool, u64)> {
+) -> Result<(bool, u64, u64)> {
     let signature = OldContent::new(repo, prev).signature()?;
     let request =
         DeltaRequest { source: source.to_string(), path: entry.path.clone(), signature, compress: agent.compress };
-    let mut stream = client
-        .delta(request)
-        .await
-        .map_err(|s| {
-            anyhow!("agent {}: delta of {}: {}", agent.name, String::from_utf8_lossy(&entry.path), s.message())
-        })?
-        .into_inner();
+    let mut stream = match client.delta(request).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            // Refused (an older agent, a limit): the file travels whole instead.
+            tracing::info!(
+                "agent {}: no delta for {}: {}",
+                agent.name,
+                String::from_utf8_lossy(&entry.path),
+                s.message()
+            );
+            return Ok((false, 0, 0));
+        }
+    };
     let mut reader = FrameReader::new(agent.compress)?;
-    let mut wire = 0u64;
+    let (mut wire, mut read) = (0u64, 0u64);
     let gone = || anyhow!("the ingest thread stopped");
     while let Some(msg) = stream
         .message()
@@ -419,8 +424,9 @@ async fn pull_delta(
             if f.end {
                 let (reply, verdict) = tokio::sync::oneshot::channel();
                 tx.send(Msg::DeltaEnd(idx, f, reply)).await.map_err(|_| gone())?;
-                return Ok((verdict.await.unwrap_or(false), wire));
+                return Ok((verdict.await.unwrap_or(false), wire, read));
             }
+            read += f.window_len;
             tx.send(Msg::Delta(idx, f)).await.map_err(|_| gone())?;
         }
     }
@@ -568,6 +574,14 @@ impl Ingest {
         }
         let (_, cur) = self.current.as_mut().expect("set above");
         if !f.data.is_empty() {
+            // A file listed as small that turns out larger is chunked like any large file.
+            if let Current::Small(buf) = cur
+                && (buf.len() + f.data.len()) as u64 > self.threshold
+            {
+                let mut c = Box::new(ChunkedContent::new(self.chunker.clone()));
+                c.push(w, buf)?;
+                *cur = Current::Large(c);
+            }
             match cur {
                 Current::Small(buf) => buf.extend_from_slice(&f.data),
                 Current::Large(c) => c.push(w, &f.data)?,
@@ -627,7 +641,44 @@ struct DirTree {
     children: HashMap<Vec<u8>, Vec<(Vec<u8>, usize)>>,
 }
 
+/// Deepest path accepted from an agent (tree building recurses per level).
+const MAX_DEPTH: usize = 256;
+
 impl DirTree {
+    /// Index the listing, keeping only entries that can be stored and restored: a valid,
+    /// unique path whose parent directory was listed. Everything else becomes a warning.
+    fn from_entries(entries: &[Entry], warnings: &mut Vec<String>) -> DirTree {
+        let mut tree = DirTree::default();
+        let dirs: std::collections::HashSet<&[u8]> = entries
+            .iter()
+            .filter(|e| e.error.is_empty() && e.kind == EntryKind::Dir as i32)
+            .map(|e| e.path.as_slice())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for (i, e) in entries.iter().enumerate() {
+            let shown = String::from_utf8_lossy(&e.path);
+            let comps = e.path.split(|&b| b == b'/');
+            let valid = !e.path.is_empty()
+                && comps.clone().all(|c| !c.is_empty() && c != b"." && c != b".." && !c.contains(&0));
+            let why = if !e.error.is_empty() {
+                e.error.clone()
+            } else if !valid {
+                "not a valid relative path; skipped".into()
+            } else if comps.count() > MAX_DEPTH {
+                format!("deeper than {MAX_DEPTH} levels; skipped")
+            } else if !seen.insert(e.path.as_slice()) {
+                "listed twice; the first is kept".into()
+            } else if !parent_of(&e.path).is_empty() && !dirs.contains(parent_of(&e.path)) {
+                "its directory is not in the listing; skipped".into()
+            } else {
+                tree.insert(&e.path, i);
+                continue;
+            };
+            warnings.push(format!("{shown}: {why}"));
+        }
+        tree
+    }
+
     fn insert(&mut self, path: &[u8], idx: usize) {
         let parent = parent_of(path);
         let name = path[if parent.is_empty() { 0 } else { parent.len() + 1 }..].to_vec();

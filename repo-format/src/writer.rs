@@ -192,7 +192,9 @@ fn worker(ctx: &Ctx, rx: &Mutex<Receiver<Job>>, level: i32) {
             s.blobs += 1;
             s.raw_bytes += job.data.len() as u64;
             s.stored_bytes += sealed.len() as u64;
-            (p.len() >= ctx.pack_size).then(|| std::mem::take(&mut *p))
+            // Room for the target plus one maximum blob, so the buffer never doubles.
+            (p.len() >= ctx.pack_size)
+                .then(|| std::mem::replace(&mut *p, PackBuilder::with_capacity(ctx.pack_size + (4 << 20))))
         };
         if let Some(builder) = full
             && let Err(e) = ctx.write_pack(builder)

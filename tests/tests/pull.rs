@@ -337,3 +337,52 @@ fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
     restore(&c, &out);
     assert_eq!(state(&src), state(&inside(&out, &src)));
 }
+
+#[test]
+fn excluded_subtrees_and_forged_signatures_are_refused() {
+    let (tmp, pki, src) = setup("src");
+    fs::create_dir_all(src.join("cache/deep")).unwrap();
+    fs::write(src.join("cache/deep/secret"), b"excluded").unwrap();
+    fs::write(src.join("kept"), b"kept").unwrap();
+    let sources = format!("{}exclude = [\"**/cache\"]\n", source_toml(&src));
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &sources);
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+    let s = c.pull();
+    assert_eq!(s["bytes_read"], 4, "{s}");
+    // A file below an excluded directory is refused even when asked for by name.
+    let mut p = src.strip_prefix("/").unwrap().as_os_str().as_bytes().to_vec();
+    p.extend_from_slice(b"/cache/deep/secret");
+    let frames = read_raw(&pki, agent.port, vec![p.clone()]);
+    assert!(frames[0].error.contains("excluded") && frames[0].data.is_empty(), "{:?}", frames[0]);
+    // A signature with a zero block size would make the diff spin: refused up front.
+    let mut forged = 0x7273_0136u32.to_be_bytes().to_vec();
+    forged.extend_from_slice(&0u32.to_be_bytes());
+    forged.extend_from_slice(&0u32.to_be_bytes());
+    let mut kept = src.strip_prefix("/").unwrap().as_os_str().as_bytes().to_vec();
+    kept.extend_from_slice(b"/kept");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(fs::read(pki.path("ca.pem")).unwrap()))
+            .identity(tonic::transport::Identity::from_pem(
+                fs::read(pki.path("collector.pem")).unwrap(),
+                fs::read(pki.path("collector-key.pem")).unwrap(),
+            ))
+            .domain_name("localhost");
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", agent.port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = magpie_proto::v1::agent_client::AgentClient::new(ch);
+        let req =
+            magpie_proto::v1::DeltaRequest { source: "files".into(), path: kept, signature: forged, compress: false };
+        tokio::time::timeout(std::time::Duration::from_secs(10), c.delta(req))
+            .await
+            .expect("answered at once")
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+}

@@ -130,6 +130,12 @@ impl PackBuilder {
         PackBuilder::default()
     }
 
+    /// An empty pack with room for `bytes` of blobs, so that filling it never reallocates (a
+    /// doubling past the target size would briefly hold twice the pack in memory).
+    pub fn with_capacity(bytes: usize) -> PackBuilder {
+        PackBuilder { data: Vec::with_capacity(bytes), entries: Vec::new() }
+    }
+
     /// Bytes of blobs so far.
     pub fn len(&self) -> usize {
         self.data.len()

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: magpie (agent + collector over mTLS on loopback) against borg and restic
+# (Debian's packages) on the same corpus, day 1, day 2 (a few percent changed), and day 2 again
+# unchanged; rsync's wire bytes as the reference for day 2. Prints wall time, peak RSS of every
+# process, repository size and wire bytes, with magpie/peer ratios.
+#
+#   bash tests/bench/pull-bench.sh [SIZE_MB]        (default 2000; work in $BENCH_DIR or /tmp)
+#
+# Not part of the test suite: timings belong in reports, not assertions.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+size_mb=${1:-2000}
+work=${BENCH_DIR:-$(mktemp -d /tmp/magpie-bench.XXXXXX)}
+mkdir -p "$work"
+echo "work folder: $work, corpus ~${size_mb} MB"
+
+need=()
+command -v borg >/dev/null || need+=(borgbackup)
+command -v restic >/dev/null || need+=(restic)
+command -v rsync >/dev/null || need+=(rsync)
+[ -x /usr/bin/time ] || need+=(time)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; fi
+cargo build --release -p magpie-agent -p magpie-collector
+bin=$PWD/target/release
+
+corpus=$work/corpus
+# ---- the corpus: text, binaries, already-compressed files and a database dump ----------------
+python3 - "$corpus" "$size_mb" <<'PY'
+import os, random, sys, shutil, zlib
+root, size_mb = sys.argv[1], int(sys.argv[2])
+rnd = random.Random(42)
+shutil.rmtree(root, ignore_errors=True)
+os.makedirs(root)
+budget = size_mb * 1_000_000
+def copytree_budget(src, dst, limit):
+    used = 0
+    for d, _, files in os.walk(src):
+        for f in sorted(files):
+            p = os.path.join(d, f)
+            if not os.path.isfile(p) or os.path.islink(p):
+                continue
+            s = os.path.getsize(p)
+            if used + s > limit:
+                return used
+            t = os.path.join(dst, os.path.relpath(p, src))
+            os.makedirs(os.path.dirname(t), exist_ok=True)
+            try:
+                shutil.copy2(p, t)
+            except OSError:
+                continue
+            used += s
+    return used
+# System text, man pages (gzip: already compressed) and binaries, up to half the budget.
+used = 0
+for src, share in [("/usr/share", 0.30), ("/usr/lib/x86_64-linux-gnu", 0.15), ("/usr/bin", 0.05)]:
+    used += copytree_budget(src, os.path.join(root, src.strip("/").replace("/", "_")), int(budget * share))
+# A database dump: rows of text, about 30% of the budget.
+words = open("/usr/share/common-licenses/GPL-3").read().split()
+rows = []
+target = int(budget * 0.30)
+n = 0
+with open(os.path.join(root, "app-db.sql"), "w") as f:
+    f.write("COPY public.posts (id, author, body) FROM stdin;\n")
+    while f.tell() < target:
+        n += 1
+        body = " ".join(rnd.choice(words) for _ in range(rnd.randint(10, 80)))
+        f.write(f"{n}\tuser{rnd.randint(1, 5000)}\t{body}\n")
+    f.write("\\.\n")
+# Random binary blobs (uploads), the rest of the budget.
+blobs = os.path.join(root, "blobs")
+os.makedirs(blobs)
+left = budget - sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+i = 0
+while left > 0:
+    s = min(left, rnd.randint(100_000, 8_000_000))
+    with open(os.path.join(blobs, f"blob-{i:05}.bin"), "wb") as f:
+        f.write(rnd.randbytes(s))
+    left -= s
+    i += 1
+PY
+day2() {
+python3 - "$corpus" <<'PY'
+import os, random, sys
+root = sys.argv[1]
+rnd = random.Random(7)
+# The dump: 2% of rows updated (moved to the end, as PostgreSQL does), 1% new rows.
+p = os.path.join(root, "app-db.sql")
+lines = open(p).read().split("\n")
+head, body, tail = lines[0], [l for l in lines[1:] if l and l != "\\."], "\\."
+moved = [l + " edited" for l in body if rnd.random() < 0.02]
+kept = [l for l in body if not l.endswith(" edited") and rnd.random() >= 0.02]
+new = [f"{len(body) + i}\tnew{i}\tfresh row {i}" for i in range(len(body) // 100)]
+open(p, "w").write("\n".join([head] + kept + moved + new + [tail, ""]))
+# A few blobs added, one rewritten; a few text files edited.
+blobs = os.path.join(root, "blobs")
+for i in range(5):
+    open(os.path.join(blobs, f"new-{i}.bin"), "wb").write(rnd.randbytes(2_000_000))
+names = sorted(os.listdir(blobs))
+open(os.path.join(blobs, names[0]), "wb").write(rnd.randbytes(3_000_000))
+edited = 0
+for d, _, fs in os.walk(root):
+    for f in fs:
+        if f.endswith((".txt", ".html", ".py")) and rnd.random() < 0.05:
+            with open(os.path.join(d, f), "a") as fh:
+                fh.write("\nedited on day 2\n")
+            edited += 1
+PY
+}
+
+# ---- magpie ---------------------------------------------------------------------------------
+m=$work/magpie
+rm -rf "$m" && mkdir -p "$m"
+"$bin/collector" certs init --dir "$m/pki" >/dev/null
+"$bin/collector" certs issue agent agent --san 127.0.0.1 --dir "$m/pki" >/dev/null
+"$bin/collector" certs issue collector collector --dir "$m/pki" >/dev/null
+fp=$("$bin/collector" certs fingerprint "$m/pki/collector.pem")
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$m/agent.toml" <<T
+listen = "127.0.0.1:$port"
+[tls]
+cert = "$m/pki/agent.pem"
+key = "$m/pki/agent-key.pem"
+client_ca = "$m/pki/ca.pem"
+allowed_collectors = ["$fp"]
+[[source]]
+name = "corpus"
+kind = "path"
+roots = ["$corpus"]
+T
+echo "bench passphrase" > "$m/pass"
+cat > "$m/collector.toml" <<T
+repository = "$m/repo"
+passphrase_file = "$m/pass"
+[tls]
+ca = "$m/pki/ca.pem"
+cert = "$m/pki/collector.pem"
+key = "$m/pki/collector-key.pem"
+[[agent]]
+name = "bench"
+endpoint = "https://127.0.0.1:$port"
+compress = true
+T
+"$bin/collector" --config "$m/collector.toml" init >/dev/null
+
+export BORG_PASSPHRASE="bench passphrase" RESTIC_PASSWORD="bench passphrase" BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
+borg init -e repokey-blake2 "$work/borg" >/dev/null
+restic init -q -r "$work/restic" >/dev/null
+results=$work/results.tsv
+: > "$results"
+
+# measure NAME DAY command… : wall seconds and peak RSS (KiB) of the command
+measure() {
+    local name=$1 day=$2
+    shift 2
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+    /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" > "$work/$name-$day.out" 2>&1
+    read -r secs kib < "$work/time.out"
+    echo -e "$name\t$day\t$secs\t$kib" >> "$results"
+}
+
+agent_rss() { grep VmHWM "/proc/$1/status" | awk '{print $2}'; }
+
+# rsync daemon for wire bytes with -z and deltas, as a pull over the network would have them.
+cat > "$work/rsyncd.conf" <<T
+use chroot = no
+[corpus]
+path = $corpus
+read only = yes
+T
+rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+rsync --daemon --config="$work/rsyncd.conf" --port="$rport" --address=127.0.0.1 --no-detach &
+rsync_pid=$!
+"$bin/agent" serve --config "$m/agent.toml" 2> "$m/agent.log" &
+agent_pid=$!
+trap 'kill $agent_pid $rsync_pid 2>/dev/null || true' EXIT
+sleep 1
+
+for day in day1 day2 day2-again; do
+    [ "$day" = day2 ] && day2
+    measure magpie "$day" "$bin/collector" --config "$m/collector.toml" pull --json
+    measure borg "$day" borg create --compression zstd,3 "$work/borg::$day" "$corpus"
+    measure restic "$day" restic -r "$work/restic" backup -q "$corpus"
+    rsync -az --no-whole-file --stats "rsync://127.0.0.1:$rport/corpus/" "$work/rsync-copy/" > "$work/rsync-$day.out"
+    wire_m=$(python3 -c 'import json,sys; print(sum(s["wire_bytes"] for s in json.load(open(sys.argv[1]))))' "$work/magpie-$day.out")
+    wire_r=$(awk '/Total bytes received/ {gsub(",","",$4); print $4}' "$work/rsync-$day.out")
+    echo -e "wire\t$day\t$wire_m\t$wire_r" >> "$results"
+    echo -e "size\t$day\t$(du -sb "$m/repo" | cut -f1)\t$(du -sb "$work/borg" | cut -f1)\t$(du -sb "$work/restic" | cut -f1)" >> "$results"
+done
+echo -e "agent-rss\tall\t$(agent_rss $agent_pid)" >> "$results"
+
+python3 - "$results" <<'PY'
+import sys, collections
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+t = collections.defaultdict(dict)
+for r in rows:
+    t[r[0]][r[1]] = r[2:]
+days = ["day1", "day2", "day2-again"]
+print(f"{'':12}" + "".join(f"{d:>34}" for d in days))
+def line(label, f):
+    print(f"{label:12}" + "".join(f"{f(d):>34}" for d in days))
+for tool in ["magpie", "borg", "restic"]:
+    line(f"{tool} s/RSS", lambda d: f"{float(t[tool][d][0]):.1f} s, {int(t[tool][d][1])//1024} MiB")
+line("time ratio", lambda d: f"borg {float(t['borg'][d][0])/float(t['magpie'][d][0]):.2f}x, restic {float(t['restic'][d][0])/float(t['magpie'][d][0]):.2f}x")
+line("repo bytes", lambda d: "/".join(f"{int(x)/1e6:.0f}" for x in t['size'][d]) + " MB")
+line("size ratio", lambda d: f"borg {int(t['size'][d][0])/int(t['size'][d][1]):.2f}, restic {int(t['size'][d][0])/int(t['size'][d][2]):.2f}")
+line("wire m/rsync", lambda d: f"{int(t['wire'][d][0])/1e6:.1f}/{int(t['wire'][d][1] or 0)/1e6:.1f} MB")
+print(f"agent peak RSS {int(t['agent-rss']['all'][0])//1024} MiB (magpie s/RSS above is the collector)")
+print("(ratios: peer time / magpie time, magpie size / peer size)")
+PY
