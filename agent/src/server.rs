@@ -49,7 +49,7 @@ fn check_signature(sig: Vec<u8>) -> Result<fast_rsync::Signature, Status> {
     }
     let word = |i: usize| u32::from_be_bytes(sig[i..i + 4].try_into().expect("4 bytes"));
     let (block, hash) = (word(4), word(8));
-    if !SIG_BLOCK.contains(&block) || !(1..=16).contains(&hash) || (sig.len() - 12) % (4 + hash as usize) != 0 {
+    if !SIG_BLOCK.contains(&block) || !(1..=16).contains(&hash) || !(sig.len() - 12).is_multiple_of(4 + hash as usize) {
         return Err(bad("block size, hash size or length out of range"));
     }
     fast_rsync::Signature::deserialize(sig).map_err(|_| bad("not a fast_rsync MD4 signature"))
