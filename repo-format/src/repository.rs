@@ -58,8 +58,9 @@ impl InitOptions {
 
 /// zstd level for new repositories (see FORMAT.md, "Compression", for the measurement).
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
-/// Target pack size: large enough that a 50 TB repository has a few million objects.
-pub const DEFAULT_PACK_SIZE: u32 = 32 * 1024 * 1024;
+/// Target pack size: 16 MiB keeps a 50 TB repository at a few million objects, and the writer's
+/// packs in flight (one filling, one per worker being written) under 50 MiB of memory.
+pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
 /// Files below 16 KiB share chunks with their neighbours (see ARCHITECTURE.md, "Small files").
 pub const DEFAULT_SMALL_FILE_THRESHOLD: u32 = 16 * 1024;
 
