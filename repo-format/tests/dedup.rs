@@ -16,10 +16,10 @@ fn same_data_twice_adds_only_metadata() {
     let (b, mut repo) = common::local_repo(&tmp.path().join("repo"));
     let (_, first) = common::backup(&mut repo, &src, "s");
     assert!(first.blobs_added > 10);
-    let size_after_first = dir_size(&tmp.path().join("repo"));
+    let size_after_first = common::dir_size(&tmp.path().join("repo"));
     let (_, second) = common::backup(&mut repo, &src, "s");
     assert_eq!(second.blobs_added, 0, "an unchanged tree re-uses every data and tree blob");
-    let grown = dir_size(&tmp.path().join("repo")) - size_after_first;
+    let grown = common::dir_size(&tmp.path().join("repo")) - size_after_first;
     assert!(grown < 2048, "the second snapshot added {grown} bytes; only a snapshot object was expected");
     drop(b);
 }
@@ -43,15 +43,4 @@ fn insertion_restores_only_chunks_around_it() {
     let out = tmp.path().join("out");
     common::restore(&repo, &snap, &out);
     assert_eq!(fs::read(out.join("big")).unwrap(), data);
-}
-
-fn dir_size(p: &std::path::Path) -> u64 {
-    fs::read_dir(p)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            let m = e.metadata().unwrap();
-            if m.is_dir() { dir_size(&e.path()) } else { m.len() }
-        })
-        .sum()
 }

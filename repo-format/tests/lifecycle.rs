@@ -33,9 +33,9 @@ fn prune_and_compact_free_space_and_keep_the_rest_intact() {
     // A plan changes nothing by itself (dry run).
     assert_eq!(repo.snapshot_ids().unwrap().len(), 10);
     assert_eq!(prune::apply(&repo, &plan).unwrap(), 7);
-    let before = dir_size(&dir);
+    let before = common::dir_size(&dir);
     let r = compact::compact(&mut repo, compact::CompactOptions::default()).unwrap();
-    let after = dir_size(&dir);
+    let after = common::dir_size(&dir);
     assert!(r.bytes_freed > 6 << 20, "{r:?}");
     assert!(before - after > 6 << 20, "repository shrank by {} bytes only", before - after);
     let mut repo = common::reopen(Arc::new(LocalBackend::new(&dir)));
@@ -74,15 +74,4 @@ fn compact_removes_packs_left_by_an_interrupted_writer() {
     assert!(c.is_clean() && c.notes.is_empty(), "{:?}", c.notes);
     common::restore(&repo, &snap, &tmp.path().join("out"));
     assert_eq!(common::snapshot_dir(&src), common::snapshot_dir(&tmp.path().join("out")));
-}
-
-fn dir_size(p: &std::path::Path) -> u64 {
-    fs::read_dir(p)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            let m = e.metadata().unwrap();
-            if m.is_dir() { dir_size(&e.path()) } else { m.len() }
-        })
-        .sum()
 }

@@ -200,26 +200,26 @@ fn a_client_without_a_certificate_is_refused() {
     assert!(agent.log().contains("TLS handshake with 127.0.0.1"), "{}", agent.log());
 }
 
-/// Ask the agent for paths directly, as a compromised collector could.
-fn read_raw(pki: &Pki, port: u16, paths: Vec<Vec<u8>>) -> Vec<magpie_proto::v1::FileFrame> {
+/// A gRPC client with the pinned collector identity, speaking to the agent directly as a
+/// compromised collector could.
+async fn raw_client(pki: &Pki, port: u16) -> magpie_proto::v1::agent_client::AgentClient<tonic::transport::Channel> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(fs::read(pki.path("ca.pem")).unwrap()))
+        .identity(tonic::transport::Identity::from_pem(
+            fs::read(pki.path("collector.pem")).unwrap(),
+            fs::read(pki.path("collector-key.pem")).unwrap(),
+        ))
+        .domain_name("localhost");
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}")).unwrap();
+    magpie_proto::v1::agent_client::AgentClient::new(endpoint.tls_config(tls).unwrap().connect().await.unwrap())
+}
+
+/// Ask the agent for paths directly.
+fn read_raw(pki: &Pki, port: u16, paths: Vec<Vec<u8>>) -> Vec<magpie_proto::v1::FileFrame> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(fs::read(pki.path("ca.pem")).unwrap()))
-            .identity(tonic::transport::Identity::from_pem(
-                fs::read(pki.path("collector.pem")).unwrap(),
-                fs::read(pki.path("collector-key.pem")).unwrap(),
-            ))
-            .domain_name("localhost");
-        let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut c = magpie_proto::v1::agent_client::AgentClient::new(ch);
+        let mut c = raw_client(pki, port).await;
         let mut s = c
             .read_files(magpie_proto::v1::ReadFilesRequest { source: "files".into(), paths, compress: false })
             .await
@@ -362,21 +362,7 @@ fn excluded_subtrees_and_forged_signatures_are_refused() {
     kept.extend_from_slice(b"/kept");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(fs::read(pki.path("ca.pem")).unwrap()))
-            .identity(tonic::transport::Identity::from_pem(
-                fs::read(pki.path("collector.pem")).unwrap(),
-                fs::read(pki.path("collector-key.pem")).unwrap(),
-            ))
-            .domain_name("localhost");
-        let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", agent.port))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut c = magpie_proto::v1::agent_client::AgentClient::new(ch);
+        let mut c = raw_client(&pki, agent.port).await;
         let req =
             magpie_proto::v1::DeltaRequest { source: "files".into(), path: kept, signature: forged, compress: false };
         tokio::time::timeout(std::time::Duration::from_secs(10), c.delta(req))

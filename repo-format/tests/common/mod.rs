@@ -164,3 +164,15 @@ pub fn text(n: usize, seed: u64) -> Vec<u8> {
     out.truncate(n);
     out
 }
+
+/// Bytes of every file below `p`.
+pub fn dir_size(p: &Path) -> u64 {
+    fs::read_dir(p)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() { dir_size(&e.path()) } else { m.len() }
+        })
+        .sum()
+}
