@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
+use indicatif::{ProgressBar, ProgressStyle};
 use magpie_proto::v1::agent_client::AgentClient;
 use magpie_proto::v1::{
     DeltaFrame, DeltaRequest, Entry, EntryKind, FileFrame, HandshakeRequest, ListRequest, ReadFilesRequest,
@@ -284,12 +285,23 @@ fn pull_source(
             st.finish_dir(&mut w)?;
             Ok((st.results, w))
         });
+        let progress =
+            progress_bar(&agent.name, &info.name, deltas.iter().chain(&fetch).map(|&i| entries[i].size).sum());
         let net = rt.block_on(async {
             let (mut wire, mut read, mut fallback, mut delta_done) = (0u64, 0u64, Vec::new(), 0u64);
             for &idx in &deltas {
-                let (ok, bytes, delta_read) =
-                    pull_delta(&mut client, agent, &info.name, repo_ref, &entries[idx], &delta_prev[&idx], idx, &tx)
-                        .await?;
+                let (ok, bytes, delta_read) = pull_delta(
+                    &mut client,
+                    agent,
+                    &info.name,
+                    repo_ref,
+                    &entries[idx],
+                    &delta_prev[&idx],
+                    idx,
+                    &tx,
+                    &progress,
+                )
+                .await?;
                 wire += bytes;
                 read += delta_read;
                 if ok {
@@ -299,10 +311,11 @@ fn pull_source(
                 }
             }
             fetch.extend(fallback);
-            let (w2, r2) = fetch_all(&mut client, agent, &info.name, &entries, &fetch, tx).await?;
+            let (w2, r2) = fetch_all(&mut client, agent, &info.name, &entries, &fetch, tx, &progress).await?;
             Ok::<_, anyhow::Error>((wire + w2, read + r2, delta_done))
         });
         let ingested = ingest.join().map_err(|_| anyhow!("the ingest thread panicked"))?;
+        progress.finish_and_clear();
         let (results, mut w) = ingested?;
         let (wire, read, delta_done) = net?;
         (summary.wire_bytes, summary.bytes_read, summary.files_delta) = (wire, read, delta_done);
@@ -394,6 +407,7 @@ async fn pull_delta(
     prev: &Node,
     idx: usize,
     tx: &mpsc::Sender<Msg>,
+    progress: &ProgressBar,
 ) -> Result<(bool, u64, u64)> {
     let signature = OldContent::new(repo, prev).signature()?;
     let request =
@@ -427,6 +441,7 @@ async fn pull_delta(
                 return Ok((verdict.await.unwrap_or(false), wire, read));
             }
             read += f.window_len;
+            progress.inc(f.window_len);
             tx.send(Msg::Delta(idx, f)).await.map_err(|_| gone())?;
         }
     }
@@ -493,6 +508,7 @@ async fn fetch_all(
     entries: &[Entry],
     fetch: &[usize],
     tx: mpsc::Sender<Msg>,
+    progress: &ProgressBar,
 ) -> Result<(u64, u64)> {
     let (mut wire, mut read) = (0u64, 0u64);
     let mut i = 0;
@@ -518,7 +534,9 @@ async fn fetch_all(
         {
             wire += msg.encoded_len() as u64;
             let frames: Vec<FileFrame> = reader.push(&msg.data)?;
-            read += frames.iter().map(|f| f.data.len() as u64).sum::<u64>();
+            let got = frames.iter().map(|f| f.data.len() as u64).sum::<u64>();
+            read += got;
+            progress.inc(got);
             if !frames.is_empty() && tx.send(Msg::Files(batch.clone(), frames)).await.is_err() {
                 // The ingest thread stopped; its error is the one to report.
                 return Ok((wire, read));
@@ -816,6 +834,20 @@ impl TreeBuild<'_> {
         let tree = Tree { version: repo_format::magic::METADATA_VERSION, nodes };
         Ok(w.add(BlobKind::Tree, tree.encode_to_vec())?)
     }
+}
+
+/// A byte progress bar on a terminal; hidden otherwise (timers, pipes, --json callers).
+fn progress_bar(agent: &str, source: &str, total: u64) -> ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(format!("{agent}/{source}"));
+    bar
 }
 
 /// The newest snapshot of (agent, source).
