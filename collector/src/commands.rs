@@ -649,8 +649,8 @@ fn pull_cmd(
     sources: Vec<String>,
     json_out: bool,
 ) -> Result<u8> {
-    let mut repo = ctx.open()?;
-    let summaries = crate::pull::pull(cfg, &mut repo, &crate::pull::Selection { agent, sources })?;
+    let repo = ctx.open()?;
+    let summaries = crate::pull::pull(cfg, &repo, &crate::pull::Selection { agent, sources })?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&summaries)?);
     } else {

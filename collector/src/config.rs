@@ -17,8 +17,15 @@ pub struct CollectorConfig {
     /// systemd credential).
     pub passphrase_file: Option<PathBuf>,
     pub tls: TlsConfig,
+    /// Sources pulled at the same time (each holds its own buffers: about 150 MB).
+    #[serde(default = "default_parallel")]
+    pub max_parallel: usize,
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentEntry>,
+}
+
+fn default_parallel() -> usize {
+    2
 }
 
 #[derive(Debug, Deserialize)]

@@ -68,72 +68,115 @@ pub struct Selection {
 
 /// Pull every selected source of every selected agent. Failures are per source (or per agent
 /// when it cannot be reached) and reported in the summaries, never hidden.
-pub fn pull(cfg: &CollectorConfig, repo: &mut Repository, sel: &Selection) -> Result<Vec<SourceSummary>> {
+pub fn pull(cfg: &CollectorConfig, repo: &Repository, sel: &Selection) -> Result<Vec<SourceSummary>> {
     if let Some(a) = &sel.agent
         && !cfg.agents.iter().any(|x| &x.name == a)
     {
         bail!("no agent {a:?} in the configuration");
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let mut out = Vec::new();
+
+    // Every agent first: its handshake says which sources there are. A failure here is that
+    // agent's alone.
+    let mut failed = Vec::new();
+    let mut jobs: Vec<Job<'_>> = Vec::new();
     for agent in cfg.agents.iter().filter(|a| sel.agent.as_ref().is_none_or(|n| n == &a.name)) {
         let started = Instant::now();
-        let hs = rt.block_on(async {
-            let mut c = client::connect(agent, &cfg.tls).await?;
-            let request = HandshakeRequest {
-                collector_version: env!("CARGO_PKG_VERSION").into(),
-                protocol: magpie_proto::PROTOCOL_VERSION,
-            };
-            let hs = match c.handshake(request).await {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
-                    let why = match client::diagnose_tls(agent, &cfg.tls).await {
-                        Some(tls_error) => tls_error,
-                        None => client::cause_chain(&s),
-                    };
-                    bail!("agent {} ({}): handshake failed: {why}", agent.name, agent.endpoint);
-                }
-            };
-            Ok::<_, anyhow::Error>((c, hs))
-        });
-        let (client, hs) = match hs {
-            Ok(x) => x,
-            Err(e) => {
-                out.push(SourceSummary {
-                    agent: agent.name.clone(),
-                    error: Some(format!("{e:#}")),
-                    duration_secs: started.elapsed().as_secs_f64(),
-                    ..Default::default()
-                });
-                continue;
+        match rt.block_on(handshake(agent, cfg)) {
+            Err(e) => failed.push(SourceSummary {
+                agent: agent.name.clone(),
+                error: Some(format!("{e:#}")),
+                duration_secs: started.elapsed().as_secs_f64(),
+                ..Default::default()
+            }),
+            Ok((client, hs)) => {
+                let hs = Arc::new(hs);
+                let wanted: Vec<String> = if !sel.sources.is_empty() {
+                    sel.sources.clone()
+                } else if !agent.sources.is_empty() {
+                    agent.sources.clone()
+                } else {
+                    hs.sources.iter().map(|s| s.name.clone()).collect()
+                };
+                jobs.extend(wanted.into_iter().map(|source| Job {
+                    agent,
+                    client: client.clone(),
+                    hs: hs.clone(),
+                    source,
+                }));
             }
-        };
-        let wanted: Vec<String> = if !sel.sources.is_empty() {
-            sel.sources.clone()
-        } else if !agent.sources.is_empty() {
-            agent.sources.clone()
-        } else {
-            hs.sources.iter().map(|s| s.name.clone()).collect()
-        };
-        for name in wanted {
-            let started = Instant::now();
-            let mut summary = SourceSummary { agent: agent.name.clone(), source: name.clone(), ..Default::default() };
-            let result = match hs.sources.iter().find(|s| s.name == name) {
-                None => Err(anyhow!(
-                    "agent {} has no source {name:?} (it declares: {})",
-                    agent.name,
-                    hs.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
-                )),
-                Some(info) => pull_source(&rt, client.clone(), agent, &hs.agent_version, info, repo, &mut summary),
-            };
-            if let Err(e) = result {
-                summary.error = Some(format!("{e:#}"));
-            }
-            summary.duration_secs = started.elapsed().as_secs_f64();
-            out.push(summary);
         }
     }
-    Ok(out)
+
+    // Then the sources, `max_parallel` at a time, each with its own write session.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..cfg.max_parallel.max(1).min(jobs.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { return };
+                    let summary = run_job(&rt, job, repo);
+                    done.lock().expect("results").push((i, summary));
+                }
+            });
+        }
+    });
+    let mut done = done.into_inner().expect("results");
+    done.sort_by_key(|(i, _)| *i);
+    Ok(failed.into_iter().chain(done.into_iter().map(|(_, s)| s)).collect())
+}
+
+/// One source to pull.
+struct Job<'c> {
+    agent: &'c AgentEntry,
+    client: AgentClient<Channel>,
+    hs: Arc<magpie_proto::v1::HandshakeResponse>,
+    source: String,
+}
+
+async fn handshake(
+    agent: &AgentEntry,
+    cfg: &CollectorConfig,
+) -> Result<(AgentClient<Channel>, magpie_proto::v1::HandshakeResponse)> {
+    let mut c = client::connect(agent, &cfg.tls).await?;
+    let request = HandshakeRequest {
+        collector_version: env!("CARGO_PKG_VERSION").into(),
+        protocol: magpie_proto::PROTOCOL_VERSION,
+    };
+    match c.handshake(request).await {
+        Ok(r) => Ok((c, r.into_inner())),
+        Err(s) => {
+            let why = match client::diagnose_tls(agent, &cfg.tls).await {
+                Some(tls_error) => tls_error,
+                None => client::cause_chain(&s),
+            };
+            bail!("agent {} ({}): handshake failed: {why}", agent.name, agent.endpoint)
+        }
+    }
+}
+
+fn run_job(rt: &tokio::runtime::Runtime, job: &Job<'_>, repo: &Repository) -> SourceSummary {
+    let started = Instant::now();
+    let mut summary = SourceSummary { agent: job.agent.name.clone(), source: job.source.clone(), ..Default::default() };
+    let result = match job.hs.sources.iter().find(|s| s.name == job.source) {
+        None => Err(anyhow!(
+            "agent {} has no source {:?} (it declares: {})",
+            job.agent.name,
+            job.source,
+            job.hs.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+        Some(info) => {
+            let mut session = repo.session();
+            pull_source(rt, job.client.clone(), job.agent, &job.hs.agent_version, info, &mut session, &mut summary)
+        }
+    };
+    if let Err(e) = result {
+        summary.error = Some(format!("{e:#}"));
+    }
+    summary.duration_secs = started.elapsed().as_secs_f64();
+    summary
 }
 
 /// What to do with one file entry.
@@ -836,12 +879,14 @@ impl TreeBuild<'_> {
     }
 }
 
-/// A byte progress bar on a terminal; hidden otherwise (timers, pipes, --json callers).
+/// A byte progress bar on a terminal, one line per source pulled at the same time; hidden
+/// otherwise (timers, pipes, --json callers).
 fn progress_bar(agent: &str, source: &str, total: u64) -> ProgressBar {
+    static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(total);
+    let bar = BARS.get_or_init(indicatif::MultiProgress::new).add(ProgressBar::new(total));
     if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
     {
         bar.set_style(style.progress_chars("=> "));

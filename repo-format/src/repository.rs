@@ -165,6 +165,18 @@ impl Repository {
         }
     }
 
+    /// Another handle on the same repository, with the same keys and an empty index: for a
+    /// concurrent write session, without deriving the key again.
+    pub fn session(&self) -> Repository {
+        Repository {
+            backend: self.backend.clone(),
+            keys: self.keys.clone(),
+            config: self.config.clone(),
+            index: MasterIndex::new(),
+            index_files: Vec::new(),
+        }
+    }
+
     /// The storage backend.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend

@@ -372,3 +372,33 @@ fn excluded_subtrees_and_forged_signatures_are_refused() {
     });
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 }
+
+#[test]
+fn sources_are_pulled_side_by_side_each_into_its_own_snapshot() {
+    let (tmp, pki, a) = setup("a");
+    let b = tmp.path().join("b");
+    fs::create_dir_all(&b).unwrap();
+    fs::write(a.join("one"), magpie_tests::noise(3 << 20, 1)).unwrap();
+    fs::write(b.join("two"), magpie_tests::noise(3 << 20, 2)).unwrap();
+    let sources = format!(
+        "[[source]]\nname = \"a\"\nkind = \"path\"\nroots = [{a:?}]\n[[source]]\nname = \"b\"\nkind = \"path\"\nroots = [{b:?}]\nrole = \"blobs\"\n"
+    );
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &sources);
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", true);
+    let o = c.run(&["pull", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = v.as_array().unwrap().iter().map(|s| s["source"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(v.as_array().unwrap().iter().all(|s| s["snapshot"].is_string()), "{v}");
+    let list: serde_json::Value = serde_json::from_slice(&c.run(&["list", "--json"]).stdout).unwrap();
+    let roles: Vec<(&str, &str)> =
+        list.as_array().unwrap().iter().map(|s| (s["source"].as_str().unwrap(), s["role"].as_str().unwrap())).collect();
+    assert!(roles.contains(&("a", "data")) && roles.contains(&("b", "blobs")), "{roles:?}");
+    let o = c.run(&["check", "--verify-data"]);
+    assert!(
+        o.status.success(),
+        "two concurrent sessions leave a clean repository: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
