@@ -17,6 +17,9 @@ pub struct CollectorConfig {
     /// systemd credential).
     pub passphrase_file: Option<PathBuf>,
     pub tls: TlsConfig,
+    /// Where signatures of stored versions are kept for the next delta (default: systemd's
+    /// CacheDirectory, else ~/.cache/magpie).
+    pub cache_dir: Option<PathBuf>,
     /// Sources pulled at the same time (each holds its own buffers: about 150 MB).
     #[serde(default = "default_parallel")]
     pub max_parallel: usize,

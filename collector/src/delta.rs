@@ -176,10 +176,125 @@ mod tests {
     use super::*;
 
     #[test]
-    fn block_sizes_follow_the_square_root_within_bounds() {
+    fn a_signature_built_in_pieces_equals_one_built_at_once() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let bs = block_size(data.len() as u64);
+        let whole = fast_rsync::Signature::calculate(
+            &data,
+            fast_rsync::SignatureOptions { block_size: bs, crypto_hash_size: CRYPTO_HASH_SIZE },
+        );
+        let mut b = SignatureBuilder::new(data.len() as u64);
+        for piece in data.chunks(100_003) {
+            b.push(piece);
+        }
+        let (got_bs, sig) = b.finish(data.len() as u64).unwrap();
+        assert_eq!(got_bs, bs);
+        assert_eq!(sig, whole.serialized());
+    }
+
+    #[test]
+    fn block_sizes_grow_with_the_file_within_bounds() {
         assert_eq!(block_size(1000), 2048);
         assert_eq!(block_size(600 << 20), 2048);
         assert_eq!(block_size(8 << 30), 8192);
         assert_eq!(block_size(1 << 40), 65536);
+    }
+}
+
+/// Signatures of versions the collector stored, by content, so that the next delta of a file
+/// needs no read of its previous version from the repository. A missing or damaged entry is
+/// rebuilt from the repository; the cache is never trusted for content (BLAKE3 verifies).
+pub struct SignatureCache {
+    dir: std::path::PathBuf,
+}
+
+impl SignatureCache {
+    /// The cache in `dir` (created on first write).
+    pub fn new(dir: std::path::PathBuf) -> SignatureCache {
+        SignatureCache { dir }
+    }
+
+    /// Where the collector keeps it by default: systemd's CacheDirectory, else the XDG cache.
+    pub fn default_dir() -> std::path::PathBuf {
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+        env("CACHE_DIRECTORY")
+            .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("magpie")))
+            .or_else(|| env("HOME").map(|d| d.join(".cache/magpie")))
+            .unwrap_or_else(|| "/var/cache/magpie".into())
+            .join("signatures")
+    }
+
+    fn path(&self, blake3: &[u8], bs: u32) -> std::path::PathBuf {
+        self.dir.join(format!("{}-{bs}.sig", hex::encode(blake3)))
+    }
+
+    /// The signature of the content with this BLAKE3 at block size `bs`, if cached.
+    pub fn get(&self, blake3: &[u8], bs: u32) -> Option<Vec<u8>> {
+        let sig = std::fs::read(self.path(blake3, bs)).ok()?;
+        let ok =
+            sig.len() >= 12 && sig[4..8] == bs.to_be_bytes() && (sig.len() - 12) % (4 + CRYPTO_HASH_SIZE as usize) == 0;
+        ok.then_some(sig)
+    }
+
+    /// Store a signature; a failure only costs a rebuild later, so it is logged, not raised.
+    pub fn put(&self, blake3: &[u8], bs: u32, sig: &[u8]) {
+        let path = self.path(blake3, bs);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let r = std::fs::create_dir_all(&self.dir)
+            .and_then(|_| std::fs::write(&tmp, sig))
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!("signature cache {}: {e}", self.dir.display());
+        }
+    }
+
+    /// Forget the signature of a version that is no longer the newest.
+    pub fn remove(&self, blake3: &[u8], size: u64) {
+        let _ = std::fs::remove_file(self.path(blake3, block_size(size)));
+    }
+}
+
+/// A signature computed from content arriving in pieces, in block-aligned windows.
+pub struct SignatureBuilder {
+    opts: fast_rsync::SignatureOptions,
+    buf: Vec<u8>,
+    sig: Vec<u8>,
+}
+
+impl SignatureBuilder {
+    /// For content expected to be `size` bytes (the block size depends on it).
+    pub fn new(size: u64) -> SignatureBuilder {
+        SignatureBuilder {
+            opts: fast_rsync::SignatureOptions { block_size: block_size(size), crypto_hash_size: CRYPTO_HASH_SIZE },
+            buf: Vec::new(),
+            sig: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, data_len: usize) {
+        let part = fast_rsync::Signature::calculate(&self.buf[..data_len], self.opts).into_serialized();
+        if self.sig.is_empty() {
+            self.sig = part;
+        } else {
+            self.sig.extend_from_slice(&part[12..]);
+        }
+        self.buf.drain(..data_len);
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+        let window = self.opts.block_size as usize * 256;
+        while self.buf.len() >= window {
+            self.add(window);
+        }
+    }
+
+    /// The block size and signature, if the content's size kept the expected block size.
+    pub fn finish(mut self, size: u64) -> Option<(u32, Vec<u8>)> {
+        if !self.buf.is_empty() || self.sig.is_empty() {
+            self.add(self.buf.len());
+        }
+        (block_size(size) == self.opts.block_size).then_some((self.opts.block_size, self.sig))
     }
 }

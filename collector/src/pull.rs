@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 
 use crate::client::{self, FrameReader};
 use crate::config::{AgentEntry, CollectorConfig};
-use crate::delta::{self, OldContent};
+use crate::delta::{self, OldContent, SignatureBuilder, SignatureCache};
 
 /// Files per ReadFiles call, and bytes (by listed size) per call.
 const BATCH_FILES: usize = 2000;
@@ -109,6 +109,7 @@ pub fn pull(cfg: &CollectorConfig, repo: &Repository, sel: &Selection) -> Result
     }
 
     // Then the sources, `max_parallel` at a time, each with its own write session.
+    let cache = SignatureCache::new(cfg.cache_dir.clone().unwrap_or_else(SignatureCache::default_dir));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let done = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
@@ -117,7 +118,7 @@ pub fn pull(cfg: &CollectorConfig, repo: &Repository, sel: &Selection) -> Result
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(job) = jobs.get(i) else { return };
-                    let summary = run_job(&rt, job, repo);
+                    let summary = run_job(&rt, job, &cache, repo);
                     done.lock().expect("results").push((i, summary));
                 }
             });
@@ -157,7 +158,7 @@ async fn handshake(
     }
 }
 
-fn run_job(rt: &tokio::runtime::Runtime, job: &Job<'_>, repo: &Repository) -> SourceSummary {
+fn run_job(rt: &tokio::runtime::Runtime, job: &Job<'_>, cache: &SignatureCache, repo: &Repository) -> SourceSummary {
     let started = Instant::now();
     let mut summary = SourceSummary { agent: job.agent.name.clone(), source: job.source.clone(), ..Default::default() };
     let result = match job.hs.sources.iter().find(|s| s.name == job.source) {
@@ -169,7 +170,7 @@ fn run_job(rt: &tokio::runtime::Runtime, job: &Job<'_>, repo: &Repository) -> So
         )),
         Some(info) => {
             let mut session = repo.session();
-            pull_source(rt, job.client.clone(), job.agent, &job.hs.agent_version, info, &mut session, &mut summary)
+            pull_source(rt, job, info, cache, &mut session, &mut summary)
         }
     };
     if let Err(e) = result {
@@ -188,13 +189,13 @@ enum Plan {
 
 fn pull_source(
     rt: &tokio::runtime::Runtime,
-    mut client: AgentClient<Channel>,
-    agent: &AgentEntry,
-    agent_version: &str,
+    job: &Job<'_>,
     info: &magpie_proto::v1::SourceInfo,
+    cache: &SignatureCache,
     repo: &mut Repository,
     summary: &mut SourceSummary,
 ) -> Result<()> {
+    let (agent, agent_version, mut client) = (job.agent, job.hs.agent_version.as_str(), job.client.clone());
     let start = chrono::Utc::now();
     let lock = repo_format::locking::lock(repo, false, "collector pull", std::time::Duration::ZERO)?;
     repo.load_index()?;
@@ -284,12 +285,12 @@ fn pull_source(
     // 4. Fetch and store on an ingest thread; 5. build the trees.
     let threshold = repo.config().small_file_threshold as u64;
     let repo_ref: &Repository = repo;
-    let (root_id, stats, index) = std::thread::scope(|s| -> Result<_> {
+    let (root_id, stats, index, stale) = std::thread::scope(|s| -> Result<_> {
         let (tx, mut rx) = mpsc::channel::<Msg>(8);
         let (entries_ref, delta_prev_ref) = (&entries, &delta_prev);
         let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>)> {
             let mut w = Writer::new(repo_ref, 0);
-            let mut st = Ingest::new(repo_ref.chunker(false)?, threshold);
+            let mut st = Ingest::new(repo_ref.chunker(false)?, threshold, cache);
             let mut patch: Option<Patch<'_>> = None;
             while let Some(msg) = rx.blocking_recv() {
                 match msg {
@@ -305,16 +306,22 @@ fn pull_source(
                     Msg::Delta(idx, f) => {
                         let p = match patch.as_mut() {
                             Some(p) if p.idx == idx => p,
-                            _ => patch.insert(Patch::new(idx, repo_ref, &delta_prev_ref[&idx], &st.chunker)),
+                            _ => patch.insert(Patch::new(
+                                idx,
+                                repo_ref,
+                                &delta_prev_ref[&idx],
+                                &st.chunker,
+                                entries_ref[idx].size,
+                            )),
                         };
                         p.window(&mut w, &f);
                     }
                     Msg::DeltaEnd(idx, f, reply) => {
                         let p = match patch.take() {
                             Some(p) if p.idx == idx => p,
-                            _ => Patch::new(idx, repo_ref, &delta_prev_ref[&idx], &st.chunker),
+                            _ => Patch::new(idx, repo_ref, &delta_prev_ref[&idx], &st.chunker, entries_ref[idx].size),
                         };
-                        let ok = match p.finish(&mut w, &f)? {
+                        let ok = match p.finish(&mut w, &f, cache)? {
                             Some(content) => {
                                 st.results.insert(idx, (Ok(content), f.changed));
                                 true
@@ -337,7 +344,7 @@ fn pull_source(
                     &mut client,
                     agent,
                     &info.name,
-                    repo_ref,
+                    (repo_ref, cache),
                     &entries[idx],
                     &delta_prev[&idx],
                     idx,
@@ -384,7 +391,17 @@ fn pull_source(
         stats.blobs_added = ws.blobs;
         stats.bytes_added = ws.raw_bytes;
         stats.stored_added = ws.stored_bytes;
-        Ok((root, stats, index))
+        // Versions this pull replaced: their signatures go once the snapshot is committed.
+        let stale: Vec<(Vec<u8>, u64)> = fetch
+            .iter()
+            .chain(&deltas)
+            .filter_map(|&i| {
+                let old = prev_files.get(&entries[i].path)?;
+                let new = results.get(&i).and_then(|(r, _)| r.as_ref().ok())?;
+                (old.blake3 != new.blake3).then(|| (old.blake3.clone(), old.size))
+            })
+            .collect();
+        Ok((root, stats, index, stale))
     })?;
 
     // 6. Commit: the snapshot is the last write.
@@ -417,6 +434,9 @@ fn pull_source(
     };
     lock.ensure_held()?;
     let id = repo.save_snapshot(&snap)?;
+    for (blake3, size) in stale {
+        cache.remove(&blake3, size);
+    }
     summary.snapshot = Some(id.to_hex());
     summary.bytes_added = stats.bytes_added;
     summary.stored_added = stats.stored_added;
@@ -445,14 +465,18 @@ async fn pull_delta(
     client: &mut AgentClient<Channel>,
     agent: &AgentEntry,
     source: &str,
-    repo: &Repository,
+    (repo, cache): (&Repository, &SignatureCache),
     entry: &Entry,
     prev: &Node,
     idx: usize,
     tx: &mpsc::Sender<Msg>,
     progress: &ProgressBar,
 ) -> Result<(bool, u64, u64)> {
-    let signature = OldContent::new(repo, prev).signature()?;
+    let bs = delta::block_size(prev.size);
+    let signature = match cache.get(&prev.blake3, bs) {
+        Some(sig) => sig,
+        None => OldContent::new(repo, prev).signature()?,
+    };
     let request =
         DeltaRequest { source: source.to_string(), path: entry.path.clone(), signature, compress: agent.compress };
     let mut stream = match client.delta(request).await {
@@ -504,16 +528,24 @@ struct Patch<'r> {
     /// Why the delta cannot be used (a bad delta is not an error of the pull: the file is
     /// fetched whole instead).
     failed: Option<String>,
+    sig: SignatureBuilder,
 }
 
 impl<'r> Patch<'r> {
-    fn new(idx: usize, repo: &'r Repository, prev: &Node, chunker: &repo_format::chunker::Chunker) -> Patch<'r> {
+    fn new(
+        idx: usize,
+        repo: &'r Repository,
+        prev: &Node,
+        chunker: &repo_format::chunker::Chunker,
+        size: u64,
+    ) -> Patch<'r> {
         Patch {
             idx,
             old: OldContent::new(repo, prev),
             content: ChunkedContent::new(chunker.clone()),
             buf: Vec::new(),
             failed: None,
+            sig: SignatureBuilder::new(size),
         }
     }
 
@@ -524,13 +556,14 @@ impl<'r> Patch<'r> {
         self.buf.clear();
         let r =
             self.old.apply(&f.delta, f.window_len, &mut self.buf).and_then(|_| Ok(self.content.push(w, &self.buf)?));
-        if let Err(e) = r {
-            self.failed = Some(format!("{e:#}"));
+        match r {
+            Ok(()) => self.sig.push(&self.buf),
+            Err(e) => self.failed = Some(format!("{e:#}")),
         }
     }
 
     /// The rebuilt content if it verifies against the agent's BLAKE3.
-    fn finish(self, w: &mut Writer<'_>, end: &DeltaFrame) -> Result<Option<FileContent>> {
+    fn finish(self, w: &mut Writer<'_>, end: &DeltaFrame, cache: &SignatureCache) -> Result<Option<FileContent>> {
         if !end.error.is_empty() || self.failed.is_some() {
             tracing::debug!(
                 "delta not used: {}",
@@ -539,7 +572,11 @@ impl<'r> Patch<'r> {
             return Ok(None);
         }
         let content = self.content.finish(w)?;
-        Ok((content.blake3.as_slice() == end.blake3.as_slice()).then_some(content))
+        if content.blake3.as_slice() != end.blake3.as_slice() {
+            return Ok(None);
+        }
+        remember_signature(cache, &content, Some(self.sig));
+        Ok(Some(content))
     }
 }
 
@@ -592,11 +629,14 @@ async fn fetch_all(
 
 enum Current {
     Small(Vec<u8>),
-    Large(Box<ChunkedContent>),
+    /// A large file, and the signature of its content for the next delta (files of
+    /// `DELTA_MIN` and more).
+    Large(Box<ChunkedContent>, Option<SignatureBuilder>),
 }
 
 /// The ingest side: file frames in, content in the repository out.
-struct Ingest {
+struct Ingest<'c> {
+    cache: &'c SignatureCache,
     chunker: repo_format::chunker::Chunker,
     threshold: u64,
     current: Option<(usize, Current)>,
@@ -611,9 +651,10 @@ fn parent_of(path: &[u8]) -> &[u8] {
     path.iter().rposition(|&b| b == b'/').map(|p| &path[..p]).unwrap_or(b"")
 }
 
-impl Ingest {
-    fn new(chunker: repo_format::chunker::Chunker, threshold: u64) -> Ingest {
+impl<'c> Ingest<'c> {
+    fn new(chunker: repo_format::chunker::Chunker, threshold: u64, cache: &'c SignatureCache) -> Ingest<'c> {
         Ingest {
+            cache,
             small: SmallFiles::new(chunker.clone()),
             chunker,
             threshold,
@@ -629,7 +670,10 @@ impl Ingest {
             let cur = if entries[idx].size < self.threshold {
                 Current::Small(Vec::new())
             } else {
-                Current::Large(Box::new(ChunkedContent::new(self.chunker.clone())))
+                Current::Large(
+                    Box::new(ChunkedContent::new(self.chunker.clone())),
+                    (entries[idx].size >= delta::DELTA_MIN).then(|| SignatureBuilder::new(entries[idx].size)),
+                )
             };
             self.current = Some((idx, cur));
         }
@@ -641,11 +685,16 @@ impl Ingest {
             {
                 let mut c = Box::new(ChunkedContent::new(self.chunker.clone()));
                 c.push(w, buf)?;
-                *cur = Current::Large(c);
+                *cur = Current::Large(c, None);
             }
             match cur {
                 Current::Small(buf) => buf.extend_from_slice(&f.data),
-                Current::Large(c) => c.push(w, &f.data)?,
+                Current::Large(c, sig) => {
+                    c.push(w, &f.data)?;
+                    if let Some(sig) = sig {
+                        sig.push(&f.data);
+                    }
+                }
             }
         }
         if !f.end {
@@ -672,9 +721,10 @@ impl Ingest {
                 let range = self.small.push(w, &buf)?;
                 self.pending.push((idx, range, hash, buf.len() as u64, f.changed));
             }
-            Current::Large(c) => {
+            Current::Large(c, sig) => {
                 let content = c.finish(w)?;
                 let result = if content.blake3.as_slice() == f.blake3.as_slice() {
+                    remember_signature(self.cache, &content, sig);
                     Ok(content)
                 } else {
                     Err("content differs from the BLAKE3 the agent computed".into())
@@ -893,6 +943,13 @@ fn progress_bar(agent: &str, source: &str, total: u64) -> ProgressBar {
     }
     bar.set_message(format!("{agent}/{source}"));
     bar
+}
+
+/// Keep the signature of a stored version for its next delta.
+fn remember_signature(cache: &SignatureCache, content: &FileContent, sig: Option<SignatureBuilder>) {
+    if let Some((bs, sig)) = sig.and_then(|s| s.finish(content.size)) {
+        cache.put(&content.blake3, bs, &sig);
+    }
 }
 
 /// The newest snapshot of (agent, source).

@@ -255,9 +255,10 @@ impl Collector {
         fs::write(
             &config,
             format!(
-                "repository = {:?}\npassphrase_file = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[agent]]\nname = \"main\"\nendpoint = \"https://127.0.0.1:{agent_port}\"\ncompress = {compress}\nconnect_timeout_secs = 5\n",
+                "repository = {:?}\npassphrase_file = {:?}\ncache_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[agent]]\nname = \"main\"\nendpoint = \"https://127.0.0.1:{agent_port}\"\ncompress = {compress}\nconnect_timeout_secs = 5\n",
                 dir.join("repo"),
                 dir.join("pass"),
+                dir.join("cache"),
                 pki.path("ca.pem"),
                 pki.path(&format!("{cert}.pem")),
                 pki.path(&format!("{cert}-key.pem")),

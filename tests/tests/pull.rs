@@ -333,7 +333,19 @@ fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
         "{wire} bytes on the wire for a 1 MiB change: {s}"
     );
     assert!(s["bytes_added"].as_u64().unwrap() < 8 << 20, "only chunks around the change are new: {s}");
+    // The new version's signature is cached for the next delta; the old one's is gone.
+    let sig = |content: &[u8]| c.dir.join("cache").join(format!("{}-2048.sig", blake3::hash(content).to_hex()));
+    assert!(sig(&data).exists(), "signature of the new version is cached");
+    assert!(!sig(&magpie_tests::noise(size, 7)).exists(), "the replaced version's signature is removed");
     let out = tmp.path().join("out");
+    restore(&c, &out);
+    assert_eq!(state(&src), state(&inside(&out, &src)));
+    // The next change diffs against the cached signature and still verifies.
+    data[10..20].copy_from_slice(b"0123456789");
+    fs::write(src.join("disk.img"), &data).unwrap();
+    let s = c.pull();
+    assert_eq!(s["files_delta"], 1, "{s}");
+    let out = tmp.path().join("out2");
     restore(&c, &out);
     assert_eq!(state(&src), state(&inside(&out, &src)));
 }
