@@ -171,36 +171,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_signature_built_in_pieces_equals_one_built_at_once() {
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-        let bs = block_size(data.len() as u64);
-        let whole = fast_rsync::Signature::calculate(
-            &data,
-            fast_rsync::SignatureOptions { block_size: bs, crypto_hash_size: CRYPTO_HASH_SIZE },
-        );
-        let mut b = SignatureBuilder::new(data.len() as u64);
-        for piece in data.chunks(100_003) {
-            b.push(piece);
-        }
-        let (got_bs, sig) = b.finish(data.len() as u64).unwrap();
-        assert_eq!(got_bs, bs);
-        assert_eq!(sig, whole.serialized());
-    }
-
-    #[test]
-    fn block_sizes_grow_with_the_file_within_bounds() {
-        assert_eq!(block_size(1000), 2048);
-        assert_eq!(block_size(600 << 20), 2048);
-        assert_eq!(block_size(8 << 30), 8192);
-        assert_eq!(block_size(1 << 40), 65536);
-    }
-}
-
 /// Signatures of versions the collector stored, by content, so that the next delta of a file
 /// needs no read of its previous version from the repository. A missing or damaged entry is
 /// rebuilt from the repository; the cache is never trusted for content (BLAKE3 verifies).
@@ -296,5 +266,35 @@ impl SignatureBuilder {
             self.add(self.buf.len());
         }
         (block_size(size) == self.opts.block_size).then_some((self.opts.block_size, self.sig))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_built_in_pieces_equals_one_built_at_once() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let bs = block_size(data.len() as u64);
+        let whole = fast_rsync::Signature::calculate(
+            &data,
+            fast_rsync::SignatureOptions { block_size: bs, crypto_hash_size: CRYPTO_HASH_SIZE },
+        );
+        let mut b = SignatureBuilder::new(data.len() as u64);
+        for piece in data.chunks(100_003) {
+            b.push(piece);
+        }
+        let (got_bs, sig) = b.finish(data.len() as u64).unwrap();
+        assert_eq!(got_bs, bs);
+        assert_eq!(sig, whole.serialized());
+    }
+
+    #[test]
+    fn block_sizes_grow_with_the_file_within_bounds() {
+        assert_eq!(block_size(1000), 2048);
+        assert_eq!(block_size(600 << 20), 2048);
+        assert_eq!(block_size(8 << 30), 8192);
+        assert_eq!(block_size(1 << 40), 65536);
     }
 }
