@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# Installs what building and testing magpie needs on Debian. Idempotent; run as root.
+# Installs what building and testing magpie needs on Debian: a C toolchain and Rust 1.90 or newer
+# with clippy and rustfmt. Idempotent; run as root.
 set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
-if ! command -v cargo >/dev/null; then
-    # Debian's own toolchain; magpie needs Rust 1.90 or newer (trixie-backports or rustup).
-    need+=(cargo rustc)
-fi
+command -v curl >/dev/null || need+=(curl ca-certificates)
 if [ ${#need[@]} -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${need[@]}"
 fi
-rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true
+
+rust_ok() {
+    command -v cargo >/dev/null || return 1
+    local v
+    v=$(cargo --version | awk '{print $2}')
+    [ "$(printf '%s\n1.90.0\n' "$v" | sort -V | head -n1)" = 1.90.0 ]
+}
+if ! rust_ok; then
+    # Debian's own rustc is older than the 2024 edition needs: use rustup's stable toolchain.
+    if ! command -v rustup >/dev/null; then
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+        # shellcheck disable=SC1091
+        . "$HOME/.cargo/env"
+    fi
+    rustup toolchain install stable --profile minimal
+    rustup default stable
+fi
+if command -v rustup >/dev/null; then
+    rustup component add clippy rustfmt >/dev/null 2>&1 || true
+fi
+rust_ok || { echo "install-deps: need Rust 1.90 or newer (cargo --version says $(cargo --version 2>&1))" >&2; exit 1; }

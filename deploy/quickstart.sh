@@ -1,32 +1,69 @@
 #!/usr/bin/env bash
-# One-command start on a fresh Debian machine: installs what magpie needs, builds it, and runs the
-# main job against the embedded default (a repository in a local directory): stores /etc as a
-# snapshot, lists it, and verifies every byte. Safe to run again: each run adds a snapshot.
+# One command on a fresh Debian machine: installs what magpie needs, builds it, and runs the main
+# job, a pull, against the embedded default: an agent on 127.0.0.1 serving one folder, a collector
+# with its own CA and certificates, and an encrypted repository in a local directory. It pulls,
+# lists, then verifies every byte. Run it again and the second pull moves only what changed.
 #
-#   bash deploy/quickstart.sh [DIR-TO-BACK-UP]      (default /etc; state goes to ./magpie-demo)
+#   bash deploy/quickstart.sh [FOLDER]       (default /etc; state in ./magpie-demo or $MAGPIE_DEMO_DIR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source_dir=${1:-/etc}
-demo=${MAGPIE_DEMO_DIR:-$PWD/magpie-demo}
+folder=$(realpath "${1:-/etc}")
+demo=$(realpath -m "${MAGPIE_DEMO_DIR:-$PWD/magpie-demo}")
 
 bash deploy/install-deps.sh
-cargo build --release -p magpie-collector
-collector=$PWD/target/release/collector
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+cargo build --release -p magpie-agent -p magpie-collector
+bin=$PWD/target/release
 
 mkdir -p "$demo"
 chmod 700 "$demo"
-if [ ! -f "$demo/passphrase" ]; then
-    # A random passphrase, readable by root only: keep a copy somewhere safe.
-    head -c 24 /dev/urandom | base64 > "$demo/passphrase"
-    chmod 600 "$demo/passphrase"
+if [ ! -f "$demo/certs/ca.pem" ]; then
+    "$bin/collector" certs init --dir "$demo/certs"
+    "$bin/collector" certs issue agent agent --san 127.0.0.1 --dir "$demo/certs"
+    "$bin/collector" certs issue collector collector --dir "$demo/certs"
 fi
-export MAGPIE_REPOSITORY="$demo/repo"
-pass=(--passphrase-file "$demo/passphrase")
+if [ ! -f "$demo/passphrase" ]; then
+    # A random passphrase, readable by its owner only: keep a copy somewhere safe.
+    (umask 077; head -c 24 /dev/urandom | base64 > "$demo/passphrase")
+fi
+port=${MAGPIE_DEMO_PORT:-7443}
+cat > "$demo/agent.toml" <<T
+listen = "127.0.0.1:$port"
+[tls]
+cert = "$demo/certs/agent.pem"
+key = "$demo/certs/agent-key.pem"
+client_ca = "$demo/certs/ca.pem"
+allowed_collectors = ["$("$bin/collector" certs fingerprint "$demo/certs/collector.pem")"]
+[[source]]
+name = "$(basename "$folder")"
+kind = "path"
+roots = ["$folder"]
+role = "config"
+T
+cat > "$demo/collector.toml" <<T
+repository = "$demo/repo"
+passphrase_file = "$demo/passphrase"
+cache_dir = "$demo/cache"
+[tls]
+ca = "$demo/certs/ca.pem"
+cert = "$demo/certs/collector.pem"
+key = "$demo/certs/collector-key.pem"
+[[agent]]
+name = "localhost"
+endpoint = "https://127.0.0.1:$port"
+compress = false
+T
+"$bin/agent" check-config --config "$demo/agent.toml"
+"$bin/agent" serve --config "$demo/agent.toml" 2> "$demo/agent.log" &
+agent_pid=$!
+trap 'kill $agent_pid 2>/dev/null || true' EXIT
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
 
-[ -f "$demo/repo/config" ] || "$collector" init "${pass[@]}"
-"$collector" import "$source_dir" --source "$(basename "$source_dir")" --role config "${pass[@]}"
-"$collector" list "${pass[@]}"
-"$collector" check --verify-data "${pass[@]}"
+c=("$bin/collector" --config "$demo/collector.toml")
+[ -f "$demo/repo/config" ] || "${c[@]}" init
+"${c[@]}" pull
+"${c[@]}" list
+"${c[@]}" check --verify-data
 echo
-echo "repository: $demo/repo   passphrase: $demo/passphrase"
-echo "try: $collector ls latest -r $demo/repo --passphrase-file $demo/passphrase"
+echo "repository $demo/repo, passphrase $demo/passphrase, agent log $demo/agent.log"
+echo "look inside: ${c[*]} ls latest -R | head"

@@ -72,7 +72,11 @@ pub fn pull(cfg: &CollectorConfig, repo: &Repository, sel: &Selection) -> Result
     if let Some(a) = &sel.agent
         && !cfg.agents.iter().any(|x| &x.name == a)
     {
-        bail!("no agent {a:?} in the configuration");
+        return Err(crate::commands::UsageError(format!(
+            "no agent {a:?} in the configuration (it has: {})",
+            cfg.agents.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ")
+        ))
+        .into());
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
 
