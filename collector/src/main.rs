@@ -8,6 +8,23 @@ mod delta;
 mod pull;
 mod secret;
 
+/// The one place with `unsafe` code in the workspace.
+#[allow(unsafe_code)]
+mod malloc_tuning {
+    /// glibc raises its mmap threshold to the size of each large buffer freed (up to 32 MiB),
+    /// after which 16 MiB pack buffers and 4 MiB chunks come from per-thread heaps and stay
+    /// resident: a 2 GB pull peaked at 200 MB. With the threshold fixed they are mapped and
+    /// unmapped, and the same pull peaks at 117 MB (tests/bench).
+    pub fn fix_mmap_threshold() {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only sets an allocator parameter; it is called first thing in main,
+        // before any other thread exists, and takes no pointers.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        }
+    }
+}
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -56,6 +73,7 @@ pub struct Cli {
 }
 
 fn main() -> ExitCode {
+    malloc_tuning::fix_mmap_threshold();
     let cli = Cli::parse();
     // One crypto provider for the whole process (ring), chosen explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();
