@@ -8,9 +8,11 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use magpie_proto::v1::{Entry, EntryKind, Xattr};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
@@ -42,8 +44,9 @@ fn excluded_or_below(src: &Source, rel: &[u8]) -> bool {
     (0..rel.len()).filter(|&i| rel[i] == b'/').any(|i| excluded(src, &rel[..i])) || excluded(src, rel)
 }
 
-/// Metadata of one entry as the protocol carries it.
-pub fn entry(path: &Path, rel: Vec<u8>, m: &fs::Metadata) -> Entry {
+/// Metadata of one entry as the protocol carries it. `xattr_path` is where its extended
+/// attributes are read (followed), `link_target` the target of a symlink.
+pub fn entry(rel: Vec<u8>, m: &fs::Metadata, xattr_path: Option<&Path>, link_target: Vec<u8>) -> Entry {
     let ft = m.file_type();
     let kind = if ft.is_file() {
         EntryKind::File
@@ -60,10 +63,11 @@ pub fn entry(path: &Path, rel: Vec<u8>, m: &fs::Metadata) -> Entry {
     } else {
         EntryKind::Socket
     };
-    let mut xattrs: Vec<Xattr> = xattr::list(path)
+    let mut xattrs: Vec<Xattr> = xattr_path
+        .and_then(|p| xattr::list_deref(p).ok())
         .into_iter()
         .flatten()
-        .filter_map(|n| Some(Xattr { value: xattr::get(path, &n).ok()??, name: n.as_bytes().to_vec() }))
+        .filter_map(|n| Some(Xattr { value: xattr::get_deref(xattr_path?, &n).ok()??, name: n.as_bytes().to_vec() }))
         .collect();
     xattrs.sort_by(|a, b| a.name.cmp(&b.name));
     Entry {
@@ -78,11 +82,7 @@ pub fn entry(path: &Path, rel: Vec<u8>, m: &fs::Metadata) -> Entry {
         inode: m.ino(),
         device: m.dev(),
         nlink: m.nlink() as u32,
-        link_target: if ft.is_symlink() {
-            fs::read_link(path).map(|t| t.as_os_str().as_bytes().to_vec()).unwrap_or_default()
-        } else {
-            Vec::new()
-        },
+        link_target,
         rdev: m.rdev(),
         xattrs,
         ..Default::default()
@@ -94,10 +94,15 @@ fn error_entry(rel: Vec<u8>, e: &io::Error) -> Entry {
 }
 
 /// Every entry of a source. `emit` returns false to stop (the collector went away).
+///
+/// The walk goes from the root handles opened at start, directory handle to directory handle
+/// (`openat` with `O_NOFOLLOW`, `fstat` of an `O_PATH` handle): a path component swapped for a
+/// symlink while we walk cannot lead the listing outside the root.
 pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
     let mut emitted_parents: HashSet<Vec<u8>> = HashSet::new();
-    for root in &src.roots {
-        // The root's parents appear as directories so that each root keeps its own path.
+    for (root, root_dir) in src.roots.iter().zip(&src.root_dirs) {
+        // The root's parents appear as directories so that each root keeps its own path; they are
+        // metadata only.
         let rel_root = root_rel(root).to_vec();
         let mut prefix = PathBuf::from("/");
         let comps: Vec<&[u8]> = if rel_root.is_empty() { Vec::new() } else { rel_root.split(|&b| b == b'/').collect() };
@@ -108,18 +113,29 @@ pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
                 continue;
             }
             let e = match fs::symlink_metadata(&prefix) {
-                Ok(m) => entry(&prefix, rel, &m),
+                Ok(m) => entry(rel, &m, Some(&prefix), Vec::new()),
                 Err(err) => error_entry(rel, &err),
             };
             if !emit(e) {
                 return;
             }
         }
-        let root_dev = fs::symlink_metadata(root).map(|m| m.dev()).unwrap_or(0);
-        let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.clone(), rel_root)];
-        while let Some((dir, rel)) = stack.pop() {
-            let rd = match fs::read_dir(&dir) {
-                Ok(rd) => rd,
+        let root_handle = match root_dir.try_clone() {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                if !emit(error_entry(rel_root, &e)) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let root_dev = stat_at(&root_handle, b".").map(|(m, _, _)| m.dev()).unwrap_or(0);
+        // (parent handle, name, relative path) of directories still to read; the root is ".".
+        let mut stack: Vec<(Arc<OwnedFd>, Vec<u8>, Vec<u8>)> = vec![(root_handle, b".".to_vec(), rel_root)];
+        while let Some((parent, name, rel)) = stack.pop() {
+            let listing = open_dir(&parent, &name).and_then(|d| Ok((read_names(&d)?, Arc::new(d))));
+            let (mut names, dir) = match listing {
+                Ok(x) => x,
                 Err(e) => {
                     if !emit(error_entry(rel, &e)) {
                         return;
@@ -127,16 +143,14 @@ pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
                     continue;
                 }
             };
-            let mut names: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
-            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            names.sort();
             for name in names {
-                let child = dir.join(&name);
-                let child_rel = join(&rel, name.as_bytes());
+                let child_rel = join(&rel, &name);
                 if excluded(src, &child_rel) {
                     continue;
                 }
-                let m = match fs::symlink_metadata(&child) {
-                    Ok(m) => m,
+                let (m, xattr_path, _handle) = match stat_at(&dir, &name) {
+                    Ok(x) => x,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => {
                         if !emit(error_entry(child_rel, &e)) {
@@ -145,16 +159,61 @@ pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
                         continue;
                     }
                 };
+                let link = if m.file_type().is_symlink() {
+                    rustix::fs::readlinkat(&*dir, std::ffi::OsStr::from_bytes(&name), Vec::new())
+                        .map(|t| t.into_bytes())
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
                 let descend = m.is_dir() && !(src.one_file_system && m.dev() != root_dev);
-                if !emit(entry(&child, child_rel.clone(), &m)) {
+                if !emit(entry(child_rel.clone(), &m, xattr_path.as_deref(), link)) {
                     return;
                 }
                 if descend {
-                    stack.push((child, child_rel));
+                    stack.push((dir.clone(), name, child_rel));
                 }
             }
         }
     }
+}
+
+/// Open a directory beneath `parent` for reading, never through a symlink.
+fn open_dir(parent: &OwnedFd, name: &[u8]) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        parent,
+        std::ffi::OsStr::from_bytes(name),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// The names in a directory, without "." and "..".
+fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir)? {
+        let name = e?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// Metadata of `name` in `dir` (not following a symlink) through an `O_PATH` handle, and the
+/// `/proc/self/fd` path that reaches that very inode for its extended attributes (files and
+/// directories only; the returned handle must stay open while the path is used).
+fn stat_at(dir: &OwnedFd, name: &[u8]) -> io::Result<(fs::Metadata, Option<PathBuf>, File)> {
+    let fd = rustix::fs::openat(
+        dir,
+        std::ffi::OsStr::from_bytes(name),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let f = File::from(fd);
+    let m = f.metadata()?;
+    let xattr_path = (m.is_file() || m.is_dir()).then(|| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())));
+    Ok((m, xattr_path, f))
 }
 
 /// Open a file of a source for reading, confined to its root.

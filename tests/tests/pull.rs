@@ -12,7 +12,8 @@ fn source_toml(root: &Path) -> String {
     format!("[[source]]\nname = \"files\"\nkind = \"path\"\nroots = [{root:?}]\nrole = \"data\"\n")
 }
 
-/// Kind, mode, mtime, content hash, link target, and the first path sharing the inode.
+/// Kind, mode, mtime, content hash (with the user.magpie xattr), link target, and the first path
+/// sharing the inode.
 type EntryState = (String, u32, i64, String, Vec<u8>, Option<Vec<u8>>);
 
 /// What a user compares after a restore, by relative path.
@@ -30,10 +31,11 @@ fn state(root: &Path) -> BTreeMap<Vec<u8>, EntryState> {
                 ("symlink", String::new(), fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec())
             } else if m.is_dir() {
                 stack.push(p.clone());
-                ("dir", String::new(), Vec::new())
+                ("dir", String::from_utf8_lossy(&xattr_of(&p)).into_owned(), Vec::new())
             } else {
                 let mut h = blake3::Hasher::new();
                 h.update_reader(fs::File::open(&p).unwrap()).unwrap();
+                h.update(&xattr_of(&p));
                 ("file", h.finalize().to_hex().to_string(), Vec::new())
             };
             let group = (m.is_file() && m.nlink() > 1).then(|| inodes.entry(m.ino()).or_insert(rel.clone()).clone());
@@ -43,6 +45,11 @@ fn state(root: &Path) -> BTreeMap<Vec<u8>, EntryState> {
         }
     }
     out
+}
+
+/// The user.magpie extended attribute (empty when absent).
+fn xattr_of(p: &Path) -> Vec<u8> {
+    xattr::get(p, "user.magpie").ok().flatten().unwrap_or_default()
 }
 
 fn restore(c: &Collector, out: &Path) {
@@ -77,6 +84,10 @@ fn pull_round_trip_with_odd_names_links_modes_and_a_large_file() {
             .unwrap();
     }
     fs::write(src.join("secret"), b"mode 600").unwrap();
+    xattr::set(src.join("secret"), "user.magpie", b"kept").unwrap();
+    fs::create_dir_all(src.join("tagged-dir")).unwrap();
+    xattr::set(src.join("tagged-dir"), "user.magpie", b"dir too").unwrap();
+    assert_eq!(xattr_of(&src.join("secret")), b"kept");
     fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
     fs::write(src.join("tool"), b"#!/bin/sh\n").unwrap();
     fs::set_permissions(src.join("tool"), fs::Permissions::from_mode(0o4755)).unwrap();
