@@ -132,7 +132,8 @@ fn unchanged_files_are_not_transferred_and_a_change_moves_only_that_file() {
     assert_eq!(second["files_unchanged"], 51, "{second}");
     assert_eq!(second["bytes_read"], 0, "{second}");
     assert_eq!(second["wire_bytes"], 0, "{second}");
-    assert_eq!(second["bytes_added"].as_u64().unwrap(), 0, "{second}");
+    // Only directory listings can be new: the root's parents (/tmp…) change under other tests.
+    assert!(second["bytes_added"].as_u64().unwrap() < 4096, "{second}");
     fs::write(src.join("f7"), b"changed").unwrap();
     let third = c.pull();
     assert_eq!(third["files_changed"], 1, "{third}");
