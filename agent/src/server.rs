@@ -237,9 +237,10 @@ fn delta_frames(
     emit: &mut dyn FnMut(DeltaFrame) -> bool,
 ) -> std::io::Result<Option<DeltaFrame>> {
     use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
-    let mut f = source::open(src, path)?;
+    let f = source::open(src, path)?;
     let before = f.metadata()?;
+    // As for whole reads: what the file held when opened (growth shows as `changed`).
+    let mut f = f.take(before.len());
     let index = signature.index();
     let mut hasher = blake3::Hasher::new();
     let mut window = vec![0u8; DELTA_WINDOW];
@@ -271,15 +272,14 @@ fn delta_frames(
             break;
         }
     }
-    let after = f.metadata()?;
-    let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
+    let r = source::ReadResult::new(&before, &f.get_ref().metadata()?, hasher);
     Ok(Some(DeltaFrame {
         end: true,
-        blake3: hasher.finalize().as_bytes().to_vec(),
-        size: after.len(),
-        mtime_ns: ns(after.mtime(), after.mtime_nsec()),
-        ctime_ns: ns(after.ctime(), after.ctime_nsec()),
-        changed: source::moved(&before, &after),
+        blake3: r.blake3.to_vec(),
+        size: r.size,
+        mtime_ns: r.mtime_ns,
+        ctime_ns: r.ctime_ns,
+        changed: r.changed,
         ..Default::default()
     }))
 }

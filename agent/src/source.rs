@@ -76,8 +76,8 @@ pub fn entry(rel: Vec<u8>, m: &fs::Metadata, xattr_path: Option<&Path>, link_tar
         mode: m.mode() & 0o7777,
         uid: m.uid(),
         gid: m.gid(),
-        mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
-        ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+        mtime_ns: nanos(m.mtime(), m.mtime_nsec()),
+        ctime_ns: nanos(m.ctime(), m.ctime_nsec()),
         size: if ft.is_file() { m.len() } else { 0 },
         inode: m.ino(),
         device: m.dev(),
@@ -260,10 +260,29 @@ pub fn open(src: &Source, rel: &[u8]) -> io::Result<File> {
     Ok(f)
 }
 
+/// Seconds and nanoseconds as nanoseconds since the epoch (saturating: a file dated past 2262
+/// must not crash the agent).
+fn nanos(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
 /// Whether a file's size, mtime or ctime moved between two looks.
 pub fn moved(before: &fs::Metadata, after: &fs::Metadata) -> bool {
     (before.len(), before.mtime(), before.mtime_nsec(), before.ctime(), before.ctime_nsec())
         != (after.len(), after.mtime(), after.mtime_nsec(), after.ctime(), after.ctime_nsec())
+}
+
+impl ReadResult {
+    /// The outcome of a read: the hash of what was read and the file as it is now.
+    pub fn new(before: &fs::Metadata, after: &fs::Metadata, hasher: blake3::Hasher) -> ReadResult {
+        ReadResult {
+            blake3: *hasher.finalize().as_bytes(),
+            size: after.len(),
+            mtime_ns: nanos(after.mtime(), after.mtime_nsec()),
+            ctime_ns: nanos(after.ctime(), after.ctime_nsec()),
+            changed: moved(before, after),
+        }
+    }
 }
 
 /// What reading one file produced.
@@ -296,13 +315,5 @@ pub fn read(f: File, piece: usize, sink: &mut dyn FnMut(&[u8]) -> bool) -> io::R
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "collector went away"));
         }
     }
-    let after = f.get_ref().metadata()?;
-    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
-    Ok(ReadResult {
-        blake3: *hasher.finalize().as_bytes(),
-        size: after.len(),
-        mtime_ns: ns(after.mtime(), after.mtime_nsec()),
-        ctime_ns: ns(after.ctime(), after.ctime_nsec()),
-        changed: moved(&before, &after),
-    })
+    Ok(ReadResult::new(&before, &f.get_ref().metadata()?, hasher))
 }

@@ -6,6 +6,9 @@
 
 use std::sync::Arc;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use repo_format::archive::store_stream;
 use repo_format::backend::MemoryBackend;
@@ -46,18 +49,6 @@ fn text(n: usize) -> Vec<u8> {
     out
 }
 
-fn noise(n: usize) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn new_repo() -> (Arc<MemoryBackend>, Repository) {
     let mut o = InitOptions::encrypted("bench");
     o.kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
@@ -78,7 +69,7 @@ fn ingest(repo: &mut Repository, data: &[u8]) -> Vec<Id> {
 }
 
 fn bench(c: &mut Criterion) {
-    let inputs = [("text", text(SIZE)), ("random", noise(SIZE))];
+    let inputs = [("text", text(SIZE)), ("random", common::noise(SIZE, 1))];
     let mut g = c.benchmark_group("pipeline");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(SIZE as u64));

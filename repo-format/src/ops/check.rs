@@ -232,22 +232,16 @@ fn check_pack(
                 return out;
             }
         };
-        if Id::of_stored(&bytes) != id {
-            problem("content does not match its name (BLAKE3)".into());
-        }
-        let header = pack::header_from_bytes(repo.keys(), &name, &bytes);
-        if let Ok(h) = &header {
-            for e in h {
-                let blob = &bytes[e.range().start as usize..e.range().end as usize];
-                match pack::decode_blob(repo.keys(), e, blob) {
-                    Ok(_) => {
-                        verified.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(err) => problem(err.to_string()),
-                }
+        pack::verify_whole(repo.keys(), &id, &bytes).map(|v| {
+            if !v.intact {
+                problem("content does not match its name (BLAKE3)".into());
             }
-        }
-        header
+            verified.fetch_add(v.entries.len() - v.damaged.len(), Ordering::Relaxed);
+            for (_, err) in v.damaged {
+                problem(err.to_string());
+            }
+            v.entries
+        })
     } else {
         pack::read_header(&**repo.backend(), repo.keys(), &name, size)
     };

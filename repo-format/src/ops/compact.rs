@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::repofile::index::IndexFile;
-use crate::repofile::pack::PackEntry;
+use crate::repofile::pack::{self, PackEntry};
 use crate::repofile::{self as rf};
 use crate::repository::Repository;
 
@@ -96,11 +96,10 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
                 report.blobs_removed += 1;
                 continue;
             }
-            let sealed = bytes
-                .get(e.range().start as usize..e.range().end as usize)
-                .ok_or_else(|| Error::corrupt(&name, "shorter than its index says"))?;
+            let sealed =
+                pack::blob_bytes(&bytes, e).ok_or_else(|| Error::corrupt(&name, "shorter than its index says"))?;
             // Never carry damage into a new pack unnoticed.
-            crate::repofile::pack::decode_blob(repo.keys(), e, sealed)?;
+            pack::decode_blob(repo.keys(), e, sealed)?;
             repacker.add(e, sealed)?;
         }
         delete.push(*pack);

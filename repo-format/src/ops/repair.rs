@@ -62,31 +62,20 @@ pub fn repair(repo: &mut Repository, verify_data: bool) -> Result<RepairReport> 
             continue;
         }
         let bytes = repo.backend().get(&o.name, None)?;
-        let header = match pack::header_from_bytes(repo.keys(), &o.name, &bytes) {
-            Ok(h) => h,
+        let v = match pack::verify_whole(repo.keys(), &id, &bytes) {
+            Ok(v) => v,
             Err(e @ Error::UnsupportedVersion { .. }) => return Err(e),
             Err(e) => {
                 report.unreadable_packs.push(format!("{}: {e}", o.name));
                 continue;
             }
         };
-        let intact = Id::of_stored(&bytes) == id;
-        let ok: Vec<&PackEntry> = header
-            .iter()
-            .filter(|e| {
-                let fine =
-                    pack::decode_blob(repo.keys(), e, &bytes[e.range().start as usize..e.range().end as usize]).is_ok();
-                if !fine {
-                    report.damaged_blobs.push(e.id);
-                }
-                fine
-            })
-            .collect();
-        if intact && ok.len() == header.len() {
-            good.push((id, header));
+        if v.intact && v.damaged.is_empty() {
+            good.push((id, v.entries));
         } else {
-            for e in ok {
-                repacker.add(e, &bytes[e.range().start as usize..e.range().end as usize])?;
+            report.damaged_blobs.extend(v.damaged.iter().map(|(e, _)| e.id));
+            for e in v.entries.iter().filter(|e| !v.damaged.iter().any(|(d, _)| d == *e)) {
+                repacker.add(e, pack::blob_bytes(&bytes, e).expect("entry within the pack"))?;
             }
             damaged_packs.push(id);
         }

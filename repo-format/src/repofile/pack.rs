@@ -240,3 +240,35 @@ pub fn header_from_bytes(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<Pa
         .ok_or_else(|| Error::corrupt(name, "header authentication failed"))?;
     parse_header(name, &header, (size - 4 - hlen) as u64)
 }
+
+/// A pack read whole and verified blob by blob (check --verify-data, repair).
+#[derive(Debug)]
+pub struct VerifiedPack {
+    /// The header's entries.
+    pub entries: Vec<PackEntry>,
+    /// Whether the bytes still hash to the pack's name.
+    pub intact: bool,
+    /// Blobs that do not open, decompress or match their id, with why.
+    pub damaged: Vec<(PackEntry, Error)>,
+}
+
+/// The sealed bytes of one blob of a pack held whole (`None` past the end).
+pub fn blob_bytes<'a>(pack: &'a [u8], e: &PackEntry) -> Option<&'a [u8]> {
+    pack.get(e.range().start as usize..e.range().end as usize)
+}
+
+/// Decode the header of the pack `id` held whole in `bytes` and verify every blob; an error
+/// means the header itself cannot be read.
+pub fn verify_whole(keys: &Keys, id: &Id, bytes: &[u8]) -> Result<VerifiedPack> {
+    let name = crate::repofile::pack_name(id);
+    let entries = header_from_bytes(keys, &name, bytes)?;
+    let damaged = entries
+        .iter()
+        .filter_map(|e| {
+            // The header's offsets were checked against the pack's length.
+            let blob = blob_bytes(bytes, e).expect("entry within the pack");
+            decode_blob(keys, e, blob).err().map(|err| (*e, err))
+        })
+        .collect();
+    Ok(VerifiedPack { intact: Id::of_stored(bytes) == *id, entries, damaged })
+}
