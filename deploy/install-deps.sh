@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Installs what building and testing magpie needs on Debian: a C toolchain and Rust 1.90 or newer
-# with clippy and rustfmt. Idempotent; run as root.
+# Installs what building and testing magpie needs on Debian: a C toolchain, Rust 1.90 or newer
+# with clippy and rustfmt, and the database servers and tools the dump tests start their own
+# throwaway instances of (PostgreSQL with pgbench, MariaDB, Redis). Idempotent; run as root.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v curl >/dev/null || need+=(curl ca-certificates)
+compgen -G '/usr/lib/postgresql/*/bin/pgbench' >/dev/null || need+=(postgresql postgresql-contrib)
+command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || need+=(mariadb-server)
+command -v mariadb-dump >/dev/null || need+=(mariadb-client)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${need[@]}"

@@ -17,6 +17,67 @@ pub struct AgentConfig {
     pub tls: TlsConfig,
     #[serde(default, rename = "source")]
     pub sources: Vec<SourceConfig>,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+}
+
+/// Where dumps wait to be pulled.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// A directory only the agent can read (made 0700 when missing).
+    #[serde(default = "default_spool_dir")]
+    pub dir: PathBuf,
+    /// The most all dumps in flight may occupy together: "20G", "500M" or a number of bytes.
+    #[serde(default = "default_spool_max")]
+    pub max_bytes: ByteSize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig { dir: default_spool_dir(), max_bytes: default_spool_max() }
+    }
+}
+
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("/var/tmp/magpie-agent")
+}
+
+fn default_spool_max() -> ByteSize {
+    ByteSize(100 << 30)
+}
+
+/// A size in bytes, written as a number or with a K, M, G or T suffix (powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_size(&s).map(ByteSize).ok_or_else(|| {
+                serde::de::Error::custom(format!("{s:?} is not a size (e.g. \"20G\", \"500M\" or a number of bytes)"))
+            }),
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 10),
+        (i, 'M' | 'm') => (&s[..i], 20),
+        (i, 'G' | 'g') => (&s[..i], 30),
+        (i, 'T' | 't') => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 #[derive(Debug, Deserialize)]
@@ -33,30 +94,73 @@ pub struct TlsConfig {
     pub allowed_collectors: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One `[[source]]`: the fields of every kind side by side; `validate` refuses a field that
+/// does not belong to the source's kind, so a misplaced setting is never silently ignored.
+#[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub name: String,
-    /// Only "path" in this version.
+    /// path, postgres, mariadb, sqlite, redis or command.
     pub kind: String,
-    /// Absolute directories; each appears in the snapshot under its own path.
-    pub roots: Vec<PathBuf>,
-    /// Globs matched against paths relative to the snapshot root (e.g. "var/www/**/cache").
-    #[serde(default)]
-    pub exclude: Vec<String>,
-    /// Do not descend into other file systems below a root.
-    #[serde(default)]
-    pub one_file_system: bool,
-    /// Restore role: db, blobs, data or config.
-    #[serde(default = "default_role")]
-    pub role: String,
+    /// Restore role: db, blobs, data or config (default: data for paths, db for dumps).
+    pub role: Option<String>,
     /// Category label, e.g. user-source-data.
     #[serde(default)]
     pub category: String,
+
+    // kind = "path"
+    /// Absolute directories; each appears in the snapshot under its own path.
+    pub roots: Option<Vec<PathBuf>>,
+    /// Globs matched against paths relative to the snapshot root (e.g. "var/www/**/cache").
+    pub exclude: Option<Vec<String>>,
+    /// Do not descend into other file systems below a root.
+    pub one_file_system: Option<bool>,
+
+    // Database servers (postgres, mariadb, redis)
+    /// Host name, or for PostgreSQL a socket directory.
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// MariaDB: the server's socket file.
+    pub socket: Option<PathBuf>,
+    pub user: Option<String>,
+    /// A file whose first line is the password (never put the password itself here).
+    pub password_file: Option<PathBuf>,
+    /// postgres, mariadb: "*" (every user database, found at each dump) or a list of names.
+    pub databases: Option<Databases>,
+    /// postgres: the cluster's roles and tablespaces (`pg_dumpall --globals-only`); default true.
+    pub globals: Option<bool>,
+    /// postgres: the directory of pg_dump, pg_dumpall and psql (default: from PATH).
+    pub bin_dir: Option<PathBuf>,
+    /// postgres, mariadb: "exact" (count every table) or "estimate" (the server's statistics).
+    pub row_counts: Option<String>,
+
+    // kind = "sqlite"
+    /// A database file, or a glob giving one dump per match ("/pds/actors/*/store.sqlite").
+    pub path: Option<String>,
+
+    // kind = "command"
+    /// The program and its arguments; its standard output is the dump.
+    pub command: Option<Vec<String>>,
+    /// Name of the dump file in the snapshot (default: SOURCE.dump).
+    pub filename: Option<String>,
+
+    // Every dump kind
+    /// Run before the dump (e.g. stop a service for a cold copy).
+    pub before: Option<Vec<String>>,
+    /// Run after the dump, also when it failed.
+    pub after: Option<Vec<String>>,
+    /// Limit for each hook, seconds (default 300).
+    pub hook_timeout_secs: Option<u64>,
+    /// Limit for the whole dump, seconds (default 21600).
+    pub timeout_secs: Option<u64>,
 }
 
-fn default_role() -> String {
-    "data".into()
+/// `databases = "*"` or `databases = ["a", "b"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Databases {
+    All(String),
+    Named(Vec<String>),
 }
 
 /// A source ready to serve.
@@ -66,13 +170,88 @@ pub struct Source {
     pub kind: String,
     pub role: String,
     pub category: String,
-    /// Canonical absolute roots.
-    pub roots: Vec<PathBuf>,
+    /// Where each root appears in the listing: its path without the leading '/' for a path
+    /// source ("var/www"), empty for a dump spool (its files at the top).
+    pub rel_roots: Vec<Vec<u8>>,
     /// The roots, opened once at start (O_PATH): reads resolve beneath these handles, so a
     /// path component swapped for a symlink later cannot move a root.
     pub root_dirs: Vec<std::os::fd::OwnedFd>,
     pub exclude: GlobSet,
     pub one_file_system: bool,
+    /// For a dump source: how to take its dumps (its files are then served from a spool).
+    pub dump: Option<crate::dump::DumpSpec>,
+}
+
+impl Source {
+    /// A directory served as the top of a listing (a dump session's spool).
+    pub fn spool(name: &str, dir: &Path) -> Result<Source> {
+        Ok(Source {
+            name: name.to_string(),
+            kind: "spool".into(),
+            role: String::new(),
+            category: String::new(),
+            rel_roots: vec![Vec::new()],
+            root_dirs: vec![open_root(dir).with_context(|| format!("cannot open spool {}", dir.display()))?],
+            exclude: GlobSet::empty(),
+            one_file_system: true,
+            dump: None,
+        })
+    }
+}
+
+fn open_root(dir: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    Ok(rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
+}
+
+/// Which optional settings each kind takes.
+const PATH_FIELDS: &[&str] = &["roots", "exclude", "one_file_system"];
+const HOOK_FIELDS: &[&str] = &["before", "after", "hook_timeout_secs", "timeout_secs"];
+const SERVER_FIELDS: &[&str] = &["host", "port", "user", "password_file"];
+
+fn allowed_fields(kind: &str) -> Option<Vec<&'static str>> {
+    let mut f: Vec<&str> = match kind {
+        "path" => return Some(PATH_FIELDS.to_vec()),
+        "postgres" => [SERVER_FIELDS, &["databases", "globals", "bin_dir", "row_counts"]].concat(),
+        "mariadb" => [SERVER_FIELDS, &["socket", "databases", "row_counts"]].concat(),
+        "redis" => [SERVER_FIELDS, &["socket"]].concat(),
+        "sqlite" => vec!["path"],
+        "command" => vec!["command", "filename"],
+        _ => return None,
+    };
+    f.extend_from_slice(HOOK_FIELDS);
+    Some(f)
+}
+
+impl SourceConfig {
+    /// The optional settings this source gives.
+    fn given(&self) -> Vec<&'static str> {
+        let flags = [
+            ("roots", self.roots.is_some()),
+            ("exclude", self.exclude.is_some()),
+            ("one_file_system", self.one_file_system.is_some()),
+            ("host", self.host.is_some()),
+            ("port", self.port.is_some()),
+            ("socket", self.socket.is_some()),
+            ("user", self.user.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("databases", self.databases.is_some()),
+            ("globals", self.globals.is_some()),
+            ("bin_dir", self.bin_dir.is_some()),
+            ("row_counts", self.row_counts.is_some()),
+            ("path", self.path.is_some()),
+            ("command", self.command.is_some()),
+            ("filename", self.filename.is_some()),
+            ("before", self.before.is_some()),
+            ("after", self.after.is_some()),
+            ("hook_timeout_secs", self.hook_timeout_secs.is_some()),
+            ("timeout_secs", self.timeout_secs.is_some()),
+        ];
+        flags.into_iter().filter(|(_, on)| *on).map(|(n, _)| n).collect()
+    }
 }
 
 impl AgentConfig {
@@ -114,17 +293,40 @@ impl AgentConfig {
             if !names.insert(&s.name) {
                 bail!("source {:?} is declared twice", s.name);
             }
+            let Some(allowed) = allowed_fields(&s.kind) else {
+                bail!(
+                    "source {:?}: kind {:?} is unknown (path, postgres, mariadb, sqlite, redis or command)",
+                    s.name,
+                    s.kind
+                );
+            };
+            if let Some(f) = s.given().into_iter().find(|f| !allowed.contains(f)) {
+                bail!("source {:?}: `{f}` does not apply to kind {:?}", s.name, s.kind);
+            }
+            let role = s.role.clone().unwrap_or_else(|| if s.kind == "path" { "data" } else { "db" }.into());
+            if !["db", "blobs", "data", "config"].contains(&role.as_str()) {
+                bail!("source {:?}: role {role:?} must be db, blobs, data or config", s.name);
+            }
             if s.kind != "path" {
-                bail!("source {:?}: kind {:?} is not supported by this agent (only \"path\")", s.name, s.kind);
+                out.push(Source {
+                    name: s.name.clone(),
+                    kind: s.kind.clone(),
+                    role,
+                    category: s.category.clone(),
+                    rel_roots: Vec::new(),
+                    root_dirs: Vec::new(),
+                    exclude: GlobSet::empty(),
+                    one_file_system: true,
+                    dump: Some(crate::dump::DumpSpec::from_config(s)?),
+                });
+                continue;
             }
-            if !["db", "blobs", "data", "config"].contains(&s.role.as_str()) {
-                bail!("source {:?}: role {:?} must be db, blobs, data or config", s.name, s.role);
-            }
-            if s.roots.is_empty() {
+            let roots_given = s.roots.clone().unwrap_or_default();
+            if roots_given.is_empty() {
                 bail!("source {:?} has no roots", s.name);
             }
             let mut roots = Vec::new();
-            for r in &s.roots {
+            for r in &roots_given {
                 if !r.is_absolute() {
                     bail!("source {:?}: root {} must be an absolute path", s.name, r.display());
                 }
@@ -142,28 +344,22 @@ impl AgentConfig {
             }
             let root_dirs = roots
                 .iter()
-                .map(|r| {
-                    rustix::fs::open(
-                        r,
-                        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-                        rustix::fs::Mode::empty(),
-                    )
-                    .with_context(|| format!("source {:?}: cannot open root {}", s.name, r.display()))
-                })
+                .map(|r| open_root(r).with_context(|| format!("source {:?}: cannot open root {}", s.name, r.display())))
                 .collect::<Result<Vec<_>>>()?;
             let mut gs = GlobSetBuilder::new();
-            for g in &s.exclude {
+            for g in s.exclude.iter().flatten() {
                 gs.add(Glob::new(g).with_context(|| format!("source {:?}: bad exclude glob {g:?}", s.name))?);
             }
             out.push(Source {
                 name: s.name.clone(),
                 kind: s.kind.clone(),
-                role: s.role.clone(),
+                role,
                 category: s.category.clone(),
-                roots,
+                rel_roots: roots.iter().map(|r| crate::source::root_rel(r).to_vec()).collect(),
                 root_dirs,
                 exclude: gs.build()?,
-                one_file_system: s.one_file_system,
+                one_file_system: s.one_file_system.unwrap_or(false),
+                dump: None,
             });
         }
         Ok(out)

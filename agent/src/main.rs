@@ -2,8 +2,10 @@
 //! mutual TLS. It never sees the repository. Logs go to stderr.
 
 mod config;
+mod dump;
 mod server;
 mod source;
+mod spool;
 mod tls;
 mod wire;
 
@@ -78,7 +80,16 @@ fn serve(path: &std::path::Path) -> Result<()> {
     });
     // At most four reads or diffs at once: each holds buffers of a few MiB.
     let work = Arc::new(tokio::sync::Semaphore::new(4));
-    let service = server::AgentService { name, sources: Arc::new(sources), work };
+    let spool = Arc::new(spool::Spool::open(&cfg.spool.dir, cfg.spool.max_bytes.0)?);
+    let service = server::AgentService {
+        name,
+        sources: sources.into_iter().map(Arc::new).collect(),
+        work,
+        // Two dumps at once at most: each loads a database server and fills the spool.
+        dumps: Arc::new(tokio::sync::Semaphore::new(2)),
+        spool,
+        sessions: Default::default(),
+    };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         let listener =

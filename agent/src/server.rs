@@ -1,19 +1,22 @@
 //! The gRPC service: handshake, list, read. Errors become Status values naming the source
 //! or path; file-level trouble (vanished, permission denied) travels in-band per file.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use magpie_proto::v1::agent_server::Agent;
 use magpie_proto::v1::{
-    DeltaFrame, DeltaRequest, DeltaResponse, FileFrame, HandshakeRequest, HandshakeResponse, ListRequest, ListResponse,
-    ReadFilesRequest, ReadFilesResponse, SourceInfo,
+    DeltaFrame, DeltaRequest, DeltaResponse, DumpEvent, DumpReady, DumpRequest, FileFrame, HandshakeRequest,
+    HandshakeResponse, ListRequest, ListResponse, ReadFilesRequest, ReadFilesResponse, SourceInfo, dump_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Source;
 use crate::source;
+use crate::spool::Spool;
 use crate::wire::FrameWriter;
 
 /// Entries per ListResponse.
@@ -31,11 +34,20 @@ const SIG_MAX_LEN: usize = 64 << 20;
 /// wholesale: the collector is told to fetch it whole instead.
 const NO_GAIN: f64 = 0.9;
 
+/// How long a dump's spool waits for the collector to pull it.
+const MAX_SESSION: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Clone)]
 pub struct AgentService {
     pub name: String,
-    pub sources: Arc<Vec<Source>>,
+    pub sources: Vec<Arc<Source>>,
     /// Bounds the reads and diffs running at once, and so the memory they hold.
     pub work: Arc<tokio::sync::Semaphore>,
+    /// Bounds the dumps running at once (each loads a database server).
+    pub dumps: Arc<tokio::sync::Semaphore>,
+    pub spool: Arc<Spool>,
+    /// Dump spools being pulled, by session id.
+    pub sessions: Arc<Mutex<HashMap<String, Arc<Source>>>>,
 }
 
 /// Paths per ReadFiles call.
@@ -56,11 +68,28 @@ fn check_signature(sig: Vec<u8>) -> Result<fast_rsync::Signature, Status> {
 }
 
 impl AgentService {
-    fn source(&self, name: &str) -> Result<usize, Status> {
-        self.sources
+    /// The source a request reads: a path source, or the spool of a dump session.
+    fn resolve(&self, name: &str, session: &str) -> Result<Arc<Source>, Status> {
+        let src = self
+            .sources
             .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| Status::not_found(format!("agent {} has no source {name:?}", self.name)))
+            .find(|s| s.name == name)
+            .ok_or_else(|| Status::not_found(format!("agent {} has no source {name:?}", self.name)))?;
+        match (&src.dump, session) {
+            (None, "") => Ok(src.clone()),
+            (None, _) => Err(Status::invalid_argument(format!("source {name:?} is not a dump source"))),
+            (Some(_), "") => Err(Status::failed_precondition(format!(
+                "source {name:?} is a dump source: take its dump first (Dump), then read with its session"
+            ))),
+            (Some(_), id) => self
+                .sessions
+                .lock()
+                .expect("sessions")
+                .get(id)
+                .filter(|s| s.name == name)
+                .cloned()
+                .ok_or_else(|| Status::not_found(format!("no dump session {id:?} of source {name:?} (it ended)"))),
+        }
     }
 }
 
@@ -81,6 +110,7 @@ impl Agent for AgentService {
                     kind: s.kind.clone(),
                     role: s.role.clone(),
                     category: s.category.clone(),
+                    dump: s.dump.is_some(),
                 })
                 .collect(),
         }))
@@ -89,12 +119,11 @@ impl Agent for AgentService {
     type ListStream = ReceiverStream<Result<ListResponse, Status>>;
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<Self::ListStream>, Status> {
-        let idx = self.source(&request.get_ref().source)?;
-        let sources = self.sources.clone();
+        let src = self.resolve(&request.get_ref().source, &request.get_ref().session)?;
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::with_capacity(LIST_BATCH);
-            source::list(&sources[idx], &mut |e| {
+            source::list(&src, &mut |e| {
                 batch.push(e);
                 if batch.len() < LIST_BATCH {
                     return true;
@@ -111,16 +140,15 @@ impl Agent for AgentService {
 
     async fn read_files(&self, request: Request<ReadFilesRequest>) -> Result<Response<Self::ReadFilesStream>, Status> {
         let req = request.into_inner();
-        let idx = self.source(&req.source)?;
+        let src = self.resolve(&req.source, &req.session)?;
         if req.paths.len() > MAX_PATHS {
             return Err(Status::invalid_argument(format!("at most {MAX_PATHS} paths per call")));
         }
         let permit = self.work.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
-        let sources = self.sources.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let src = &sources[idx];
+            let src = &*src;
             let send = |data: Vec<u8>| data.is_empty() || tx.blocking_send(Ok(ReadFilesResponse { data })).is_ok();
             let fail = |e: std::io::Error| {
                 let _ = tx.blocking_send(Err(Status::internal(format!("encoding the file stream: {e}"))));
@@ -187,14 +215,37 @@ impl Agent for AgentService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    type DumpStream = ReceiverStream<Result<DumpEvent, Status>>;
+
+    async fn dump(&self, request: Request<Streaming<DumpRequest>>) -> Result<Response<Self::DumpStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("an empty dump request"))?;
+        let src = self
+            .sources
+            .iter()
+            .find(|s| s.name == first.source)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("agent {} has no source {:?}", self.name, first.source)))?;
+        if src.dump.is_none() {
+            return Err(Status::invalid_argument(format!("source {:?} is not a dump source", src.name)));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(status) = this.run_dump(inbound, src, tx.clone()).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     type DeltaStream = ReceiverStream<Result<DeltaResponse, Status>>;
 
     async fn delta(&self, request: Request<DeltaRequest>) -> Result<Response<Self::DeltaStream>, Status> {
         let req = request.into_inner();
-        let idx = self.source(&req.source)?;
+        let src = self.resolve(&req.source, &req.session)?;
         let signature = check_signature(req.signature)?;
         let permit = self.work.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
-        let sources = self.sources.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -206,7 +257,7 @@ impl Agent for AgentService {
                     return;
                 }
             };
-            let end = match delta_frames(&sources[idx], &req.path, &signature, &mut |f| match w.push(&f) {
+            let end = match delta_frames(&src, &req.path, &signature, &mut |f| match w.push(&f) {
                 Ok(Some(seg)) => send(seg),
                 Ok(None) => true,
                 Err(_) => false,
@@ -225,6 +276,76 @@ impl Agent for AgentService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl AgentService {
+    /// Take a source's dumps into a new spool session, announce it, and hold it until the
+    /// collector releases it (or goes away); the spool is removed on every path out.
+    async fn run_dump(
+        &self,
+        mut inbound: Streaming<DumpRequest>,
+        src: Arc<Source>,
+        tx: mpsc::Sender<Result<DumpEvent, Status>>,
+    ) -> Result<(), Status> {
+        let internal = |e: anyhow::Error| Status::internal(format!("{e:#}"));
+        let progress = |line: String| Ok(DumpEvent { event: Some(dump_event::Event::Progress(line)) });
+        if self.dumps.available_permits() == 0 {
+            let _ = tx.send(progress("waiting for another dump to finish".into())).await;
+        }
+        let _permit = self.dumps.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let session = self.spool.session().map_err(internal)?;
+        let (out, etc) = (session.path.join("out"), session.path.join("etc"));
+        for d in [&out, &etc] {
+            std::fs::create_dir(d).map_err(|e| Status::internal(format!("{}: {e}", d.display())))?;
+        }
+        let started = std::time::Instant::now();
+        tracing::info!("dump of source {} started (session {})", src.name, session.id);
+        let (spool, tx2, src2, out2) = (self.spool.clone(), tx.clone(), src.clone(), out.clone());
+        let taken = tokio::task::spawn_blocking(move || {
+            let spec = src2.dump.as_ref().expect("a dump source");
+            let cancelled = || tx2.is_closed();
+            let report = |line: String| {
+                tracing::info!("source {}: {line}", src2.name);
+                let _ = tx2.try_send(progress(line));
+            };
+            spec.take(&crate::dump::Run {
+                out: &out2,
+                etc: &etc,
+                spool: &spool,
+                cancelled: &cancelled,
+                progress: &report,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the dump task failed: {e}")))?;
+        let taken = taken.map_err(|e| {
+            tracing::warn!("dump of source {} failed: {e:#}", src.name);
+            Status::aborted(format!("dump of source {} failed: {e:#}", src.name))
+        })?;
+        tracing::info!(
+            "dump of source {} done in {:.1}s: {} files, {} bytes",
+            src.name,
+            started.elapsed().as_secs_f64(),
+            taken.dumps.len(),
+            taken.dumps.iter().map(|d| d.size).sum::<u64>()
+        );
+        let served = Arc::new(Source::spool(&src.name, &out).map_err(internal)?);
+        self.sessions.lock().expect("sessions").insert(session.id.clone(), served);
+        let ready = DumpReady { session: session.id.clone(), dumps: taken.dumps, warnings: taken.warnings };
+        if tx.send(Ok(DumpEvent { event: Some(dump_event::Event::Ready(ready)) })).await.is_ok() {
+            let _ = tokio::time::timeout(MAX_SESSION, async {
+                while let Ok(Some(m)) = inbound.message().await {
+                    if m.release {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        self.sessions.lock().expect("sessions").remove(&session.id);
+        tracing::info!("dump session {} of source {} ended; spool removed", session.id, src.name);
+        Ok(())
     }
 }
 

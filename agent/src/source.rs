@@ -100,10 +100,10 @@ fn error_entry(rel: Vec<u8>, e: &io::Error) -> Entry {
 /// symlink while we walk cannot lead the listing outside the root.
 pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
     let mut emitted_parents: HashSet<Vec<u8>> = HashSet::new();
-    for (root, root_dir) in src.roots.iter().zip(&src.root_dirs) {
+    for (rel_root, root_dir) in src.rel_roots.iter().zip(&src.root_dirs) {
         // The root's parents appear as directories so that each root keeps its own path; they are
         // metadata only.
-        let rel_root = root_rel(root).to_vec();
+        let rel_root = rel_root.clone();
         let mut prefix = PathBuf::from("/");
         let comps: Vec<&[u8]> = if rel_root.is_empty() { Vec::new() } else { rel_root.split(|&b| b == b'/').collect() };
         for i in 0..comps.len() {
@@ -226,12 +226,11 @@ pub fn open(src: &Source, rel: &[u8]) -> io::Result<File> {
         return Err(refuse("excluded from the source"));
     }
     let (dir, rest) = src
-        .roots
+        .rel_roots
         .iter()
         .zip(&src.root_dirs)
-        .find_map(|(r, dir)| {
-            let rr = root_rel(r);
-            let rest = if rr.is_empty() { rel } else { rel.strip_prefix(rr)?.strip_prefix(b"/")? };
+        .find_map(|(rr, dir)| {
+            let rest = if rr.is_empty() { rel } else { rel.strip_prefix(rr.as_slice())?.strip_prefix(b"/")? };
             Some((dir, rest))
         })
         .ok_or_else(|| refuse("outside every root of the source"))?;

@@ -42,6 +42,9 @@ pub enum Command {
         /// Only these sources (repeatable).
         #[arg(long = "source")]
         sources: Vec<String>,
+        /// Commit dumps even when far smaller than the previous ones (see dump_min_ratio).
+        #[arg(long)]
+        accept_small_dumps: bool,
         /// Machine-readable summary.
         #[arg(long)]
         json: bool,
@@ -292,8 +295,9 @@ pub fn run(cli: Cli) -> Result<u8> {
     let ctx = Ctx { repo_dir, passphrase_file };
     match cli.command {
         Command::Certs { .. } => unreachable!("handled above"),
-        Command::Pull { agent, sources, json } => {
-            pull_cmd(&ctx, config.as_ref().expect("loaded above"), agent, sources, json)
+        Command::Pull { agent, sources, accept_small_dumps, json } => {
+            let sel = crate::pull::Selection { agent, sources, accept_small_dumps };
+            pull_cmd(&ctx, config.as_ref().expect("loaded above"), sel, json)
         }
         Command::Init(a) => init(&ctx, &a),
         Command::Import(a) => import(&ctx, &a),
@@ -645,12 +649,11 @@ fn check_cmd(ctx: &Ctx, verify_data: bool, do_repair: bool, json_out: bool, lock
 fn pull_cmd(
     ctx: &Ctx,
     cfg: &crate::config::CollectorConfig,
-    agent: Option<String>,
-    sources: Vec<String>,
+    sel: crate::pull::Selection,
     json_out: bool,
 ) -> Result<u8> {
     let repo = ctx.open()?;
-    let summaries = crate::pull::pull(cfg, &repo, &crate::pull::Selection { agent, sources })?;
+    let summaries = crate::pull::pull(cfg, &repo, &sel)?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&summaries)?);
     } else {

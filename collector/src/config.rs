@@ -23,12 +23,20 @@ pub struct CollectorConfig {
     /// Sources pulled at the same time (each holds its own buffers: about 150 MB).
     #[serde(default = "default_parallel")]
     pub max_parallel: usize,
+    /// A dump smaller than this share of the previous dump of the same file fails the pull
+    /// (unless `pull --accept-small-dumps`): a truncated dump must not pass for a backup.
+    #[serde(default = "default_dump_min_ratio")]
+    pub dump_min_ratio: f64,
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentEntry>,
 }
 
 fn default_parallel() -> usize {
     2
+}
+
+fn default_dump_min_ratio() -> f64 {
+    0.5
 }
 
 #[derive(Debug, Deserialize)]

@@ -14,12 +14,13 @@ use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use magpie_proto::v1::agent_client::AgentClient;
 use magpie_proto::v1::{
-    DeltaFrame, DeltaRequest, Entry, EntryKind, FileFrame, HandshakeRequest, ListRequest, ReadFilesRequest,
+    DeltaFrame, DeltaRequest, DumpReady, DumpRequest, Entry, EntryKind, FileFrame, HandshakeRequest, ListRequest,
+    ReadFilesRequest, dump_event,
 };
 use prost::Message;
 use repo_format::archive::{ChunkedContent, FileContent, SmallFiles, StreamRange};
 use repo_format::repofile::tree::{ChunkRef, Node, NodeKind, Tree, Xattr};
-use repo_format::{BlobKind, Id, Repository, Snapshot, SnapshotStats, Writer};
+use repo_format::{BlobKind, DumpInfo, Id, Repository, Snapshot, SnapshotStats, TableRows, Writer};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -64,6 +65,8 @@ pub struct SourceSummary {
 pub struct Selection {
     pub agent: Option<String>,
     pub sources: Vec<String>,
+    /// Commit dumps even when far smaller than the previous ones.
+    pub accept_small_dumps: bool,
 }
 
 /// Pull every selected source of every selected agent. Failures are per source (or per agent
@@ -107,6 +110,7 @@ pub fn pull(cfg: &CollectorConfig, repo: &Repository, sel: &Selection) -> Result
                     client: client.clone(),
                     hs: hs.clone(),
                     source,
+                    dumps: DumpPolicy { min_ratio: cfg.dump_min_ratio, accept_small: sel.accept_small_dumps },
                 }));
             }
         }
@@ -139,6 +143,107 @@ struct Job<'c> {
     client: AgentClient<Channel>,
     hs: Arc<magpie_proto::v1::HandshakeResponse>,
     source: String,
+    dumps: DumpPolicy,
+}
+
+/// When a dump is too small to trust.
+#[derive(Debug, Clone, Copy)]
+pub struct DumpPolicy {
+    /// A dump under this share of the previous dump of the same file fails the pull…
+    pub min_ratio: f64,
+    /// …unless the operator said it is expected.
+    pub accept_small: bool,
+}
+
+/// A source on the agent: its name, and for a dump source the session of its spool.
+#[derive(Debug, Clone, Copy)]
+struct Remote<'a> {
+    name: &'a str,
+    session: &'a str,
+}
+
+/// A dump taken on the agent. Its spool lives while this is held: dropping it ends the Dump
+/// call, and the agent removes the spool.
+struct DumpHold {
+    ready: DumpReady,
+    _release: mpsc::Sender<DumpRequest>,
+    _events: tonic::Streaming<magpie_proto::v1::DumpEvent>,
+}
+
+/// Have the agent take a source's dumps; returns once they wait in its spool.
+async fn take_dump(client: &mut AgentClient<Channel>, agent: &AgentEntry, source: &str) -> Result<DumpHold> {
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(DumpRequest { source: source.to_string(), release: false }).await.expect("a fresh channel");
+    let failed = |s: tonic::Status| anyhow!("agent {}: {}", agent.name, s.message());
+    let mut events = client.dump(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(failed)?.into_inner();
+    while let Some(event) = events.message().await.map_err(failed)? {
+        match event.event {
+            Some(dump_event::Event::Progress(line)) => tracing::info!("{}/{source}: {line}", agent.name),
+            Some(dump_event::Event::Ready(ready)) => return Ok(DumpHold { ready, _release: tx, _events: events }),
+            None => {}
+        }
+    }
+    bail!("agent {}: the dump of {source} ended without a result", agent.name)
+}
+
+/// Every dump file arrived whole and is the file the agent described.
+fn verify_dump_files(dumps: &[magpie_proto::v1::DumpInfo], entries: &[Entry], results: &Fetches) -> Result<()> {
+    for d in dumps {
+        let idx = entries
+            .iter()
+            .position(|e| e.path == d.path.as_bytes())
+            .ok_or_else(|| anyhow!("dump file {} is missing from the agent's spool", d.path))?;
+        match results.get(&idx) {
+            Some((Ok(c), _)) if c.blake3.as_slice() == d.blake3 && c.size == d.size => {}
+            Some((Err(e), _)) => bail!("dump file {} could not be read: {e}", d.path),
+            _ => bail!("dump file {} does not match what the agent dumped (size or BLAKE3)", d.path),
+        }
+    }
+    Ok(())
+}
+
+/// Refuse a dump far smaller than the previous dump of the same file.
+fn check_dump_sizes(
+    dumps: &[magpie_proto::v1::DumpInfo],
+    previous: Option<&Snapshot>,
+    policy: DumpPolicy,
+) -> Result<()> {
+    let Some(prev) = previous else { return Ok(()) };
+    for d in dumps {
+        let Some(p) = prev.dumps.iter().find(|p| p.path == d.path) else { continue };
+        if (d.size as f64) < policy.min_ratio * p.size as f64 {
+            let share = 100.0 * d.size as f64 / p.size.max(1) as f64;
+            if policy.accept_small {
+                tracing::warn!("dump {} is {share:.0}% of the previous one; accepted as asked", d.path);
+                continue;
+            }
+            bail!(
+                "dump {} is {} bytes, {share:.0}% of the previous one ({} bytes): if that is expected, pull again with --accept-small-dumps (or lower dump_min_ratio)",
+                d.path,
+                d.size,
+                p.size
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The repository's record of a dump (the wire's message, field by field).
+fn dump_info(d: &magpie_proto::v1::DumpInfo) -> DumpInfo {
+    DumpInfo {
+        path: d.path.clone(),
+        kind: d.kind.clone(),
+        format: d.format.clone(),
+        database: d.database.clone(),
+        server_version: d.server_version.clone(),
+        tool_version: d.tool_version.clone(),
+        tables: d.tables.iter().map(|t| TableRows { name: t.name.clone(), rows: t.rows }).collect(),
+        rows_exact: d.rows_exact,
+        size: d.size,
+        blake3: d.blake3.clone(),
+        start_ns: d.start_ns,
+        end_ns: d.end_ns,
+    }
 }
 
 async fn handshake(
@@ -204,10 +309,14 @@ fn pull_source(
     let lock = repo_format::locking::lock(repo, false, "collector pull", std::time::Duration::ZERO)?;
     repo.load_index()?;
 
+    // 0. A dump source's dumps, spooled on the agent while this pull holds their session.
+    let dump = if info.dump { Some(rt.block_on(take_dump(&mut client, agent, &info.name))?) } else { None };
+    let remote = Remote { name: &info.name, session: dump.as_ref().map_or("", |d| d.ready.session.as_str()) };
+
     // 1. The listing.
     let entries: Vec<Entry> = rt.block_on(async {
         let mut stream = client
-            .list(ListRequest { source: info.name.clone() })
+            .list(ListRequest { source: info.name.clone(), session: remote.session.to_string() })
             .await
             .map_err(|s| anyhow!("agent {}: listing {}: {}", agent.name, info.name, s.message()))?
             .into_inner();
@@ -294,7 +403,7 @@ fn pull_source(
         let (entries_ref, delta_prev_ref) = (&entries, &delta_prev);
         let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>)> {
             let mut w = Writer::new(repo_ref, 0);
-            let mut st = Ingest::new(repo_ref.chunker(false)?, threshold, cache);
+            let mut st = Ingest::new(repo_ref.chunker(info.dump)?, threshold, cache);
             let mut patch: Option<Patch<'_>> = None;
             while let Some(msg) = rx.blocking_recv() {
                 match msg {
@@ -347,7 +456,7 @@ fn pull_source(
                 let (ok, bytes, delta_read) = pull_delta(
                     &mut client,
                     agent,
-                    &info.name,
+                    remote,
                     (repo_ref, cache),
                     &entries[idx],
                     &delta_prev[&idx],
@@ -365,7 +474,7 @@ fn pull_source(
                 }
             }
             fetch.extend(fallback);
-            let (w2, r2) = fetch_all(&mut client, agent, &info.name, &entries, &fetch, tx, &progress).await?;
+            let (w2, r2) = fetch_all(&mut client, agent, remote, &entries, &fetch, tx, &progress).await?;
             Ok::<_, anyhow::Error>((wire + w2, read + r2, delta_done))
         });
         let ingested = ingest.join().map_err(|_| anyhow!("the ingest thread panicked"))?;
@@ -379,6 +488,9 @@ fn pull_source(
                 agent.name,
                 String::from_utf8_lossy(&entries[missing].path)
             );
+        }
+        if let Some(d) = &dump {
+            verify_dump_files(&d.ready.dumps, &entries, &results)?;
         }
         let mut stats = SnapshotStats::default();
         let mut b = TreeBuild {
@@ -408,7 +520,17 @@ fn pull_source(
         Ok((root, stats, index, stale))
     })?;
 
-    // 6. Commit: the snapshot is the last write.
+    // 6. A dump far smaller than the last one is more likely broken than a database that shrank.
+    let dumps = match &dump {
+        Some(d) => {
+            check_dump_sizes(&d.ready.dumps, previous.as_ref().map(|(_, s)| s), job.dumps)?;
+            warnings.extend(d.ready.warnings.iter().map(|w| format!("dump: {w}")));
+            d.ready.dumps.iter().map(dump_info).collect()
+        }
+        None => Vec::new(),
+    };
+
+    // 7. Commit: the snapshot is the last write.
     if let Some((id, f)) = index {
         repo.add_index(id, &f);
     }
@@ -434,6 +556,7 @@ fn pull_source(
         stats: Some(stats.clone()),
         metadata,
         program_version: env!("CARGO_PKG_VERSION").into(),
+        dumps,
         ..Default::default()
     };
     lock.ensure_held()?;
@@ -468,7 +591,7 @@ enum Msg {
 async fn pull_delta(
     client: &mut AgentClient<Channel>,
     agent: &AgentEntry,
-    source: &str,
+    src: Remote<'_>,
     (repo, cache): (&Repository, &SignatureCache),
     entry: &Entry,
     prev: &Node,
@@ -481,8 +604,13 @@ async fn pull_delta(
         Some(sig) => sig,
         None => OldContent::new(repo, prev).signature()?,
     };
-    let request =
-        DeltaRequest { source: source.to_string(), path: entry.path.clone(), signature, compress: agent.compress };
+    let request = DeltaRequest {
+        source: src.name.to_string(),
+        path: entry.path.clone(),
+        signature,
+        compress: agent.compress,
+        session: src.session.to_string(),
+    };
     let mut stream = match client.delta(request).await {
         Ok(r) => r.into_inner(),
         Err(s) => {
@@ -502,7 +630,7 @@ async fn pull_delta(
     while let Some(msg) = stream
         .message()
         .await
-        .map_err(|s| anyhow!("agent {}: the delta stream of {source} broke off: {}", agent.name, s.message()))?
+        .map_err(|s| anyhow!("agent {}: the delta stream of {} broke off: {}", agent.name, src.name, s.message()))?
     {
         wire += msg.encoded_len() as u64;
         for f in reader.push::<DeltaFrame>(&msg.data)? {
@@ -588,7 +716,7 @@ impl<'r> Patch<'r> {
 async fn fetch_all(
     client: &mut AgentClient<Channel>,
     agent: &AgentEntry,
-    source: &str,
+    src: Remote<'_>,
     entries: &[Entry],
     fetch: &[usize],
     tx: mpsc::Sender<Msg>,
@@ -606,15 +734,20 @@ async fn fetch_all(
         let batch: Arc<Vec<usize>> = Arc::new(fetch[i..j].to_vec());
         let paths = batch.iter().map(|&k| entries[k].path.clone()).collect();
         let mut stream = client
-            .read_files(ReadFilesRequest { source: source.to_string(), paths, compress: agent.compress })
+            .read_files(ReadFilesRequest {
+                source: src.name.to_string(),
+                paths,
+                compress: agent.compress,
+                session: src.session.to_string(),
+            })
             .await
-            .map_err(|s| anyhow!("agent {}: reading files of {source}: {}", agent.name, s.message()))?
+            .map_err(|s| anyhow!("agent {}: reading files of {}: {}", agent.name, src.name, s.message()))?
             .into_inner();
         let mut reader = FrameReader::new(agent.compress)?;
         while let Some(msg) = stream
             .message()
             .await
-            .map_err(|s| anyhow!("agent {}: the file stream of {source} broke off: {}", agent.name, s.message()))?
+            .map_err(|s| anyhow!("agent {}: the file stream of {} broke off: {}", agent.name, src.name, s.message()))?
         {
             wire += msg.encoded_len() as u64;
             let frames: Vec<FileFrame> = reader.push(&msg.data)?;

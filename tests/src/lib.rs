@@ -1,6 +1,8 @@
 //! Shared harness of magpie's end-to-end tests: deterministic datasets, repositories set up for
 //! tests, and the paths of the real binaries under test.
 
+pub mod servers;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

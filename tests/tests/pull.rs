@@ -233,7 +233,7 @@ fn read_raw(pki: &Pki, port: u16, paths: Vec<Vec<u8>>) -> Vec<magpie_proto::v1::
     rt.block_on(async {
         let mut c = raw_client(pki, port).await;
         let mut s = c
-            .read_files(magpie_proto::v1::ReadFilesRequest { source: "files".into(), paths, compress: false })
+            .read_files(magpie_proto::v1::ReadFilesRequest { source: "files".into(), paths, ..Default::default() })
             .await
             .unwrap()
             .into_inner();
@@ -387,8 +387,12 @@ fn excluded_subtrees_and_forged_signatures_are_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
         let mut c = raw_client(&pki, agent.port).await;
-        let req =
-            magpie_proto::v1::DeltaRequest { source: "files".into(), path: kept, signature: forged, compress: false };
+        let req = magpie_proto::v1::DeltaRequest {
+            source: "files".into(),
+            path: kept,
+            signature: forged,
+            ..Default::default()
+        };
         tokio::time::timeout(std::time::Duration::from_secs(10), c.delta(req))
             .await
             .expect("answered at once")

@@ -79,6 +79,55 @@ pub struct Snapshot {
     /// Version of the program that wrote it.
     #[prost(string, tag = "15")]
     pub program_version: String,
+    /// For a dump source: what each dump file in the tree holds.
+    #[prost(message, repeated, tag = "16")]
+    pub dumps: Vec<DumpInfo>,
+}
+
+/// Rows of one table when the dump was taken.
+#[derive(Clone, PartialEq, Message)]
+pub struct TableRows {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint64, tag = "2")]
+    pub rows: u64,
+}
+
+/// One dump file of a dump snapshot and what it holds.
+#[derive(Clone, PartialEq, Message)]
+pub struct DumpInfo {
+    /// Path of the dump file in the snapshot's tree.
+    #[prost(string, tag = "1")]
+    pub path: String,
+    /// postgres, postgres-globals, mariadb, sqlite, redis, command.
+    #[prost(string, tag = "2")]
+    pub kind: String,
+    /// pg_dump custom, sql, sqlite3, rdb, raw.
+    #[prost(string, tag = "3")]
+    pub format: String,
+    /// The database (for SQLite: the database file on the agent).
+    #[prost(string, tag = "4")]
+    pub database: String,
+    #[prost(string, tag = "5")]
+    pub server_version: String,
+    #[prost(string, tag = "6")]
+    pub tool_version: String,
+    #[prost(message, repeated, tag = "7")]
+    pub tables: Vec<TableRows>,
+    /// The counts are those of the dump's own snapshot (else the server's statistics or a count
+    /// taken just before the dump).
+    #[prost(bool, tag = "8")]
+    pub rows_exact: bool,
+    /// Size of the dump file in bytes, and its BLAKE3 (32 bytes).
+    #[prost(uint64, tag = "9")]
+    pub size: u64,
+    #[prost(bytes = "vec", tag = "10")]
+    pub blake3: Vec<u8>,
+    /// When the dump started and ended, nanoseconds since the epoch.
+    #[prost(sint64, tag = "11")]
+    pub start_ns: i64,
+    #[prost(sint64, tag = "12")]
+    pub end_ns: i64,
 }
 
 impl Snapshot {

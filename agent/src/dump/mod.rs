@@ -1,0 +1,318 @@
+//! Dump sources: consistent dumps of databases, taken the way each database's documentation
+//! says is safe, into a spool directory the collector then pulls like a path source.
+//!
+//! A dump run: the `before` hook, the dumps, the `after` hook (which runs whenever `before` was
+//! tried, also when the dump failed), then the size and BLAKE3 of every dump file. Passwords are
+//! read from their files at each run, handed to tools through files in the session's private
+//! `etc/` directory or the environment (never an argument), and redacted from every message.
+
+mod mariadb;
+mod postgres;
+pub mod process;
+mod redis;
+mod sqlite;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use magpie_proto::v1::DumpInfo;
+
+use crate::config::{Databases, SourceConfig};
+use process::{Limits, Output};
+
+/// How to take the dumps of one source.
+#[derive(Debug)]
+pub struct DumpSpec {
+    pub engine: Engine,
+    pub before: Option<Vec<String>>,
+    pub after: Option<Vec<String>>,
+    pub hook_timeout: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug)]
+pub enum Engine {
+    Postgres(postgres::Postgres),
+    Mariadb(mariadb::Mariadb),
+    Sqlite { pattern: String },
+    Redis(redis::Redis),
+    Command { argv: Vec<String>, filename: String },
+}
+
+/// How to reach a database server.
+#[derive(Debug, Clone, Default)]
+pub struct Conn {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub socket: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl Conn {
+    /// The password, read now (so a rotated password needs no restart).
+    fn password(&self) -> Result<Option<String>> {
+        let Some(p) = &self.password_file else { return Ok(None) };
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("password_file {}: cannot read it", p.display()))?;
+        Ok(Some(text.lines().next().unwrap_or_default().to_string()))
+    }
+
+    /// "host:port as user", for messages.
+    fn describe(&self, default_port: u16) -> String {
+        let at = match (&self.socket, &self.host) {
+            (Some(s), _) => s.display().to_string(),
+            (None, Some(h)) if h.starts_with('/') => h.clone(),
+            (None, h) => format!("{}:{}", h.as_deref().unwrap_or("localhost"), self.port.unwrap_or(default_port)),
+        };
+        match &self.user {
+            Some(u) => format!("{at} as {u}"),
+            None => at,
+        }
+    }
+}
+
+/// The dumps of one run.
+#[derive(Debug, Default)]
+pub struct Taken {
+    pub dumps: Vec<DumpInfo>,
+    pub warnings: Vec<String>,
+}
+
+/// What a dump run needs from its caller.
+pub struct Run<'a> {
+    /// Dump files go here (what the collector pulls).
+    pub out: &'a Path,
+    /// Credentials files go here (never pulled).
+    pub etc: &'a Path,
+    pub spool: &'a crate::spool::Spool,
+    pub cancelled: &'a (dyn Fn() -> bool + Sync),
+    pub progress: &'a (dyn Fn(String) + Sync),
+}
+
+impl DumpSpec {
+    pub fn from_config(s: &SourceConfig) -> Result<DumpSpec> {
+        let conn = Conn {
+            host: s.host.clone(),
+            port: s.port,
+            socket: s.socket.clone(),
+            user: s.user.clone(),
+            password_file: s.password_file.clone(),
+        };
+        if let Some(p) = &conn.password_file
+            && !p.is_file()
+        {
+            bail!("source {:?}: password_file {}: no such file", s.name, p.display());
+        }
+        let exact = match s.row_counts.as_deref() {
+            None | Some("exact") => true,
+            Some("estimate") => false,
+            Some(other) => bail!("source {:?}: row_counts = {other:?} must be \"exact\" or \"estimate\"", s.name),
+        };
+        let databases = match &s.databases {
+            None => None,
+            Some(Databases::All(star)) if star == "*" => None,
+            Some(Databases::All(other)) => {
+                bail!("source {:?}: databases = {other:?}: give \"*\" or a list of names", s.name)
+            }
+            Some(Databases::Named(list)) => {
+                if list.is_empty() {
+                    bail!("source {:?}: databases is an empty list (use \"*\" for all)", s.name);
+                }
+                if let Some(bad) = list.iter().find(|d| d.is_empty() || d.starts_with('-') || d.contains('\0')) {
+                    bail!("source {:?}: database name {bad:?} cannot be dumped safely", s.name);
+                }
+                Some(list.clone())
+            }
+        };
+        let engine = match s.kind.as_str() {
+            "postgres" => Engine::Postgres(postgres::Postgres {
+                conn,
+                databases,
+                globals: s.globals.unwrap_or(true),
+                bin_dir: s.bin_dir.clone(),
+                exact,
+            }),
+            "mariadb" => Engine::Mariadb(mariadb::Mariadb { conn, databases, exact }),
+            "sqlite" => {
+                let pattern = s.path.clone().ok_or_else(|| anyhow!("source {:?}: kind sqlite needs `path`", s.name))?;
+                if !pattern.starts_with('/') {
+                    bail!("source {:?}: path {pattern:?} must be absolute", s.name);
+                }
+                glob::Pattern::new(&pattern).with_context(|| format!("source {:?}: path {pattern:?}", s.name))?;
+                Engine::Sqlite { pattern }
+            }
+            "redis" => Engine::Redis(redis::Redis { conn }),
+            "command" => {
+                let argv = s.command.clone().unwrap_or_default();
+                if argv.is_empty() || argv[0].is_empty() {
+                    bail!("source {:?}: kind command needs `command = [\"program\", \"arg\", …]`", s.name);
+                }
+                let filename = s.filename.clone().unwrap_or_else(|| format!("{}.dump", s.name));
+                if filename.is_empty() || filename.contains('/') || filename.starts_with('.') {
+                    bail!("source {:?}: filename {filename:?} must be a plain file name", s.name);
+                }
+                Engine::Command { argv, filename }
+            }
+            other => bail!("source {:?}: {other:?} is not a dump kind", s.name),
+        };
+        for (what, hook) in [("before", &s.before), ("after", &s.after)] {
+            if hook.as_ref().is_some_and(|h| h.is_empty() || h[0].is_empty()) {
+                bail!("source {:?}: {what} must be a program and its arguments", s.name);
+            }
+        }
+        Ok(DumpSpec {
+            engine,
+            before: s.before.clone(),
+            after: s.after.clone(),
+            hook_timeout: Duration::from_secs(s.hook_timeout_secs.unwrap_or(300)),
+            timeout: Duration::from_secs(s.timeout_secs.unwrap_or(6 * 3600)),
+        })
+    }
+
+    /// Take the dumps: hooks around them, then size and BLAKE3 of each file.
+    pub fn take(&self, run: &Run<'_>) -> Result<Taken> {
+        let secrets: Vec<String> = match &self.engine {
+            Engine::Postgres(p) => p.conn.password()?,
+            Engine::Mariadb(m) => m.conn.password()?,
+            Engine::Redis(r) => r.conn.password()?,
+            Engine::Sqlite { .. } | Engine::Command { .. } => None,
+        }
+        .into_iter()
+        .collect();
+        let hook_limits = || Limits {
+            deadline: Instant::now() + self.hook_timeout,
+            spool: run.spool,
+            cancelled: run.cancelled,
+            secrets: &secrets,
+        };
+        let mut taken = Taken::default();
+        let before = match &self.before {
+            Some(argv) => {
+                (run.progress)("running the before hook".into());
+                hook("before hook", argv, &hook_limits())
+            }
+            None => Ok(()),
+        };
+        let dumped = before.and_then(|()| {
+            let limits = Limits {
+                deadline: Instant::now() + self.timeout,
+                spool: run.spool,
+                cancelled: run.cancelled,
+                secrets: &secrets,
+            };
+            match &self.engine {
+                Engine::Postgres(p) => p.dump(run, &limits, &mut taken.warnings),
+                Engine::Mariadb(m) => m.dump(run, &limits, &mut taken.warnings),
+                Engine::Sqlite { pattern } => sqlite::dump(pattern, run, &limits),
+                Engine::Redis(r) => r.dump(run, &limits),
+                Engine::Command { argv, filename } => command(argv, filename, run, &limits),
+            }
+        });
+        if let Some(argv) = &self.after {
+            (run.progress)("running the after hook".into());
+            if let Err(e) = hook("after hook", argv, &hook_limits()) {
+                // The dump itself is good; the operator must still hear that the service may be down.
+                tracing::warn!("{e:#}");
+                taken.warnings.push(format!("{e:#}"));
+            }
+        }
+        taken.dumps = dumped?;
+        for d in &mut taken.dumps {
+            let (size, hash) = size_and_hash(&run.out.join(&d.path))?;
+            d.size = size;
+            d.blake3 = hash.to_vec();
+        }
+        Ok(taken)
+    }
+}
+
+fn hook(what: &str, argv: &[String], limits: &Limits<'_>) -> Result<()> {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    process::run(&format!("{what} `{}`", argv.join(" ")), cmd, Output::Capture, limits).map(|_| ())
+}
+
+/// Any command whose standard output is the dump.
+fn command(argv: &[String], filename: &str, run: &Run<'_>, limits: &Limits<'_>) -> Result<Vec<DumpInfo>> {
+    let start = now_ns();
+    (run.progress)(format!("running `{}`", argv.join(" ")));
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    process::run(&format!("dump command `{}`", argv[0]), cmd, Output::File(&run.out.join(filename)), limits)?;
+    Ok(vec![DumpInfo {
+        path: filename.to_string(),
+        kind: "command".into(),
+        format: "raw".into(),
+        start_ns: start,
+        end_ns: now_ns(),
+        ..Default::default()
+    }])
+}
+
+fn size_and_hash(p: &Path) -> Result<(u64, [u8; 32])> {
+    let mut f = std::fs::File::open(p).with_context(|| format!("dump file {} is missing", p.display()))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((size, *h.finalize().as_bytes()))
+}
+
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// A database name as a file name: '/', '%', NUL and a leading '.' percent-encoded.
+fn file_name(db: &str) -> String {
+    let mut out = String::with_capacity(db.len());
+    for (i, c) in db.chars().enumerate() {
+        match c {
+            '/' | '%' | '\0' => out.push_str(&format!("%{:02X}", c as u32)),
+            '.' if i == 0 => out.push_str("%2E"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The first version-looking token of a tool's `--version` line ("pg_dump (PostgreSQL) 15.4" → 15.4).
+fn version_token(line: &str) -> Option<&str> {
+    line.split_whitespace().find(|t| t.chars().next().is_some_and(|c| c.is_ascii_digit()))
+}
+
+/// A tool's `--version` output, first line.
+fn tool_version(mut cmd: Command, limits: &Limits<'_>) -> Result<String> {
+    cmd.arg("--version");
+    let what = format!("`{} --version`", cmd.get_program().to_string_lossy());
+    let out = process::run(&what, cmd, Output::Capture, limits)?;
+    Ok(String::from_utf8_lossy(&out).lines().next().unwrap_or_default().trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_stay_in_their_directory() {
+        assert_eq!(file_name("bgs"), "bgs");
+        assert_eq!(file_name("../x"), "%2E.%2Fx");
+        assert_eq!(file_name("a/b%c"), "a%2Fb%25c");
+    }
+
+    #[test]
+    fn version_tokens() {
+        assert_eq!(version_token("pg_dump (PostgreSQL) 15.19 (Debian 15.19-0+deb12u1)"), Some("15.19"));
+        assert_eq!(version_token("redis-cli 7.0.15"), Some("7.0.15"));
+    }
+}

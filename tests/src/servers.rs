@@ -1,0 +1,215 @@
+//! Throwaway database servers from Debian's packages, each on its own port on 127.0.0.1 with
+//! its data in a test's temporary directory, stopped on drop.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::free_port;
+
+/// Run a command; panics with its output unless it succeeds. Returns stdout.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(what: &str, log: &Path, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} did not start: {}", fs::read_to_string(log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A PostgreSQL cluster made with `initdb`, run by `pg_ctl` as the `postgres` user (both refuse
+/// root). Local socket connections are trusted; TCP ones need the password.
+pub struct Postgres {
+    pub port: u16,
+    pub socket_dir: PathBuf,
+    pub bin: PathBuf,
+    data: PathBuf,
+}
+
+impl Postgres {
+    pub fn start(dir: &Path, superuser_password: &str) -> Postgres {
+        let bin = fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is not installed (deploy/install-deps.sh installs it)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("no initdb under /usr/lib/postgresql");
+        fs::create_dir_all(dir).expect("pg dir");
+        // The postgres user must reach its directory through the test's private temp dir.
+        let mut p = dir.to_path_buf();
+        while p.pop() && p != Path::new("/") && p != std::env::temp_dir() {
+            let _ = fs::set_permissions(&p, fs::Permissions::from_mode(0o755));
+        }
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let (data, socket_dir, pwfile) = (dir.join("data"), dir.join("sock"), dir.join("pw"));
+        fs::write(&pwfile, format!("{superuser_password}\n")).expect("pwfile");
+        fs::create_dir_all(&socket_dir).expect("sock dir");
+        sh(Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir));
+        let as_postgres = |prog: &str| {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin.join(prog));
+            c
+        };
+        sh(as_postgres("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"])
+            .arg(format!("--pwfile={}", pwfile.display())));
+        let port = free_port();
+        let log = dir.join("server.log");
+        sh(as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+                socket_dir.display()
+            ))
+            .arg("start")
+            .stdout(Stdio::null()));
+        Postgres { port, socket_dir, bin, data }
+    }
+
+    /// A client tool of the cluster's version, connected through the trusted socket.
+    pub fn tool(&self, prog: &str) -> Command {
+        let mut c = Command::new(self.bin.join(prog));
+        c.env("PGHOST", &self.socket_dir).env("PGPORT", self.port.to_string()).env("PGUSER", "postgres");
+        c
+    }
+
+    /// Run SQL in `db`; rows as lines, columns separated by '|'.
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        sh(self.tool("psql").args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql]))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A MariaDB server from `mariadb-install-db` (root over the socket, no password).
+pub struct Mariadb {
+    pub port: u16,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl Mariadb {
+    pub fn start(dir: &Path) -> Mariadb {
+        let (data, socket, log) = (dir.join("data"), dir.join("mysql.sock"), dir.join("server.log"));
+        fs::create_dir_all(&data).expect("data dir");
+        sh(Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--user=root", "--skip-test-db", "--auth-root-authentication-method=normal"])
+            .arg(format!("--datadir={}", data.display())));
+        let port = free_port();
+        let child = Command::new("mariadbd")
+            .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1", "--skip-log-bin"])
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--port={port}"))
+            .arg(format!("--pid-file={}", dir.join("pid").display()))
+            .arg(format!("--log-error={}", log.display()))
+            .args(["--innodb-buffer-pool-size=32M", "--innodb-log-file-size=16M"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mariadbd");
+        let m = Mariadb { port, socket, child };
+        wait_for("mariadbd", &log, || m.client().args(["-e", "SELECT 1"]).output().is_ok_and(|o| o.status.success()));
+        m
+    }
+
+    /// The client as root over the socket.
+    pub fn client(&self) -> Command {
+        let mut c = Command::new("mariadb");
+        c.arg("--no-defaults").arg(format!("--socket={}", self.socket.display())).args(["-u", "root"]);
+        c
+    }
+
+    /// Run SQL; rows as lines, columns separated by tabs.
+    pub fn sql(&self, sql: &str) -> String {
+        sh(self.client().args(["--batch", "--skip-column-names", "-e", sql]))
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `redis-server` with a password, keeping its files in `dir`.
+pub struct Redis {
+    pub port: u16,
+    pub password: String,
+    child: Child,
+}
+
+impl Redis {
+    pub fn start(dir: &Path, password: &str) -> Redis {
+        Redis::start_with(dir, password, &[])
+    }
+
+    /// The same, with more `redis-server` arguments (e.g. `--dbfilename`).
+    pub fn start_with(dir: &Path, password: &str, extra: &[&str]) -> Redis {
+        fs::create_dir_all(dir).expect("redis dir");
+        let port = free_port();
+        let log = dir.join("server.log");
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args(["--requirepass", password, "--dir"])
+            .arg(dir)
+            .arg("--logfile")
+            .arg(&log)
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let r = Redis { port, password: password.to_string(), child };
+        wait_for("redis-server", &log, || r.cli(&["PING"]).trim() == "PONG");
+        r
+    }
+
+    /// `redis-cli ARGS` against this server; stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--no-auth-warning"])
+            .env("REDISCLI_AUTH", &self.password)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
