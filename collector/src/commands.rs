@@ -417,6 +417,14 @@ fn snapshot_json(id: &Id, s: &Snapshot) -> serde_json::Value {
         "id": id.to_hex(), "time": s.time().to_rfc3339(), "host": s.host, "agent": s.agent,
         "source": s.source, "source_kind": s.source_kind, "role": s.role, "category": s.category,
         "tags": s.tags, "files": st.files, "bytes": st.bytes, "metadata": s.metadata,
+        "dumps": s.dumps.iter().map(|d| json!({
+            "path": d.path, "kind": d.kind, "format": d.format, "database": d.database,
+            "server_version": d.server_version, "tool_version": d.tool_version,
+            "tables": d.tables.iter().map(|t| json!({"name": t.name, "rows": t.rows})).collect::<Vec<_>>(),
+            "rows_exact": d.rows_exact, "size": d.size, "blake3": hex::encode(&d.blake3),
+            "start": chrono::DateTime::from_timestamp_nanos(d.start_ns).to_rfc3339(),
+            "end": chrono::DateTime::from_timestamp_nanos(d.end_ns).to_rfc3339(),
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -200,6 +200,12 @@ impl Agent {
             ),
         )
         .expect("write agent.toml");
+        Agent::restart(work, port)
+    }
+
+    /// Start an agent on the configuration `start_on` wrote in `work` (again, after a kill).
+    pub fn restart(work: &Path, port: u16) -> Agent {
+        let cfg = work.join("agent.toml");
         let log = work.join("agent.log");
         let child = std::process::Command::new(workspace_bin("agent"))
             .args(["serve", "--config"])

@@ -88,9 +88,18 @@ fn postgres_dump_under_pgbench_load_restores_consistent_with_exact_counts() {
     sh(pg.tool("pgbench").args(["-i", "-s", "2", "-q", "bench"]).stderr(Stdio::null()));
     fs::write(tmp.path().join("pg.pass"), format!("{PG_PASSWORD}\n")).unwrap();
     fs::write(tmp.path().join("wrong.pass"), "not-the-Password-991\n").unwrap();
+    // Client tools whose pg_dump is too old for the server.
+    let old = tmp.path().join("old-bin");
+    fs::create_dir_all(&old).unwrap();
+    for tool in ["psql", "pg_dumpall"] {
+        std::os::unix::fs::symlink(pg.bin.join(tool), old.join(tool)).unwrap();
+    }
+    fs::write(old.join("pg_dump"), "#!/bin/sh\necho 'pg_dump (PostgreSQL) 9.6.24'\n").unwrap();
+    fs::set_permissions(old.join("pg_dump"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let sources = format!(
         "[[source]]\nname = \"pg\"\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\npassword_file = {good:?}\ndatabases = \"*\"\n\
-         [[source]]\nname = \"pg-wrong\"\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\npassword_file = {bad:?}\ndatabases = [\"bench\"]\n",
+         [[source]]\nname = \"pg-wrong\"\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\npassword_file = {bad:?}\ndatabases = [\"bench\"]\n\
+         [[source]]\nname = \"pg-old\"\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\npassword_file = {good:?}\nbin_dir = {old:?}\n",
         port = pg.port,
         good = tmp.path().join("pg.pass"),
         bad = tmp.path().join("wrong.pass"),
@@ -158,6 +167,10 @@ fn postgres_dump_under_pgbench_load_restores_consistent_with_exact_counts() {
     assert!(history_rows >= before && history_rows <= after, "{before} ≤ {history_rows} ≤ {after}");
     let late = snap.dumps.iter().find(|d| d.path == "late.pgdump").unwrap();
     assert_eq!(late.tables.iter().map(|t| (t.name.as_str(), t.rows)).collect::<Vec<_>>(), [("public.t", 123)]);
+
+    // A pg_dump older than the server is refused before it runs.
+    let err = s.pull("pg-old", &[]).unwrap_err();
+    assert!(err.contains("pg_dump 9 is older than the server"), "{err}");
 
     // A wrong password: one line naming the source, no snapshot, no password anywhere.
     let count = s.snapshot_count();
@@ -364,10 +377,13 @@ fn failing_truncated_and_oversized_dumps_fail_and_leave_the_previous_snapshot_al
     fs::write(dir.join("data"), &data).unwrap();
     let sources = format!(
         "{}[[source]]\nname = \"huge\"\nkind = \"command\"\ncommand = [\"head\", \"-c\", \"9000000\", \"/dev/zero\"]\n\
-         [[source]]\nname = \"slow\"\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"echo started; exec sleep 37.25\"]\n",
-        command_source(&dir, "app")
+         [[source]]\nname = \"slow\"\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"echo started; exec sleep 37.25\"]\n\
+         [[source]]\nname = \"stuck\"\nkind = \"command\"\ncommand = [\"echo\", \"x\"]\nbefore = [\"sleep\", \"30\"]\nhook_timeout_secs = 1\n\
+         [[source]]\nname = \"nodb\"\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\n",
+        command_source(&dir, "app"),
+        magpie_tests::free_port()
     );
-    let s = Setup::new(tmp, &sources, "8M");
+    let mut s = Setup::new(tmp, &sources, "8M");
     let hooks = || fs::read_to_string(dir.join("hooks.log")).unwrap_or_default();
 
     let first = s.pull("app", &[]).expect("first pull");
@@ -393,6 +409,13 @@ fn failing_truncated_and_oversized_dumps_fail_and_leave_the_previous_snapshot_al
     // A dump larger than the spool may hold.
     let err = s.pull("huge", &[]).unwrap_err();
     assert!(err.contains("spool.max_bytes"), "{err}");
+    s.assert_spool_empty();
+
+    // A hook that hangs, and a server that is not there: one line each, naming the source.
+    let err = s.pull("stuck", &[]).unwrap_err();
+    assert!(err.contains("stuck") && err.contains("before hook `sleep 30`: timed out"), "{err}");
+    let err = s.pull("nodb", &[]).unwrap_err();
+    assert!(err.contains("nodb") && err.contains("PostgreSQL at 127.0.0.1") && err.contains("refused"), "{err}");
     s.assert_spool_empty();
 
     // Nothing of that touched the first snapshot.
@@ -431,6 +454,15 @@ fn failing_truncated_and_oversized_dumps_fail_and_leave_the_previous_snapshot_al
         assert!(Instant::now() < deadline, "the dump command outlived its collector");
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // An agent killed with a spool in place removes it when it starts again.
+    let left = s.path("spool/magpie-dump-0123456789abcdef01234567");
+    fs::create_dir_all(left.join("out")).unwrap();
+    fs::write(left.join("out/app.dump"), b"half a dump").unwrap();
+    s.agent.kill();
+    let restarted = Agent::restart(&s.path("agent"), s.agent.port);
+    s.assert_spool_empty();
+    assert!(restarted.log().contains("removing a dump spool left by an earlier run"), "{}", restarted.log());
 }
 
 #[test]

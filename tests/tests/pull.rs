@@ -344,7 +344,9 @@ fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
         wire - whole_rewritten.min(wire) < (size as u64) * 3 / 100,
         "{wire} bytes on the wire for a 1 MiB change: {s}"
     );
-    assert!(s["bytes_added"].as_u64().unwrap() < 8 << 20, "only chunks around the change are new: {s}");
+    // New: the rewritten file, the changed MiB and at most one chunk (≤ 4 MiB) on either side
+    // of it; chunk boundaries depend on the repository's key, so this is the bound, not a mean.
+    assert!(s["bytes_added"].as_u64().unwrap() <= 11 << 20, "only chunks around the change are new: {s}");
     // The new version's signature is cached for the next delta; the old one's is gone.
     let sig = |content: &[u8]| c.dir.join("cache").join(format!("{}-2048.sig", blake3::hash(content).to_hex()));
     assert!(sig(&data).exists(), "signature of the new version is cached");
