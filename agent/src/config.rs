@@ -19,6 +19,10 @@ pub struct AgentConfig {
     pub sources: Vec<SourceConfig>,
     #[serde(default)]
     pub spool: SpoolConfig,
+    /// Accept restores from the collector (off by default: a compromised backup host must not
+    /// be able to write to this server unless the operator chose so).
+    #[serde(default)]
+    pub allow_restore: bool,
 }
 
 /// Where dumps wait to be pulled.
@@ -40,7 +44,7 @@ impl Default for SpoolConfig {
 }
 
 fn default_spool_dir() -> PathBuf {
-    PathBuf::from("/var/tmp/magpie-agent")
+    PathBuf::from("/var/lib/magpie-agent/spool")
 }
 
 fn default_spool_max() -> ByteSize {
@@ -144,6 +148,19 @@ pub struct SourceConfig {
     /// Name of the dump file in the snapshot (default: SOURCE.dump).
     pub filename: Option<String>,
 
+    // Restores
+    /// Write restored files (or SQLite databases) below this directory instead of their
+    /// original places.
+    pub restore_root: Option<PathBuf>,
+    /// postgres, mariadb, sqlite: SQL run in each restored database after the built-in checks;
+    /// each must answer true (or 1).
+    pub check: Option<Vec<String>>,
+    /// redis: where the server reads its RDB at start (a restore places the file there between
+    /// the `before` and `after` hooks, which stop and start the server).
+    pub rdb_path: Option<PathBuf>,
+    /// command: a command that loads the dump from its standard input.
+    pub restore_command: Option<Vec<String>>,
+
     // Every dump kind
     /// Run before the dump (e.g. stop a service for a cold copy).
     pub before: Option<Vec<String>>,
@@ -170,16 +187,39 @@ pub struct Source {
     pub kind: String,
     pub role: String,
     pub category: String,
-    /// Where each root appears in the listing: its path without the leading '/' for a path
-    /// source ("var/www"), empty for a dump spool (its files at the top).
-    pub rel_roots: Vec<Vec<u8>>,
-    /// The roots, opened once at start (O_PATH): reads resolve beneath these handles, so a
-    /// path component swapped for a symlink later cannot move a root.
-    pub root_dirs: Vec<std::os::fd::OwnedFd>,
+    pub roots: Vec<Root>,
     pub exclude: GlobSet,
     pub one_file_system: bool,
     /// For a dump source: how to take its dumps (its files are then served from a spool).
     pub dump: Option<crate::dump::DumpSpec>,
+    /// Where restores write instead of the original places.
+    pub restore_root: Option<PathBuf>,
+}
+
+/// One root of a source.
+#[derive(Debug)]
+pub struct Root {
+    /// Absolute and free of symlinks (canonical at start).
+    pub path: PathBuf,
+    /// Where it appears in the listing: its path without the leading '/' for a path source
+    /// ("var/www"), empty for a dump spool (its files at the top).
+    pub rel: Vec<u8>,
+}
+
+impl Root {
+    /// A handle on the root, opened through no symlink: a path component swapped for a symlink
+    /// cannot move a root, and a root deleted and made again is the new one.
+    pub fn open(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use rustix::fs::{CWD, Mode, OFlags, ResolveFlags};
+        rustix::fs::openat2(
+            CWD,
+            &self.path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| std::io::Error::new(std::io::Error::from(e).kind(), format!("root {}: {e}", self.path.display())))
+    }
 }
 
 impl Source {
@@ -190,36 +230,41 @@ impl Source {
             kind: "spool".into(),
             role: String::new(),
             category: String::new(),
-            rel_roots: vec![Vec::new()],
-            root_dirs: vec![open_root(dir).with_context(|| format!("cannot open spool {}", dir.display()))?],
+            roots: vec![Root { path: dir.to_path_buf(), rel: Vec::new() }],
             exclude: GlobSet::empty(),
             one_file_system: true,
             dump: None,
+            restore_root: None,
         })
     }
 }
 
-fn open_root(dir: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
-    Ok(rustix::fs::open(
-        dir,
-        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )?)
+fn restore_root(s: &SourceConfig) -> Result<Option<PathBuf>> {
+    match &s.restore_root {
+        Some(r) if !r.is_absolute() => bail!("source {:?}: restore_root {} must be absolute", s.name, r.display()),
+        r => Ok(r.clone()),
+    }
+}
+
+/// Absolute with no `.` or `..` component.
+fn normal(p: &Path) -> bool {
+    p.is_absolute()
+        && p.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
 }
 
 /// Which optional settings each kind takes.
-const PATH_FIELDS: &[&str] = &["roots", "exclude", "one_file_system"];
+const PATH_FIELDS: &[&str] = &["roots", "exclude", "one_file_system", "restore_root"];
 const HOOK_FIELDS: &[&str] = &["before", "after", "hook_timeout_secs", "timeout_secs"];
 const SERVER_FIELDS: &[&str] = &["host", "port", "user", "password_file"];
 
 fn allowed_fields(kind: &str) -> Option<Vec<&'static str>> {
     let mut f: Vec<&str> = match kind {
         "path" => return Some(PATH_FIELDS.to_vec()),
-        "postgres" => [SERVER_FIELDS, &["databases", "globals", "bin_dir", "row_counts"]].concat(),
-        "mariadb" => [SERVER_FIELDS, &["socket", "databases", "row_counts"]].concat(),
-        "redis" => [SERVER_FIELDS, &["socket"]].concat(),
-        "sqlite" => vec!["path"],
-        "command" => vec!["command", "filename"],
+        "postgres" => [SERVER_FIELDS, &["databases", "globals", "bin_dir", "row_counts", "check"]].concat(),
+        "mariadb" => [SERVER_FIELDS, &["socket", "databases", "row_counts", "check"]].concat(),
+        "redis" => [SERVER_FIELDS, &["socket", "rdb_path"]].concat(),
+        "sqlite" => vec!["path", "check", "restore_root"],
+        "command" => vec!["command", "filename", "restore_command"],
         _ => return None,
     };
     f.extend_from_slice(HOOK_FIELDS);
@@ -249,6 +294,10 @@ impl SourceConfig {
             ("after", self.after.is_some()),
             ("hook_timeout_secs", self.hook_timeout_secs.is_some()),
             ("timeout_secs", self.timeout_secs.is_some()),
+            ("restore_root", self.restore_root.is_some()),
+            ("check", self.check.is_some()),
+            ("rdb_path", self.rdb_path.is_some()),
+            ("restore_command", self.restore_command.is_some()),
         ];
         flags.into_iter().filter(|(_, on)| *on).map(|(n, _)| n).collect()
     }
@@ -313,11 +362,11 @@ impl AgentConfig {
                     kind: s.kind.clone(),
                     role,
                     category: s.category.clone(),
-                    rel_roots: Vec::new(),
-                    root_dirs: Vec::new(),
+                    roots: Vec::new(),
                     exclude: GlobSet::empty(),
                     one_file_system: true,
                     dump: Some(crate::dump::DumpSpec::from_config(s)?),
+                    restore_root: restore_root(s)?,
                 });
                 continue;
             }
@@ -330,11 +379,17 @@ impl AgentConfig {
                 if !r.is_absolute() {
                     bail!("source {:?}: root {} must be an absolute path", s.name, r.display());
                 }
-                let c = std::fs::canonicalize(r)
-                    .with_context(|| format!("source {:?}: root {} is not accessible", s.name, r.display()))?;
-                if !c.is_dir() {
-                    bail!("source {:?}: root {} is not a directory", s.name, r.display());
-                }
+                let c = match std::fs::canonicalize(r) {
+                    Ok(c) if c.is_dir() => c,
+                    Ok(_) => bail!("source {:?}: root {} is not a directory", s.name, r.display()),
+                    // Gone (the server is being rebuilt): a restore can bring it back; pulls fail
+                    // until then.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && normal(r) => {
+                        tracing::warn!("source {:?}: root {} does not exist", s.name, r.display());
+                        r.clone()
+                    }
+                    Err(e) => bail!("source {:?}: root {} is not accessible: {e}", s.name, r.display()),
+                };
                 roots.push(c);
             }
             for (i, a) in roots.iter().enumerate() {
@@ -342,10 +397,6 @@ impl AgentConfig {
                     bail!("source {:?}: roots {} and {} overlap; keep the outer one", s.name, a.display(), b.display());
                 }
             }
-            let root_dirs = roots
-                .iter()
-                .map(|r| open_root(r).with_context(|| format!("source {:?}: cannot open root {}", s.name, r.display())))
-                .collect::<Result<Vec<_>>>()?;
             let mut gs = GlobSetBuilder::new();
             for g in s.exclude.iter().flatten() {
                 gs.add(Glob::new(g).with_context(|| format!("source {:?}: bad exclude glob {g:?}", s.name))?);
@@ -355,11 +406,14 @@ impl AgentConfig {
                 kind: s.kind.clone(),
                 role,
                 category: s.category.clone(),
-                rel_roots: roots.iter().map(|r| crate::source::root_rel(r).to_vec()).collect(),
-                root_dirs,
+                roots: roots
+                    .into_iter()
+                    .map(|path| Root { rel: crate::source::root_rel(&path).to_vec(), path })
+                    .collect(),
                 exclude: gs.build()?,
                 one_file_system: s.one_file_system.unwrap_or(false),
                 dump: None,
+                restore_root: restore_root(s)?,
             });
         }
         Ok(out)

@@ -3,6 +3,7 @@
 
 mod config;
 mod dump;
+mod restore;
 mod server;
 mod source;
 mod spool;
@@ -89,6 +90,7 @@ fn serve(path: &std::path::Path) -> Result<()> {
         dumps: Arc::new(tokio::sync::Semaphore::new(2)),
         spool,
         sessions: Default::default(),
+        allow_restore: cfg.allow_restore,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
@@ -121,6 +123,10 @@ fn serve(path: &std::path::Path) -> Result<()> {
             }
         });
         tonic::transport::Server::builder()
+            // A collector that vanished without closing its connection is noticed, and the spool
+            // of its dump removed, within a minute.
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .concurrency_limit_per_connection(16)
             .max_concurrent_streams(16)
             .add_service(magpie_proto::v1::agent_server::AgentServer::new(service).max_decoding_message_size(66 << 20))

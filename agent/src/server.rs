@@ -8,7 +8,9 @@ use std::time::Duration;
 use magpie_proto::v1::agent_server::Agent;
 use magpie_proto::v1::{
     DeltaFrame, DeltaRequest, DeltaResponse, DumpEvent, DumpReady, DumpRequest, FileFrame, HandshakeRequest,
-    HandshakeResponse, ListRequest, ListResponse, ReadFilesRequest, ReadFilesResponse, SourceInfo, dump_event,
+    HandshakeResponse, ListRequest, ListResponse, ReadFilesRequest, ReadFilesResponse, RestoreCheckRequest,
+    RestoreCheckResponse, RestoreEvent, RestoreMessage, RestoreResult, RestoreStart, SourceInfo, dump_event,
+    restore_event, restore_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -48,6 +50,8 @@ pub struct AgentService {
     pub spool: Arc<Spool>,
     /// Dump spools being pulled, by session id.
     pub sessions: Arc<Mutex<HashMap<String, Arc<Source>>>>,
+    /// `allow_restore` from agent.toml: the restore endpoints refuse unless it is set.
+    pub allow_restore: bool,
 }
 
 /// Paths per ReadFiles call.
@@ -120,6 +124,12 @@ impl Agent for AgentService {
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<Self::ListStream>, Status> {
         let src = self.resolve(&request.get_ref().source, &request.get_ref().session)?;
+        // A root that is gone makes the pull fail, not an empty snapshot that looks complete.
+        for root in &src.roots {
+            root.open().map_err(|e| {
+                Status::failed_precondition(format!("source {}: {e} (restore it, or fix agent.toml)", src.name))
+            })?;
+        }
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::with_capacity(LIST_BATCH);
@@ -239,6 +249,53 @@ impl Agent for AgentService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn restore_check(
+        &self,
+        request: Request<RestoreCheckRequest>,
+    ) -> Result<Response<RestoreCheckResponse>, Status> {
+        let req = request.into_inner();
+        let src = self.restorable(&req.source)?;
+        let spool = self.spool.clone();
+        let r = tokio::task::spawn_blocking(move || crate::restore::readiness(&src, &spool, &req))
+            .await
+            .map_err(|e| Status::internal(format!("the readiness check failed: {e}")))?;
+        Ok(Response::new(r))
+    }
+
+    type RestoreStream = ReceiverStream<Result<RestoreEvent, Status>>;
+
+    async fn restore(
+        &self,
+        request: Request<Streaming<RestoreMessage>>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
+        let mut inbound = request.into_inner();
+        let start = match inbound.message().await?.and_then(|m| m.msg) {
+            Some(restore_message::Msg::Start(s)) => s,
+            _ => return Err(Status::invalid_argument("a restore must begin with RestoreStart")),
+        };
+        let src = self.restorable(&start.source)?;
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            tracing::info!("restore of source {} started", src.name);
+            let result = this.run_restore(&handle, inbound, &src, &start, &tx);
+            match &result {
+                Ok(r) => tracing::info!(
+                    "restore of source {} done: {} files, {} bytes; checks {}",
+                    src.name,
+                    r.files,
+                    r.bytes,
+                    if r.checks.iter().all(|c| c.ok) { "passed" } else { "FAILED" }
+                ),
+                Err(s) => tracing::warn!("restore of source {} failed: {}", src.name, s.message()),
+            }
+            let event = result.map(|r| RestoreEvent { event: Some(restore_event::Event::Result(r)) });
+            let _ = tx.blocking_send(event);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     type DeltaStream = ReceiverStream<Result<DeltaResponse, Status>>;
 
     async fn delta(&self, request: Request<DeltaRequest>) -> Result<Response<Self::DeltaStream>, Status> {
@@ -280,6 +337,120 @@ impl Agent for AgentService {
 }
 
 impl AgentService {
+    /// A source restores may write to (refused unless the agent allows restores).
+    fn restorable(&self, name: &str) -> Result<Arc<Source>, Status> {
+        if !self.allow_restore {
+            return Err(Status::permission_denied(format!(
+                "agent {} does not accept restores: set allow_restore = true in its agent.toml to allow them",
+                self.name
+            )));
+        }
+        self.sources
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("agent {} has no source {name:?}", self.name)))
+    }
+
+    /// Receive a restore and write it; for a dump source, then load the dumps. Runs on a
+    /// blocking thread (the writes are ordinary file system calls).
+    fn run_restore(
+        &self,
+        handle: &tokio::runtime::Handle,
+        mut inbound: Streaming<RestoreMessage>,
+        src: &Source,
+        start: &RestoreStart,
+        tx: &mpsc::Sender<Result<RestoreEvent, Status>>,
+    ) -> Result<RestoreResult, Status> {
+        let failed = |e: std::io::Error| Status::aborted(format!("restore of source {}: {e}", src.name));
+        let report = |line: String| {
+            tracing::info!("source {}: {line}", src.name);
+            let _ = tx.try_send(Ok(RestoreEvent { event: Some(restore_event::Event::Progress(line)) }));
+        };
+        // Dumps are spooled, checked, then loaded; files go straight to their place.
+        let session = match &src.dump {
+            Some(_) => Some(self.spool.session().map_err(|e| Status::internal(format!("{e:#}")))?),
+            None => None,
+        };
+        let base = match (&session, &src.restore_root) {
+            (Some(s), _) => s.path.join("out"),
+            (None, Some(r)) => r.clone(),
+            (None, None) => std::path::PathBuf::from("/"),
+        };
+        let mut w = crate::restore::Writer::new(&base).map_err(failed)?;
+        let mut entries = 0u64;
+        loop {
+            let msg = handle
+                .block_on(inbound.message())?
+                .ok_or_else(|| Status::aborted("the collector ended the restore before its end"))?;
+            match msg.msg {
+                Some(restore_message::Msg::Entry(re)) => {
+                    let e = re.entry.ok_or_else(|| Status::invalid_argument("an entry without its metadata"))?;
+                    match crate::restore::place(src, session.is_some(), &e.path) {
+                        crate::restore::Place::Write => w.entry(e, re.blake3, &re.hardlink_to).map_err(failed)?,
+                        crate::restore::Place::Parent => w.ensure_dir(&e.path).map_err(failed)?,
+                        crate::restore::Place::Outside => {
+                            return Err(Status::permission_denied(format!(
+                                "restore of source {}: entry {:?} is outside every root of the source; refused",
+                                src.name,
+                                String::from_utf8_lossy(&e.path)
+                            )));
+                        }
+                    }
+                    entries += 1;
+                    if entries.is_multiple_of(1000) {
+                        report(format!("{entries} entries written"));
+                    }
+                }
+                Some(restore_message::Msg::Data(d)) => w.data(&d).map_err(failed)?,
+                Some(restore_message::Msg::Finish(_)) => break,
+                _ => return Err(Status::invalid_argument("unexpected message in a restore")),
+            }
+        }
+        let written = w.finish().map_err(failed)?;
+        let mut result = RestoreResult {
+            files: written.files,
+            dirs: written.dirs,
+            symlinks: written.symlinks,
+            bytes: written.bytes,
+            warnings: written.warnings,
+            ..Default::default()
+        };
+        let (Some(spec), Some(session)) = (&src.dump, &session) else {
+            result.checks.push(crate::dump::check(
+                "file hashes",
+                true,
+                &format!("{} files written under {}, each matching its BLAKE3", result.files, base.display()),
+            ));
+            return Ok(result);
+        };
+        for d in &start.dumps {
+            let ok = std::fs::metadata(base.join(&d.path)).is_ok_and(|m| m.len() == d.size);
+            if !ok {
+                return Err(Status::invalid_argument(format!("dump file {} did not arrive whole", d.path)));
+            }
+        }
+        let etc = session.path.join("etc");
+        std::fs::create_dir(&etc).map_err(failed)?;
+        let cancelled = || tx.is_closed();
+        let restored = spec
+            .restore(&crate::dump::RestoreRun {
+                dir: &base,
+                etc: &etc,
+                spool: &self.spool,
+                cancelled: &cancelled,
+                progress: &report,
+                dumps: &start.dumps,
+                clean: start.clean,
+                force: start.force,
+                restore_root: src.restore_root.as_deref(),
+            })
+            .map_err(|e| Status::aborted(format!("restore of source {}: {e:#}", src.name)))?;
+        result.checks.extend(restored.checks);
+        result.warnings.extend(restored.warnings);
+        Ok(result)
+    }
+
     /// Take a source's dumps into a new spool session, announce it, and hold it until the
     /// collector releases it (or goes away); the spool is removed on every path out.
     async fn run_dump(
@@ -293,7 +464,7 @@ impl AgentService {
         if self.dumps.available_permits() == 0 {
             let _ = tx.send(progress("waiting for another dump to finish".into())).await;
         }
-        let _permit = self.dumps.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let permit = self.dumps.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
         let session = self.spool.session().map_err(internal)?;
         let (out, etc) = (session.path.join("out"), session.path.join("etc"));
         for d in [&out, &etc] {
@@ -319,6 +490,8 @@ impl AgentService {
         })
         .await
         .map_err(|e| Status::internal(format!("the dump task failed: {e}")))?;
+        // The server is free again; the spool waits for the pull without holding it.
+        drop(permit);
         let taken = taken.map_err(|e| {
             tracing::warn!("dump of source {} failed: {e:#}", src.name);
             Status::aborted(format!("dump of source {} failed: {e:#}", src.name))

@@ -95,15 +95,15 @@ fn error_entry(rel: Vec<u8>, e: &io::Error) -> Entry {
 
 /// Every entry of a source. `emit` returns false to stop (the collector went away).
 ///
-/// The walk goes from the root handles opened at start, directory handle to directory handle
+/// The walk goes from a handle on each root opened through no symlink, directory handle to directory handle
 /// (`openat` with `O_NOFOLLOW`, `fstat` of an `O_PATH` handle): a path component swapped for a
 /// symlink while we walk cannot lead the listing outside the root.
 pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
     let mut emitted_parents: HashSet<Vec<u8>> = HashSet::new();
-    for (rel_root, root_dir) in src.rel_roots.iter().zip(&src.root_dirs) {
+    for root in &src.roots {
         // The root's parents appear as directories so that each root keeps its own path; they are
         // metadata only.
-        let rel_root = rel_root.clone();
+        let rel_root = root.rel.clone();
         let mut prefix = PathBuf::from("/");
         let comps: Vec<&[u8]> = if rel_root.is_empty() { Vec::new() } else { rel_root.split(|&b| b == b'/').collect() };
         for i in 0..comps.len() {
@@ -120,7 +120,7 @@ pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
                 return;
             }
         }
-        let root_handle = match root_dir.try_clone() {
+        let root_handle = match root.open() {
             Ok(fd) => Arc::new(fd),
             Err(e) => {
                 if !emit(error_entry(rel_root, &e)) {
@@ -225,22 +225,22 @@ pub fn open(src: &Source, rel: &[u8]) -> io::Result<File> {
     if excluded_or_below(src, rel) {
         return Err(refuse("excluded from the source"));
     }
-    let (dir, rest) = src
-        .rel_roots
+    let (root, rest) = src
+        .roots
         .iter()
-        .zip(&src.root_dirs)
-        .find_map(|(rr, dir)| {
-            let rest = if rr.is_empty() { rel } else { rel.strip_prefix(rr.as_slice())?.strip_prefix(b"/")? };
-            Some((dir, rest))
+        .find_map(|r| {
+            let rest = if r.rel.is_empty() { rel } else { rel.strip_prefix(r.rel.as_slice())?.strip_prefix(b"/")? };
+            Some((r, rest))
         })
         .ok_or_else(|| refuse("outside every root of the source"))?;
+    let dir = root.open()?;
     let mut resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     if src.one_file_system {
         resolve |= ResolveFlags::NO_XDEV;
     }
     let at = |flags: OFlags| {
         rustix::fs::openat2(
-            dir,
+            &dir,
             std::ffi::OsStr::from_bytes(rest),
             flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             Mode::empty(),

@@ -31,6 +31,16 @@ impl Spool {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("spool.dir = {}: cannot create it", dir.display()))?;
+        // Dumps hold whole databases, and the agent removes what it finds here: only a directory
+        // of its own that nobody else can enter will do.
+        let m = fs::symlink_metadata(dir).with_context(|| format!("spool.dir = {}", dir.display()))?;
+        let me = rustix::process::geteuid().as_raw();
+        if !m.is_dir() || m.uid() != me || m.mode() & 0o077 != 0 {
+            bail!(
+                "spool.dir = {}: must be a directory (not a symlink) owned by the agent's user (uid {me}) with mode 0700",
+                dir.display()
+            );
+        }
         let spool = Spool { dir: dir.to_path_buf(), max_bytes };
         for e in fs::read_dir(dir).with_context(|| format!("spool.dir = {}: cannot read it", dir.display()))? {
             let e = e?;

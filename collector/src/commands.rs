@@ -75,13 +75,9 @@ pub enum Command {
         recursive: bool,
     },
     /// Write a snapshot's files into a local directory.
-    Restore {
-        /// Snapshot id (a unique prefix) or `latest`.
-        snapshot: String,
-        /// Directory to restore into (created if missing).
-        #[arg(long)]
-        target_dir: PathBuf,
-    },
+    /// Restore sources in dependency order (db, blobs, data, config), onto their agents or
+    /// into a directory; the plan and its readiness checks come first.
+    Restore(crate::restore::RestoreArgs),
     /// Remove snapshots that the retention policy does not keep (per agent and source).
     Prune(PruneArgs),
     /// Remove data no snapshot references; repack packs with too much garbage.
@@ -275,10 +271,14 @@ impl Ctx {
 pub fn run(cli: Cli) -> Result<u8> {
     let config = match &cli.config {
         Some(p) => Some(crate::config::CollectorConfig::load(p).map_err(|e| usage(format!("{e:#}")))?),
-        None if matches!(cli.command, Command::Pull { .. }) => Some(
-            crate::config::CollectorConfig::load(Path::new(crate::config::DEFAULT_PATH))
-                .map_err(|e| usage(format!("{e:#} (give --config FILE)")))?,
-        ),
+        None if matches!(cli.command, Command::Pull { .. })
+            || matches!(&cli.command, Command::Restore(a) if a.to_agent) =>
+        {
+            Some(
+                crate::config::CollectorConfig::load(Path::new(crate::config::DEFAULT_PATH))
+                    .map_err(|e| usage(format!("{e:#} (give --config FILE)")))?,
+            )
+        }
         None => None,
     };
     if let Command::Certs { command } = cli.command {
@@ -303,7 +303,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Import(a) => import(&ctx, &a),
         Command::List { json } => list(&ctx, json),
         Command::Ls { snapshot, path, recursive } => ls(&ctx, &snapshot, path.as_deref().unwrap_or(""), recursive),
-        Command::Restore { snapshot, target_dir } => restore(&ctx, &snapshot, &target_dir),
+        Command::Restore(a) => crate::restore::run(ctx.open()?, config.as_ref(), &a),
         Command::Prune(a) => prune_cmd(&ctx, &a),
         Command::Compact { max_garbage, lock } => compact_cmd(&ctx, max_garbage, &lock),
         Command::Check { verify_data, repair, json, lock } => check_cmd(&ctx, verify_data, repair, json, &lock),
@@ -499,30 +499,6 @@ fn ls(ctx: &Ctx, snapshot: &str, path: &str, recursive: bool) -> Result<u8> {
             println!("{}", describe(&format!("{prefix}{}", String::from_utf8_lossy(&n.name)), &n));
         }
     }
-    Ok(exit::OK)
-}
-
-fn restore(ctx: &Ctx, snapshot: &str, target: &Path) -> Result<u8> {
-    let mut repo = ctx.open()?;
-    let _lock = locking::lock(&repo, false, "collector restore", Duration::ZERO)?;
-    repo.load_index()?;
-    let id = repo.find_snapshot(snapshot)?;
-    let snap = repo.load_snapshot(&id)?;
-    let root = Id::from_slice(&snap.tree).context("snapshot has no root tree")?;
-    let stats = repo_format::fs::restore(&repo, &root, target)
-        .with_context(|| format!("restoring snapshot {} into {}", id.short(), target.display()))?;
-    for s in &stats.skipped {
-        eprintln!("skipped {s}");
-    }
-    println!(
-        "restored snapshot {} into {}: {} files, {} directories, {} symlinks, {} bytes, every file verified",
-        id.short(),
-        target.display(),
-        stats.files,
-        stats.dirs,
-        stats.symlinks,
-        stats.bytes
-    );
     Ok(exit::OK)
 }
 

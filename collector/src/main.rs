@@ -6,6 +6,7 @@ mod commands;
 mod config;
 mod delta;
 mod pull;
+mod restore;
 mod secret;
 
 /// The one place with `unsafe` code in the workspace.

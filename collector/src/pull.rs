@@ -246,7 +246,7 @@ fn dump_info(d: &magpie_proto::v1::DumpInfo) -> DumpInfo {
     }
 }
 
-async fn handshake(
+pub(crate) async fn handshake(
     agent: &AgentEntry,
     cfg: &CollectorConfig,
 ) -> Result<(AgentClient<Channel>, magpie_proto::v1::HandshakeResponse)> {
@@ -1068,7 +1068,7 @@ impl TreeBuild<'_> {
 
 /// A byte progress bar on a terminal, one line per source pulled at the same time; hidden
 /// otherwise (timers, pipes, --json callers).
-fn progress_bar(agent: &str, source: &str, total: u64) -> ProgressBar {
+pub(crate) fn progress_bar(agent: &str, source: &str, total: u64) -> ProgressBar {
     static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return ProgressBar::hidden();

@@ -274,11 +274,22 @@ pub struct RestoreStats {
 /// Restore the tree `root` into `target` (created if missing). Every name is checked so nothing
 /// escapes `target`; every file is checked against its BLAKE3 before it takes its final name.
 pub fn restore(repo: &Repository, root: &Id, target: &Path) -> Result<RestoreStats> {
+    restore_matching(repo, root, target, &|_| true)
+}
+
+/// The same for the entries `filter` accepts (by path relative to the root).
+pub fn restore_matching(
+    repo: &Repository,
+    root: &Id,
+    target: &Path,
+    filter: &dyn Fn(&[u8]) -> bool,
+) -> Result<RestoreStats> {
     fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
     let mut r = Restorer {
         repo,
         target: target.to_path_buf(),
-        cache: BlobCache::default(),
+        cache: ContentReader::default(),
+        filter,
         stats: RestoreStats::default(),
         owners: is_root(),
         restored: Default::default(),
@@ -302,13 +313,41 @@ pub fn check_name(name: &[u8]) -> Result<&OsStr> {
     Ok(OsStr::from_bytes(name))
 }
 
+/// Reads the content of file nodes, keeping the last few blobs (small files share chunks).
 #[derive(Default)]
-struct BlobCache {
+pub struct ContentReader {
     entries: Vec<(Id, std::sync::Arc<Vec<u8>>)>,
 }
 
-impl BlobCache {
-    /// Small files share chunks: keep the last few blobs read.
+impl ContentReader {
+    /// Hand the content of `node` to `sink`, piece by piece, and check it against the node's
+    /// BLAKE3 at the end.
+    pub fn read(&mut self, repo: &Repository, node: &Node, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let mut hasher = blake3::Hasher::new();
+        for c in &node.content {
+            let data = self.chunk(repo, c)?;
+            hasher.update(&data);
+            sink(&data)?;
+        }
+        if !node.blake3.is_empty() && hasher.finalize().as_bytes() != node.blake3.as_slice() {
+            return Err(Error::corrupt(
+                String::from_utf8_lossy(&node.name),
+                "content does not match the BLAKE3 recorded at backup",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The bytes one chunk reference names.
+    pub fn chunk(&mut self, repo: &Repository, c: &ChunkRef) -> Result<Vec<u8>> {
+        let id = Id::from_slice(&c.id).ok_or_else(|| Error::corrupt("tree", "chunk reference without a 32-byte id"))?;
+        let blob = self.get(repo, &id)?;
+        let (s, e) = (c.offset as usize, c.offset as usize + c.length as usize);
+        blob.get(s..e).map(<[u8]>::to_vec).ok_or_else(|| {
+            Error::corrupt(format!("blob {id}"), format!("range {s}..{e} is past its end ({})", blob.len()))
+        })
+    }
+
     fn get(&mut self, repo: &Repository, id: &Id) -> Result<std::sync::Arc<Vec<u8>>> {
         if let Some(pos) = self.entries.iter().position(|(i, _)| i == id) {
             return Ok(self.entries[pos].1.clone());
@@ -325,8 +364,10 @@ impl BlobCache {
 struct Restorer<'a> {
     repo: &'a Repository,
     target: PathBuf,
-    cache: BlobCache,
+    cache: ContentReader,
     stats: RestoreStats,
+    /// Which entries to restore (relative paths); directories are always made.
+    filter: &'a dyn Fn(&[u8]) -> bool,
     owners: bool,
     /// Files this restore wrote, relative to the target: the only valid hard-link targets.
     restored: std::collections::HashSet<PathBuf>,
@@ -338,7 +379,10 @@ impl Restorer<'_> {
         let (dirs, leaves): (Vec<&Node>, Vec<&Node>) = tree.nodes.iter().partition(|n| n.node_kind() == NodeKind::Dir);
         for node in leaves {
             let p = path.join(check_name(&node.name)?);
-            self.leaf(node, &p)?;
+            let rel = p.strip_prefix(&self.target).unwrap_or(&p);
+            if (self.filter)(rel.as_os_str().as_bytes()) {
+                self.leaf(node, &p)?;
+            }
         }
         for node in dirs {
             let p = path.join(check_name(&node.name)?);
@@ -431,12 +475,7 @@ impl Restorer<'_> {
     }
 
     fn chunk(&mut self, c: &ChunkRef) -> Result<Vec<u8>> {
-        let id = Id::from_slice(&c.id).ok_or_else(|| Error::corrupt("tree", "chunk reference without a 32-byte id"))?;
-        let blob = self.cache.get(self.repo, &id)?;
-        let (s, e) = (c.offset as usize, c.offset as usize + c.length as usize);
-        blob.get(s..e).map(<[u8]>::to_vec).ok_or_else(|| {
-            Error::corrupt(format!("blob {id}"), format!("range {s}..{e} is past its end ({})", blob.len()))
-        })
+        self.cache.chunk(self.repo, c)
     }
 
     fn metadata(&self, node: &Node, p: &Path) -> Result<()> {

@@ -172,6 +172,45 @@ impl Pki {
     }
 }
 
+/// Kind, mode, mtime, content hash (with the user.magpie xattr), link target, and the first path
+/// sharing the inode.
+pub type EntryState = (String, u32, i64, String, Vec<u8>, Option<Vec<u8>>);
+pub type EntryStates = std::collections::BTreeMap<Vec<u8>, EntryState>;
+
+/// What a user compares after a restore, by relative path.
+pub fn tree_state(root: &Path) -> EntryStates {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let xattr_of = |p: &Path| xattr::get(p, "user.magpie").ok().flatten().unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    let mut inodes: std::collections::BTreeMap<u64, Vec<u8>> = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut names: Vec<PathBuf> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).collect();
+        names.sort();
+        for p in names {
+            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let (kind, hash, link) = if m.file_type().is_symlink() {
+                ("symlink", String::new(), fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec())
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                ("dir", String::from_utf8_lossy(&xattr_of(&p)).into_owned(), Vec::new())
+            } else {
+                let mut h = blake3::Hasher::new();
+                h.update_reader(fs::File::open(&p).unwrap()).unwrap();
+                h.update(&xattr_of(&p));
+                ("file", h.finalize().to_hex().to_string(), Vec::new())
+            };
+            let group = (m.is_file() && m.nlink() > 1).then(|| inodes.entry(m.ino()).or_insert(rel.clone()).clone());
+            let mtime = if kind == "symlink" { 0 } else { m.mtime() * 1_000_000_000 + m.mtime_nsec() };
+            let mode = if kind == "symlink" { 0 } else { m.mode() & 0o7777 };
+            out.insert(rel, (kind.to_string(), mode, mtime, hash, link, group));
+        }
+    }
+    out
+}
+
 /// A running `agent serve`, killed on drop. Its log is kept for assertions.
 pub struct Agent {
     child: std::process::Child,
@@ -187,12 +226,17 @@ impl Agent {
 
     /// The same, on a given port (to restart an agent where the collector expects it).
     pub fn start_on(work: &Path, pki: &Pki, pinned: &[String], sources_toml: &str, port: u16) -> Agent {
+        Agent::start_full(work, pki, pinned, "", sources_toml, port)
+    }
+
+    /// The same, with top-level settings (`allow_restore = true`) before the tables.
+    pub fn start_full(work: &Path, pki: &Pki, pinned: &[String], top: &str, sources_toml: &str, port: u16) -> Agent {
         let cfg = work.join("agent.toml");
         let pins: Vec<String> = pinned.iter().map(|p| format!("{p:?}")).collect();
         fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nname = \"main\"\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_collectors = [{}]\n{sources_toml}",
+                "listen = \"127.0.0.1:{port}\"\nname = \"main\"\n{top}\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_collectors = [{}]\n{sources_toml}",
                 pki.path("agent.pem"),
                 pki.path("agent-key.pem"),
                 pki.path("ca.pem"),

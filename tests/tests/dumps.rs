@@ -47,10 +47,17 @@ impl Setup {
         if out.status.success() && s["error"].is_null() { Ok(s) } else { Err(format!("exit {:?}: {s}", out.status)) }
     }
 
-    /// Restore snapshot `id` into `out`.
-    fn restore(&self, id: &str, out: &Path) {
+    /// Restore snapshot `id` into `out`; returns where its files are (`out/AGENT/SOURCE`).
+    fn restore(&self, id: &str, out: &Path) -> PathBuf {
         let o = self.collector.run(&["restore", id, "--target-dir", out.to_str().unwrap()]);
-        assert!(o.status.success(), "restore: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "restore: {}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let snap = self.snapshot(id);
+        out.join(&snap.agent).join(&snap.source)
     }
 
     fn snapshot(&self, id: &str) -> Snapshot {
@@ -130,8 +137,7 @@ fn postgres_dump_under_pgbench_load_restores_consistent_with_exact_counts() {
     s.assert_spool_empty();
 
     let id = summary["snapshot"].as_str().unwrap().to_string();
-    let out = s.path("out");
-    s.restore(&id, &out);
+    let out = s.restore(&id, &s.path("out"));
     let snap = s.snapshot(&id);
     let names: Vec<&str> = snap.dumps.iter().map(|d| d.path.as_str()).collect();
     for want in ["globals.sql", "bench.pgdump", "late.pgdump", "postgres.pgdump"] {
@@ -243,8 +249,7 @@ fn sqlite_glob_copies_each_store_consistently_under_a_writer() {
     s.assert_spool_empty();
 
     let id = summary["snapshot"].as_str().unwrap();
-    let out = s.path("out");
-    s.restore(id, &out);
+    let out = s.restore(id, &s.path("out"));
     let snap = s.snapshot(id);
     assert_eq!(snap.dumps.len(), 2, "{:?}", snap.dumps);
     for d in &snap.dumps {
@@ -308,8 +313,7 @@ fn mariadb_round_trip_and_a_warning_for_tables_that_are_not_innodb() {
     let items = snap.dumps[0].tables.iter().find(|t| t.name == "items").unwrap();
     assert_eq!(items.rows, 500);
 
-    let out = s.path("out");
-    s.restore(id, &out);
+    let out = s.restore(id, &s.path("out"));
     db.sql("DROP DATABASE shop");
     let dump = fs::File::open(out.join("shop.sql")).unwrap();
     let load = db.client().stdin(dump).output().unwrap();
@@ -344,8 +348,7 @@ fn redis_round_trip_through_the_rdb() {
     assert!(d.server_version.starts_with(|c: char| c.is_ascii_digit()), "{d:?}");
 
     // A new server started on the restored RDB holds the same data.
-    let out = s.path("out");
-    s.restore(id, &out);
+    let out = s.restore(id, &s.path("out"));
     let copy = Redis::start_with(&out, "other", &["--dbfilename", "dump.rdb"]);
     assert_eq!(copy.cli(&["DBSIZE"]).trim(), "1002");
     assert_eq!(copy.cli(&["GET", "key:777"]).trim(), "value 777");
@@ -420,8 +423,7 @@ fn failing_truncated_and_oversized_dumps_fail_and_leave_the_previous_snapshot_al
 
     // Nothing of that touched the first snapshot.
     assert_eq!(s.snapshot_count(), count);
-    let out = s.path("out");
-    s.restore(&first_id, &out);
+    let out = s.restore(&first_id, &s.path("out"));
     assert_eq!(fs::read(out.join("app.dump")).unwrap(), data);
     let accepted = s.pull("app", &["--accept-small-dumps"]).expect("accepted");
     assert!(accepted["snapshot"].is_string());
@@ -487,7 +489,6 @@ fn a_large_dump_with_a_small_change_moves_a_small_fraction() {
     assert_eq!(second["files_delta"], 1, "{second}");
     assert!(wire < data.len() as u64 / 20, "{wire} bytes on the wire for a 1% change: {second}");
 
-    let out = s.path("out");
-    s.restore(second["snapshot"].as_str().unwrap(), &out);
+    let out = s.restore(second["snapshot"].as_str().unwrap(), &s.path("out"));
     assert!(fs::read(out.join("app.dump")).unwrap() == data, "the rebuilt dump differs");
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use magpie_tests::{Agent, Collector, Pki};
@@ -12,39 +12,8 @@ fn source_toml(root: &Path) -> String {
     format!("[[source]]\nname = \"files\"\nkind = \"path\"\nroots = [{root:?}]\nrole = \"data\"\n")
 }
 
-/// Kind, mode, mtime, content hash (with the user.magpie xattr), link target, and the first path
-/// sharing the inode.
-type EntryState = (String, u32, i64, String, Vec<u8>, Option<Vec<u8>>);
-
-/// What a user compares after a restore, by relative path.
-fn state(root: &Path) -> BTreeMap<Vec<u8>, EntryState> {
-    let mut out = BTreeMap::new();
-    let mut inodes: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let mut names: Vec<PathBuf> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).collect();
-        names.sort();
-        for p in names {
-            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let (kind, hash, link) = if m.file_type().is_symlink() {
-                ("symlink", String::new(), fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec())
-            } else if m.is_dir() {
-                stack.push(p.clone());
-                ("dir", String::from_utf8_lossy(&xattr_of(&p)).into_owned(), Vec::new())
-            } else {
-                let mut h = blake3::Hasher::new();
-                h.update_reader(fs::File::open(&p).unwrap()).unwrap();
-                h.update(&xattr_of(&p));
-                ("file", h.finalize().to_hex().to_string(), Vec::new())
-            };
-            let group = (m.is_file() && m.nlink() > 1).then(|| inodes.entry(m.ino()).or_insert(rel.clone()).clone());
-            let mtime = if kind == "symlink" { 0 } else { m.mtime() * 1_000_000_000 + m.mtime_nsec() };
-            let mode = if kind == "symlink" { 0 } else { m.mode() & 0o7777 };
-            out.insert(rel, (kind.to_string(), mode, mtime, hash, link, group));
-        }
-    }
-    out
+fn state(root: &Path) -> BTreeMap<Vec<u8>, magpie_tests::EntryState> {
+    magpie_tests::tree_state(root)
 }
 
 /// The user.magpie extended attribute (empty when absent).
@@ -59,7 +28,7 @@ fn restore(c: &Collector, out: &Path) {
 
 /// Where a source root lands inside a restore target.
 fn inside(target: &Path, root: &Path) -> PathBuf {
-    target.join(root.strip_prefix("/").unwrap())
+    target.join("main").join("files").join(root.strip_prefix("/").unwrap())
 }
 
 fn setup(name: &str) -> (tempfile::TempDir, Pki, PathBuf) {

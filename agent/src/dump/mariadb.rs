@@ -2,18 +2,18 @@
 //!
 //! `--single-transaction` makes InnoDB tables consistent; it cannot do that for other engines,
 //! so those are named in a warning. Connection settings and the password go to the tools in an
-//! option file (`--defaults-extra-file`) in the session's private directory.
+//! option file (`--defaults-file`, so nothing else is read) in the session's private directory.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, anyhow};
-use magpie_proto::v1::{DumpInfo, TableRows};
+use anyhow::{Context, Result, anyhow, bail};
+use magpie_proto::v1::{CheckResult, DumpInfo, TableRows};
 
 use super::process::{self, Limits, Output};
-use super::{Conn, Run, file_name, now_ns, tool_version};
+use super::{Conn, Readiness, RestoreRun, Run, file_name, now_ns, row_check, sql_checks, tool_version};
 
 #[derive(Debug)]
 pub struct Mariadb {
@@ -46,52 +46,76 @@ impl Mariadb {
         let tool = tool_version(client("mariadb-dump", &options), limits)?;
         let databases = match &self.databases {
             Some(d) => d.clone(),
-            None => sql("SHOW DATABASES", "listing the databases")?
-                .into_iter()
-                .filter_map(|r| r.into_iter().next())
-                .filter(|d| !SYSTEM.contains(&d.as_str()) && !d.starts_with('-'))
-                .collect(),
+            None => {
+                let mut all = Vec::new();
+                for r in
+                    sql("SELECT HEX(schema_name) FROM information_schema.schemata ORDER BY 1", "listing the databases")?
+                {
+                    let d = unhex(&r[0])?;
+                    if SYSTEM.contains(&d.as_str()) {
+                        continue;
+                    }
+                    if d.starts_with('-') {
+                        warnings.push(format!(
+                            "database {d:?} skipped: a name starting with '-' cannot be given to mariadb-dump"
+                        ));
+                        continue;
+                    }
+                    all.push(d);
+                }
+                all
+            }
         };
         let mut dumps = Vec::new();
         for db in &databases {
             (run.progress)(format!("dumping database {db}"));
             let start = now_ns();
-            let in_db = format!("table_schema = '{}' AND table_type = 'BASE TABLE'", literal(db));
+            let in_db = format!("table_schema = {} AND table_type = 'BASE TABLE'", literal(db));
             let others = sql(
                 &format!(
-                    "SELECT table_name, engine FROM information_schema.tables WHERE {in_db} AND engine <> 'InnoDB' ORDER BY 1"
+                    "SELECT HEX(table_name), engine FROM information_schema.tables WHERE {in_db} AND engine <> 'InnoDB' ORDER BY 1"
                 ),
                 "finding non-InnoDB tables",
             )?;
             if !others.is_empty() {
-                let list: Vec<String> = others.iter().map(|r| r.join(" ")).collect();
+                let list = others
+                    .iter()
+                    .map(|r| Ok(format!("{} ({})", unhex(&r[0])?, r.get(1).map_or("", String::as_str))))
+                    .collect::<Result<Vec<_>>>()?;
                 warnings.push(format!(
                     "database {db}: tables not on InnoDB cannot be dumped consistently under writes: {}",
                     list.join(", ")
                 ));
             }
-            let names = sql(
-                &format!("SELECT table_name FROM information_schema.tables WHERE {in_db} ORDER BY 1"),
+            let listed = sql(
+                &format!(
+                    "SELECT HEX(table_name), COALESCE(table_rows, 0) FROM information_schema.tables WHERE {in_db} ORDER BY 1"
+                ),
                 "listing tables",
             )?;
-            let mut tables = Vec::new();
+            let mut tables = listed
+                .iter()
+                .map(|r| {
+                    Ok(TableRows { name: unhex(&r[0])?, rows: r.get(1).and_then(|n| n.parse().ok()).unwrap_or(0) })
+                })
+                .collect::<Result<Vec<_>>>()?;
             if self.exact {
-                for batch in names.chunks(200) {
+                for (b, batch) in tables.chunks_mut(200).enumerate() {
                     let q: Vec<String> = batch
                         .iter()
-                        .map(|r| {
-                            format!("SELECT '{}', COUNT(*) FROM `{}`.`{}`", literal(&r[0]), ident(db), ident(&r[0]))
+                        .enumerate()
+                        .map(|(i, t)| {
+                            format!("SELECT {}, COUNT(*) FROM `{}`.`{}`", b * 200 + i, ident(db), ident(&t.name))
                         })
                         .collect();
-                    tables.extend(rows(sql(&q.join(" UNION ALL "), "counting rows")?)?);
+                    for r in sql(&q.join(" UNION ALL "), "counting rows")? {
+                        let (i, n): (usize, u64) = match r.as_slice() {
+                            [i, n] => (i.parse()?, n.parse()?),
+                            _ => bail!("unexpected answer {r:?}"),
+                        };
+                        batch[i - b * 200].rows = n;
+                    }
                 }
-            } else {
-                tables = rows(sql(
-                    &format!(
-                        "SELECT table_name, COALESCE(table_rows, 0) FROM information_schema.tables WHERE {in_db} ORDER BY 1"
-                    ),
-                    "reading table statistics",
-                )?)?;
             }
             let path = format!("{}.sql", file_name(db));
             let mut cmd = client("mariadb-dump", &options);
@@ -125,10 +149,100 @@ impl Mariadb {
         Ok(dumps)
     }
 
+    /// One query's answer, tab-separated lines.
+    fn query(&self, options: &Path, db: Option<&str>, sql: &str, limits: &Limits<'_>) -> Result<String> {
+        let mut cmd = client("mariadb", options);
+        cmd.args(["--batch", "--skip-column-names"]);
+        if let Some(db) = db {
+            cmd.arg(format!("--database={db}"));
+        }
+        cmd.args(["-e", sql]);
+        let out = process::run(&format!("MariaDB at {}", self.conn.describe(3306)), cmd, Output::Capture, limits)?;
+        Ok(String::from_utf8_lossy(&out).trim().to_string())
+    }
+
+    /// None: no such database; else its number of tables.
+    fn db_tables(&self, options: &Path, db: &str, limits: &Limits<'_>) -> Result<Option<u64>> {
+        let lit = literal(db);
+        let n = self.query(
+            options,
+            None,
+            &format!(
+                "SELECT (SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = {lit}), \
+                 (SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = {lit})"
+            ),
+            limits,
+        )?;
+        let (exists, tables) = n.split_once('\t').ok_or_else(|| anyhow!("unexpected answer {n:?}"))?;
+        Ok((exists != "0").then(|| tables.parse().unwrap_or(0)))
+    }
+
+    pub fn readiness(
+        &self,
+        dumps: &[DumpInfo],
+        clean: bool,
+        force: bool,
+        etc: &Path,
+        limits: &Limits<'_>,
+        r: &mut Readiness,
+    ) -> Result<()> {
+        let options = self.option_file(etc)?;
+        let server = format!("MariaDB at {}", self.conn.describe(3306));
+        for d in dumps {
+            r.targets.push(format!("database {} on {server}", d.database));
+            match self.db_tables(&options, &d.database, limits).with_context(|| format!("connecting to {server}"))? {
+                None => {}
+                Some(0) => r.overwrites.push(format!("database {} exists and is empty", d.database)),
+                Some(n) if clean => r.overwrites.push(format!("database {}: dropped with its {n} tables (--clean)", d.database)),
+                Some(n) if force => r.overwrites.push(format!("database {}: loaded into its {n} tables (--force)", d.database)),
+                Some(n) => r.problems.push(format!(
+                    "database {} is not empty ({n} tables): restore with --clean to replace it, or --force to load into it as it is",
+                    d.database
+                )),
+            }
+        }
+        Ok(())
+    }
+
+    /// Each dump through the client, into its database (dropped first with --clean), then checked.
+    pub fn restore(&self, run: &RestoreRun<'_>, limits: &Limits<'_>, extra: &[String]) -> Result<Vec<CheckResult>> {
+        let options = self.option_file(run.etc)?;
+        let mut checks = Vec::new();
+        for d in run.dumps {
+            let db = &d.database;
+            (run.progress)(format!("restoring database {db}"));
+            match self.db_tables(&options, db, limits)? {
+                None | Some(0) => {}
+                Some(_) if run.clean => {
+                    self.query(&options, None, &format!("DROP DATABASE `{}`", ident(db)), limits)?;
+                }
+                Some(_) if run.force => {}
+                Some(n) => bail!(
+                    "database {db} is not empty ({n} tables): restore with --clean to replace it, or --force to load into it as it is"
+                ),
+            }
+            process::run_stdin(
+                &format!("loading database {db}"),
+                client("mariadb", &options),
+                &run.dir.join(&d.path),
+                limits,
+            )?;
+            checks.push(row_check(&format!("database {db}"), &d.tables, d.rows_exact, |table| {
+                self.query(&options, None, &format!("SELECT COUNT(*) FROM `{}`.`{}`", ident(db), ident(table)), limits)?
+                    .parse()
+                    .context("row count")
+            }));
+            checks.extend(sql_checks(&format!("database {db}"), extra, |sql| {
+                self.query(&options, Some(db), sql, limits)
+            }));
+        }
+        Ok(checks)
+    }
+
     /// A `[client]` option file with the connection settings and the password (0600).
     fn option_file(&self, etc: &Path) -> Result<PathBuf> {
         let p = etc.join("my.cnf");
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&p)?;
         let quote = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
         writeln!(f, "[client]")?;
         if let Some(h) = &self.conn.host {
@@ -153,23 +267,19 @@ impl Mariadb {
 /// A MariaDB client tool reading only our option file (it must be the first option).
 fn client(program: &str, options: &Path) -> Command {
     let mut cmd = Command::new(program);
-    cmd.arg(format!("--defaults-extra-file={}", options.display())).env_remove("MYSQL_PWD").env_remove("MYSQL_HOST");
+    // --defaults-file: this file only, not /etc/mysql or ~/.my.cnf (no credentials from elsewhere).
+    cmd.arg(format!("--defaults-file={}", options.display())).env_remove("MYSQL_PWD").env_remove("MYSQL_HOST");
     cmd
 }
 
-fn rows(lines: Vec<Vec<String>>) -> Result<Vec<TableRows>> {
-    lines
-        .into_iter()
-        .map(|r| match r.as_slice() {
-            [name, n] => Ok(TableRows { name: name.clone(), rows: n.parse().context("row count")? }),
-            _ => Err(anyhow!("unexpected answer {r:?}")),
-        })
-        .collect()
+/// A name the server sent as HEX() (so no name can break the tab-separated answer).
+fn unhex(h: &str) -> Result<String> {
+    Ok(String::from_utf8_lossy(&hex::decode(h.trim()).context("a name in hex")?).into_owned())
 }
 
-/// A string literal's content (backslashes and quotes escaped).
+/// A string as a literal that no name can break out of, whatever the server's sql_mode.
 fn literal(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('\'', "\\'")
+    format!("CONVERT(X'{}' USING utf8mb4)", hex::encode(s))
 }
 
 /// An identifier's content between backticks.

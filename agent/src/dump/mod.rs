@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use magpie_proto::v1::DumpInfo;
+use magpie_proto::v1::{CheckResult, DumpInfo, TableRows};
 
 use crate::config::{Databases, SourceConfig};
 use process::{Limits, Output};
@@ -31,6 +31,8 @@ pub struct DumpSpec {
     pub after: Option<Vec<String>>,
     pub hook_timeout: Duration,
     pub timeout: Duration,
+    /// SQL run in each restored database; each must answer true.
+    pub checks: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -39,7 +41,7 @@ pub enum Engine {
     Mariadb(mariadb::Mariadb),
     Sqlite { pattern: String },
     Redis(redis::Redis),
-    Command { argv: Vec<String>, filename: String },
+    Command { argv: Vec<String>, filename: String, restore: Option<Vec<String>> },
 }
 
 /// How to reach a database server.
@@ -145,7 +147,7 @@ impl DumpSpec {
                 glob::Pattern::new(&pattern).with_context(|| format!("source {:?}: path {pattern:?}", s.name))?;
                 Engine::Sqlite { pattern }
             }
-            "redis" => Engine::Redis(redis::Redis { conn }),
+            "redis" => Engine::Redis(redis::Redis { conn, rdb_path: s.rdb_path.clone() }),
             "command" => {
                 let argv = s.command.clone().unwrap_or_default();
                 if argv.is_empty() || argv[0].is_empty() {
@@ -155,7 +157,7 @@ impl DumpSpec {
                 if filename.is_empty() || filename.contains('/') || filename.starts_with('.') {
                     bail!("source {:?}: filename {filename:?} must be a plain file name", s.name);
                 }
-                Engine::Command { argv, filename }
+                Engine::Command { argv, filename, restore: s.restore_command.clone() }
             }
             other => bail!("source {:?}: {other:?} is not a dump kind", s.name),
         };
@@ -170,56 +172,178 @@ impl DumpSpec {
             after: s.after.clone(),
             hook_timeout: Duration::from_secs(s.hook_timeout_secs.unwrap_or(300)),
             timeout: Duration::from_secs(s.timeout_secs.unwrap_or(6 * 3600)),
+            checks: s.check.clone().unwrap_or_default(),
         })
     }
 
-    /// Take the dumps: hooks around them, then size and BLAKE3 of each file.
-    pub fn take(&self, run: &Run<'_>) -> Result<Taken> {
-        let secrets: Vec<String> = match &self.engine {
+    fn secrets(&self) -> Result<Vec<String>> {
+        Ok(match &self.engine {
             Engine::Postgres(p) => p.conn.password()?,
             Engine::Mariadb(m) => m.conn.password()?,
             Engine::Redis(r) => r.conn.password()?,
             Engine::Sqlite { .. } | Engine::Command { .. } => None,
         }
         .into_iter()
-        .collect();
-        let hook_limits = || Limits {
-            deadline: Instant::now() + self.hook_timeout,
+        .collect())
+    }
+
+    /// `body` between the hooks: `before` first (its failure skips `body`), `after` always
+    /// once `before` was tried; a failing `after` is a warning (the work itself is done).
+    fn with_hooks<T>(
+        &self,
+        cancelled: &(dyn Fn() -> bool + Sync),
+        spool: &crate::spool::Spool,
+        progress: &(dyn Fn(String) + Sync),
+        secrets: &[String],
+        warnings: &mut Vec<String>,
+        body: impl FnOnce(&mut Vec<String>) -> Result<T>,
+    ) -> Result<T> {
+        let hook_limits =
+            |cancelled| Limits { deadline: Instant::now() + self.hook_timeout, spool, cancelled, secrets };
+        let before = match &self.before {
+            Some(argv) => {
+                progress("running the before hook".into());
+                hook("before hook", argv, &hook_limits(cancelled))
+            }
+            None => Ok(()),
+        };
+        let result = before.and_then(|()| body(warnings));
+        if let Some(argv) = &self.after {
+            progress("running the after hook".into());
+            // Not cancelled with the rest: a collector that went away must not leave the service
+            // `before` stopped.
+            if let Err(e) = hook("after hook", argv, &hook_limits(&|| false)) {
+                // The work is done; the operator must still hear that the service may be down.
+                tracing::warn!("{e:#}");
+                warnings.push(format!("{e:#}"));
+            }
+        }
+        result
+    }
+
+    /// Load the dump files spooled in `run.dir` into their databases, then check them.
+    pub fn restore(&self, run: &RestoreRun<'_>) -> Result<Restored> {
+        let secrets = self.secrets()?;
+        let mut warnings = Vec::new();
+        let limits = Limits {
+            deadline: Instant::now() + self.timeout,
             spool: run.spool,
             cancelled: run.cancelled,
             secrets: &secrets,
         };
-        let mut taken = Taken::default();
-        let before = match &self.before {
-            Some(argv) => {
-                (run.progress)("running the before hook".into());
-                hook("before hook", argv, &hook_limits())
-            }
-            None => Ok(()),
-        };
-        let dumped = before.and_then(|()| {
-            let limits = Limits {
-                deadline: Instant::now() + self.timeout,
-                spool: run.spool,
-                cancelled: run.cancelled,
-                secrets: &secrets,
-            };
-            match &self.engine {
-                Engine::Postgres(p) => p.dump(run, &limits, &mut taken.warnings),
-                Engine::Mariadb(m) => m.dump(run, &limits, &mut taken.warnings),
-                Engine::Sqlite { pattern } => sqlite::dump(pattern, run, &limits),
-                Engine::Redis(r) => r.dump(run, &limits),
-                Engine::Command { argv, filename } => command(argv, filename, run, &limits),
-            }
-        });
-        if let Some(argv) = &self.after {
-            (run.progress)("running the after hook".into());
-            if let Err(e) = hook("after hook", argv, &hook_limits()) {
-                // The dump itself is good; the operator must still hear that the service may be down.
-                tracing::warn!("{e:#}");
-                taken.warnings.push(format!("{e:#}"));
-            }
+        let mut checks =
+            self.with_hooks(run.cancelled, run.spool, run.progress, &secrets, &mut warnings, |warnings| {
+                match &self.engine {
+                    Engine::Postgres(p) => p.restore(run, &limits, &self.checks),
+                    Engine::Mariadb(m) => m.restore(run, &limits, &self.checks),
+                    Engine::Sqlite { pattern } => sqlite::restore(pattern, run, &self.checks),
+                    Engine::Redis(r) => r.place(run, self.before.is_some(), warnings),
+                    Engine::Command { restore, .. } => {
+                        let Some(argv) = restore else {
+                            bail!("kind command needs `restore_command` in agent.toml to be restored to the agent");
+                        };
+                        let mut out = Vec::new();
+                        for d in run.dumps {
+                            let mut cmd = Command::new(&argv[0]);
+                            cmd.args(&argv[1..]);
+                            process::run_stdin(
+                                &format!("restore command `{}`", argv[0]),
+                                cmd,
+                                &run.dir.join(&d.path),
+                                &limits,
+                            )?;
+                            out.push(check(&format!("restore command for {}", d.path), true, "exited 0"));
+                        }
+                        Ok(out)
+                    }
+                }
+            })?;
+        // Checks that need the service the after hook started.
+        if let Engine::Redis(r) = &self.engine {
+            checks.extend(r.check_restored(run, &limits));
         }
+        Ok(Restored { checks, warnings })
+    }
+
+    /// Whether a restore of `dumps` could run now, and what it would replace.
+    pub fn readiness(
+        &self,
+        dumps: &[DumpInfo],
+        clean: bool,
+        force: bool,
+        etc: &Path,
+        restore_root: Option<&Path>,
+    ) -> Readiness {
+        let mut r = Readiness::default();
+        let secrets = match self.secrets() {
+            Ok(s) => s,
+            Err(e) => {
+                r.problems.push(format!("{e:#}"));
+                return r;
+            }
+        };
+        let spool = crate::spool::Spool { dir: etc.to_path_buf(), max_bytes: u64::MAX };
+        let never = || false;
+        let limits = Limits {
+            deadline: Instant::now() + Duration::from_secs(60),
+            spool: &spool,
+            cancelled: &never,
+            secrets: &secrets,
+        };
+        let result = match &self.engine {
+            Engine::Postgres(p) => p.readiness(dumps, clean, force, etc, &limits, &mut r),
+            Engine::Mariadb(m) => m.readiness(dumps, clean, force, etc, &limits, &mut r),
+            Engine::Sqlite { pattern } => sqlite::readiness(pattern, dumps, restore_root, &mut r),
+            Engine::Redis(rd) => {
+                match &rd.rdb_path {
+                    Some(p) => {
+                        r.targets.push(p.display().to_string());
+                        if p.exists() {
+                            r.overwrites.push(format!("{} (replaced between the hooks)", p.display()));
+                        }
+                    }
+                    None => {
+                        r.problems.push("kind redis needs `rdb_path` in agent.toml to be restored to the agent".into())
+                    }
+                }
+                Ok(())
+            }
+            Engine::Command { restore, .. } => {
+                match restore {
+                    Some(argv) => r.targets.push(format!("the standard input of `{}`", argv.join(" "))),
+                    None => r
+                        .problems
+                        .push("kind command needs `restore_command` in agent.toml to be restored to the agent".into()),
+                }
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            r.problems.push(format!("{e:#}"));
+        }
+        r
+    }
+
+    /// Take the dumps: hooks around them, then size and BLAKE3 of each file.
+    pub fn take(&self, run: &Run<'_>) -> Result<Taken> {
+        let secrets = self.secrets()?;
+        let mut taken = Taken::default();
+        let dumped =
+            self.with_hooks(run.cancelled, run.spool, run.progress, &secrets, &mut taken.warnings, |warnings| {
+                let limits = Limits {
+                    deadline: Instant::now() + self.timeout,
+                    spool: run.spool,
+                    cancelled: run.cancelled,
+                    secrets: &secrets,
+                };
+                match &self.engine {
+                    Engine::Postgres(p) => p.dump(run, &limits, warnings),
+                    Engine::Mariadb(m) => m.dump(run, &limits, warnings),
+                    Engine::Sqlite { pattern } => sqlite::dump(pattern, run, &limits, warnings),
+                    Engine::Redis(r) => r.dump(run, &limits),
+                    Engine::Command { argv, filename, .. } => command(argv, filename, run, &limits),
+                }
+            });
         taken.dumps = dumped?;
         for d in &mut taken.dumps {
             let (size, hash) = size_and_hash(&run.out.join(&d.path))?;
@@ -228,6 +352,105 @@ impl DumpSpec {
         }
         Ok(taken)
     }
+}
+
+/// What a restore of dumps needs from its caller.
+pub struct RestoreRun<'a> {
+    /// The dump files, spooled and verified.
+    pub dir: &'a Path,
+    /// Credentials files go here.
+    pub etc: &'a Path,
+    pub spool: &'a crate::spool::Spool,
+    pub cancelled: &'a (dyn Fn() -> bool + Sync),
+    pub progress: &'a (dyn Fn(String) + Sync),
+    pub dumps: &'a [DumpInfo],
+    /// Replace what a non-empty database holds (pg_restore --clean, DROP DATABASE).
+    pub clean: bool,
+    /// Load into a non-empty database as it is.
+    pub force: bool,
+    pub restore_root: Option<&'a Path>,
+}
+
+/// The outcome of a restore of dumps.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub checks: Vec<CheckResult>,
+    pub warnings: Vec<String>,
+}
+
+/// Whether a restore could run now.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pub targets: Vec<String>,
+    pub overwrites: Vec<String>,
+    pub problems: Vec<String>,
+}
+
+pub fn check(name: &str, ok: bool, detail: &str) -> CheckResult {
+    CheckResult { name: name.to_string(), ok, detail: detail.to_string() }
+}
+
+/// Compare a restored database's row counts with those recorded at the dump. Counts that were
+/// not taken in the dump's own snapshot may differ a little; those differences are noted, not
+/// failed.
+fn row_check(what: &str, recorded: &[TableRows], exact: bool, count: impl Fn(&str) -> Result<u64>) -> CheckResult {
+    let mut off = Vec::new();
+    for t in recorded {
+        match count(&t.name) {
+            Ok(n) if n == t.rows => {}
+            Ok(n) => off.push(format!("{}: {n} rows, {} at the dump", t.name, t.rows)),
+            Err(e) => off.push(format!("{}: {e:#}", t.name)),
+        }
+    }
+    let name = format!("row counts of {what}");
+    if off.is_empty() {
+        check(&name, true, &format!("{} tables match the dump's metadata", recorded.len()))
+    } else {
+        check(&name, !exact, &off.join("; "))
+    }
+}
+
+/// Run the configured SQL checks; each must answer true.
+fn sql_checks(what: &str, checks: &[String], query: impl Fn(&str) -> Result<String>) -> Vec<CheckResult> {
+    checks
+        .iter()
+        .map(|sql| {
+            let name = format!("{what}: {sql}");
+            match query(sql) {
+                Ok(a) => {
+                    let a = a.trim();
+                    check(
+                        &name,
+                        ["t", "true", "1"].contains(&a.to_ascii_lowercase().as_str()),
+                        &format!("answered {a:?}"),
+                    )
+                }
+                Err(e) => check(&name, false, &format!("{e:#}")),
+            }
+        })
+        .collect()
+}
+
+/// Put `src` at `dst` through a temporary name in `dst`'s directory, keeping the owner and mode
+/// of the file it replaces (or of its directory, for the owner, when there is none).
+fn place_file(src: &Path, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = dst.parent().ok_or_else(|| anyhow!("{} has no directory", dst.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(format!(".magpie-restore-{}", dst.file_name().unwrap_or_default().to_string_lossy()));
+    std::fs::copy(src, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let result = (|| {
+        let like = std::fs::metadata(dst).or_else(|_| std::fs::metadata(dir))?;
+        std::os::unix::fs::chown(&tmp, Some(like.uid()), Some(like.gid()))?;
+        let mode = if like.is_dir() { 0o600 } else { like.mode() & 0o7777 };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dst)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("cannot put the restored file at {}", dst.display()))
 }
 
 fn hook(what: &str, argv: &[String], limits: &Limits<'_>) -> Result<()> {

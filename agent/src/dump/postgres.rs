@@ -8,16 +8,16 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use magpie_proto::v1::{DumpInfo, TableRows};
+use magpie_proto::v1::{CheckResult, DumpInfo, TableRows};
 
 use super::process::{self, Limits, Output};
-use super::{Conn, Run, file_name, now_ns, tool_version, version_token};
+use super::{Conn, Readiness, RestoreRun, Run, file_name, now_ns, row_check, sql_checks, tool_version, version_token};
 
 #[derive(Debug)]
 pub struct Postgres {
@@ -30,14 +30,24 @@ pub struct Postgres {
 }
 
 const END: &str = "__magpie_end__";
+/// Where cluster-wide questions go: every cluster has it, and a database being restored may
+/// not exist yet.
+const MAINTENANCE_DB: &str = "postgres";
 
 impl Postgres {
+    fn program(&self, name: &str) -> PathBuf {
+        self.bin_dir.as_ref().map(|d| d.join(name)).unwrap_or_else(|| name.into())
+    }
+
+    /// A client tool with the connection settings in its environment.
     fn tool(&self, name: &str, pgpass: &Option<PathBuf>) -> Command {
-        let mut cmd = Command::new(self.bin_dir.as_ref().map(|d| d.join(name)).unwrap_or_else(|| name.into()));
+        let mut cmd = Command::new(self.program(name));
         for v in ["PGPASSWORD", "PGDATABASE", "PGSERVICE", "PGOPTIONS"] {
             cmd.env_remove(v);
         }
         cmd.env("PGCONNECT_TIMEOUT", "10").env("PGAPPNAME", "magpie-agent");
+        // Never prompt for a password (a missing one is an error, not a wait on a terminal).
+        cmd.arg("-w");
         if let Some(h) = &self.conn.host {
             cmd.env("PGHOST", h);
         }
@@ -57,8 +67,8 @@ impl Postgres {
 
     pub fn dump(&self, run: &Run<'_>, limits: &Limits<'_>, warnings: &mut Vec<String>) -> Result<Vec<DumpInfo>> {
         let server = format!("PostgreSQL at {}", self.conn.describe(5432));
-        let pgpass = self.pgpass(run)?;
-        let maintenance_db = self.databases.as_ref().map(|d| d[0].as_str()).unwrap_or("postgres");
+        let pgpass = self.pgpass(run.etc)?;
+        let maintenance_db = MAINTENANCE_DB;
         let maintenance = conninfo(maintenance_db);
 
         // Versions first: a pg_dump older than the server cannot dump it correctly.
@@ -71,7 +81,7 @@ impl Postgres {
         let num: u32 =
             lines.next().and_then(|l| l.trim().parse().ok()).ok_or_else(|| anyhow!("{server}: no version"))?;
         let server_version = lines.next().unwrap_or_default().trim().to_string();
-        let tool = tool_version(self.tool("pg_dump", &pgpass), limits)?;
+        let tool = tool_version(Command::new(self.program("pg_dump")), limits)?;
         let tool_major: u32 = version_token(&tool)
             .and_then(|v| v.split('.').next()?.parse().ok())
             .ok_or_else(|| anyhow!("cannot read pg_dump's version from {tool:?}"))?;
@@ -87,9 +97,9 @@ impl Postgres {
             None => {
                 let mut q = self.tool("psql", &pgpass);
                 q.args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-d", &maintenance, "-c"])
-                    .arg("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1");
+                    .arg("SELECT encode(convert_to(datname, 'UTF8'), 'hex') FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY datname");
                 let out = process::run(&format!("listing the databases of {server}"), q, Output::Capture, limits)?;
-                String::from_utf8_lossy(&out).lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
+                String::from_utf8_lossy(&out).lines().filter(|l| !l.is_empty()).map(unhex).collect::<Result<_>>()?
             }
         };
 
@@ -139,11 +149,11 @@ impl Postgres {
     }
 
     /// The password as a pgpass file in the private `etc/` directory.
-    fn pgpass(&self, run: &Run<'_>) -> Result<Option<PathBuf>> {
+    fn pgpass(&self, etc: &Path) -> Result<Option<PathBuf>> {
         let Some(pw) = self.conn.password()? else { return Ok(None) };
         let escaped = pw.replace('\\', "\\\\").replace(':', "\\:");
-        let p = run.etc.join("pgpass");
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p)?;
+        let p = etc.join("pgpass");
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&p)?;
         writeln!(f, "*:*:*:*:{escaped}")?;
         Ok(Some(p))
     }
@@ -191,29 +201,169 @@ impl Postgres {
 
     /// Tables and their rows in the session's snapshot: `count(*)` each, or the planner's estimate.
     fn count(&self, session: &mut Psql, limits: &Limits<'_>) -> Result<Vec<TableRows>> {
-        let tables = "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+        // Names travel hex-encoded: a newline or '|' in a name must not break the answer.
+        let listed = session.query(
+            "SELECT encode(convert_to(n.nspname, 'UTF8'), 'hex') || '|' || encode(convert_to(c.relname, 'UTF8'), 'hex') \
+             || '|' || greatest(c.reltuples, 0)::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-             AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1";
-        let rows = if self.exact {
-            let queries =
-                session.query(&format!("SELECT format('SELECT %L, count(*) FROM %I.%I', n.nspname || '.' || c.relname, n.nspname, c.relname) {tables};"), limits)?;
-            let mut rows = Vec::new();
-            for batch in queries.chunks(200) {
-                rows.extend(session.query(&format!("{};", batch.join(" UNION ALL ")), limits)?);
+             AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1;",
+            limits,
+        )?;
+        let mut tables = Vec::new();
+        let mut idents = Vec::new();
+        for line in &listed {
+            let parts: Vec<&str> = line.split('|').collect();
+            let [schema, name, estimate] = parts.as_slice() else { bail!("unexpected psql output {line:?}") };
+            let (schema, name) = (unhex(schema)?, unhex(name)?);
+            idents.push(format!("{}.{}", ident(&schema), ident(&name)));
+            tables
+                .push(TableRows { name: format!("{schema}.{name}"), rows: estimate.parse().context("row estimate")? });
+        }
+        if self.exact {
+            for (b, batch) in idents.chunks(200).enumerate() {
+                let q: Vec<String> = batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| format!("SELECT {}, count(*) FROM {t}", b * 200 + i))
+                    .collect();
+                for line in session.query(&format!("{};", q.join(" UNION ALL ")), limits)? {
+                    let (i, n) = line.split_once('|').ok_or_else(|| anyhow!("unexpected psql output {line:?}"))?;
+                    let i: usize = i.parse().context("table index")?;
+                    tables.get_mut(i).ok_or_else(|| anyhow!("psql answered for table {i}"))?.rows =
+                        n.parse().context("row count")?;
+                }
             }
-            rows
-        } else {
-            session.query(
-                &format!("SELECT n.nspname || '.' || c.relname, greatest(c.reltuples, 0)::bigint {tables};"),
-                limits,
-            )?
-        };
-        rows.iter()
-            .map(|line| {
-                let (name, n) = line.rsplit_once('|').ok_or_else(|| anyhow!("unexpected psql output {line:?}"))?;
-                Ok(TableRows { name: name.to_string(), rows: n.parse().context("row count")? })
-            })
-            .collect()
+        }
+        Ok(tables)
+    }
+}
+
+fn unhex(h: &str) -> Result<String> {
+    Ok(String::from_utf8_lossy(&hex::decode(h.trim()).context("a name in hex")?).into_owned())
+}
+
+/// A quoted identifier.
+fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Tables in the user's schemas, for "is this database empty".
+const USER_TABLES: &str = "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+     AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
+
+impl Postgres {
+    fn psql(&self, pgpass: &Option<PathBuf>, db: &str, sql: &str, limits: &Limits<'_>) -> Result<String> {
+        let mut q = self.tool("psql", pgpass);
+        q.args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-d", &conninfo(db), "-c", sql]);
+        let out = process::run(&format!("psql on database {db}"), q, Output::Capture, limits)?;
+        Ok(String::from_utf8_lossy(&out).trim().to_string())
+    }
+
+    /// None: no such database; else its number of tables.
+    fn db_tables(&self, pgpass: &Option<PathBuf>, db: &str, limits: &Limits<'_>) -> Result<Option<u64>> {
+        let exists = self.psql(
+            pgpass,
+            MAINTENANCE_DB,
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{}'", db.replace('\'', "''")),
+            limits,
+        )?;
+        if exists == "0" {
+            return Ok(None);
+        }
+        Ok(Some(self.psql(pgpass, db, USER_TABLES, limits)?.parse().context("table count")?))
+    }
+
+    pub fn readiness(
+        &self,
+        dumps: &[DumpInfo],
+        clean: bool,
+        force: bool,
+        etc: &Path,
+        limits: &Limits<'_>,
+        r: &mut Readiness,
+    ) -> Result<()> {
+        let pgpass = self.pgpass(etc)?;
+        let server = format!("PostgreSQL at {}", self.conn.describe(5432));
+        let num: u32 = self
+            .psql(&pgpass, MAINTENANCE_DB, "SHOW server_version_num", limits)
+            .with_context(|| format!("connecting to {server}"))?
+            .parse()
+            .context("server version")?;
+        for d in dumps {
+            let dumped: Option<u32> = d.server_version.split(['.', ' ']).next().and_then(|m| m.parse().ok());
+            if let Some(m) = dumped
+                && m > num / 10000
+            {
+                r.problems.push(format!(
+                    "{server} is version {}, older than the dump of {} ({})",
+                    num / 10000,
+                    d.path,
+                    d.server_version
+                ));
+            }
+            if d.kind != "postgres" {
+                continue;
+            }
+            r.targets.push(format!("database {} on {server}", d.database));
+            match self.db_tables(&pgpass, &d.database, limits)? {
+                None => {}
+                Some(0) => r.overwrites.push(format!("database {} exists and is empty", d.database)),
+                Some(n) if clean => r.overwrites.push(format!("database {}: its {n} tables are replaced (--clean)", d.database)),
+                Some(n) if force => r.overwrites.push(format!("database {}: loaded into its {n} tables (--force)", d.database)),
+                Some(n) => r.problems.push(format!(
+                    "database {} is not empty ({n} tables): restore with --clean to replace what the dump holds, or --force to load into it as it is",
+                    d.database
+                )),
+            }
+        }
+        Ok(())
+    }
+
+    /// Globals first, then each database: created when missing, refused when not empty unless
+    /// --clean or --force, loaded with `pg_restore -j`, then checked.
+    pub fn restore(&self, run: &RestoreRun<'_>, limits: &Limits<'_>, extra: &[String]) -> Result<Vec<CheckResult>> {
+        let pgpass = self.pgpass(run.etc)?;
+        let mut checks = Vec::new();
+        if let Some(g) = run.dumps.iter().find(|d| d.kind == "postgres-globals") {
+            (run.progress)("restoring roles and tablespaces".into());
+            // Roles that exist already (postgres itself) make errors that are not failures.
+            let mut cmd = self.tool("psql", &pgpass);
+            cmd.args(["-Xq", "-d", &conninfo(MAINTENANCE_DB), "-f"]).arg(run.dir.join(&g.path));
+            process::run("psql -f globals.sql", cmd, Output::Capture, limits)?;
+        }
+        for d in run.dumps.iter().filter(|d| d.kind == "postgres") {
+            let db = &d.database;
+            (run.progress)(format!("restoring database {db}"));
+            let quoted = ident(db);
+            let mut clean = false;
+            match self.db_tables(&pgpass, db, limits)? {
+                None => {
+                    self.psql(&pgpass, MAINTENANCE_DB, &format!("CREATE DATABASE {quoted}"), limits)?;
+                }
+                Some(0) => {}
+                Some(_) if run.clean => clean = true,
+                Some(_) if run.force => {}
+                Some(n) => bail!(
+                    "database {db} is not empty ({n} tables): restore with --clean to replace what the dump holds, or --force to load into it as it is"
+                ),
+            }
+            let mut cmd = self.tool("pg_restore", &pgpass);
+            cmd.args(["-j", "2", "--exit-on-error", "-d", &conninfo(db)]);
+            if clean {
+                cmd.args(["--clean", "--if-exists"]);
+            }
+            cmd.arg(run.dir.join(&d.path));
+            process::run(&format!("pg_restore of database {db}"), cmd, Output::Capture, limits)?;
+            checks.push(row_check(&format!("database {db}"), &d.tables, d.rows_exact, |table| {
+                let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+                self.psql(&pgpass, db, &format!("SELECT count(*) FROM {}.{}", ident(schema), ident(name)), limits)?
+                    .parse()
+                    .context("row count")
+            }));
+            checks.extend(sql_checks(&format!("database {db}"), extra, |sql| self.psql(&pgpass, db, sql, limits)));
+        }
+        Ok(checks)
     }
 }
 

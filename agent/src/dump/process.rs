@@ -47,8 +47,18 @@ pub enum Output<'p> {
 
 /// Run `cmd` to completion within `limits`; returns the captured stdout (empty for a file).
 /// A non-zero exit is an error carrying the end of the tool's stderr.
-pub fn run(what: &str, mut cmd: Command, out: Output<'_>, limits: &Limits<'_>) -> Result<Vec<u8>> {
-    cmd.stdin(Stdio::null()).stderr(Stdio::piped()).process_group(0);
+pub fn run(what: &str, cmd: Command, out: Output<'_>, limits: &Limits<'_>) -> Result<Vec<u8>> {
+    run_with(what, cmd, Stdio::null(), out, limits)
+}
+
+/// The same, with the file `input` as the tool's standard input (a dump to load).
+pub fn run_stdin(what: &str, cmd: Command, input: &Path, limits: &Limits<'_>) -> Result<Vec<u8>> {
+    let f = std::fs::File::open(input).map_err(|e| anyhow!("{what}: cannot open {}: {e}", input.display()))?;
+    run_with(what, cmd, Stdio::from(f), Output::Capture, limits)
+}
+
+fn run_with(what: &str, mut cmd: Command, stdin: Stdio, out: Output<'_>, limits: &Limits<'_>) -> Result<Vec<u8>> {
+    cmd.stdin(stdin).stderr(Stdio::piped()).process_group(0);
     match out {
         Output::File(p) => {
             let f = std::fs::OpenOptions::new()
@@ -68,11 +78,16 @@ pub fn run(what: &str, mut cmd: Command, out: Output<'_>, limits: &Limits<'_>) -
         std::io::ErrorKind::NotFound => anyhow!("{what}: `{program}` not found: install it or give its directory"),
         _ => anyhow!("{what}: cannot start `{program}`: {e}"),
     })?;
-    let stderr = child.stderr.take().map(|s| std::thread::spawn(move || tail(s, STDERR_TAIL)));
-    let stdout = child.stdout.take().map(|s| std::thread::spawn(move || head(s, STDOUT_MAX)));
+    let stderr = child.stderr.take().map(|s| reader(move || tail(s, STDERR_TAIL)));
+    let stdout = child.stdout.take().map(|s| reader(move || head(s, STDOUT_MAX)));
     let status = watch(&mut child, limits);
-    let err_text = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
-    let captured = stdout.and_then(|h| h.join().ok()).unwrap_or_default();
+    // A child the tool left behind (a daemon a hook started) may hold the pipes open: wait
+    // for the readers a little, not forever.
+    let collect = |r: Option<std::sync::mpsc::Receiver<Vec<u8>>>| {
+        r.and_then(|r| r.recv_timeout(Duration::from_secs(2)).ok()).unwrap_or_default()
+    };
+    let err_text = collect(stderr);
+    let captured = collect(stdout);
     let status = status.map_err(|why| anyhow!("{what}: {why}"))?;
     // A fast tool can fill the spool between two measurements.
     if let Some(why) = spool_full(limits) {
@@ -133,6 +148,15 @@ pub fn kill_group(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Run `read` on a thread of its own; its result arrives on the channel.
+fn reader(read: impl FnOnce() -> Vec<u8> + Send + 'static) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read());
+    });
+    rx
 }
 
 /// The last `max` bytes of a stream.

@@ -7,19 +7,26 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use magpie_proto::v1::{DumpInfo, TableRows};
+use magpie_proto::v1::{CheckResult, DumpInfo, TableRows};
 use rusqlite::backup::StepResult;
 use rusqlite::{Connection, OpenFlags};
 
 use super::process::Limits;
-use super::{Run, now_ns};
+use super::{Readiness, RestoreRun, Run, check, now_ns, place_file, row_check, sql_checks};
 
-pub fn dump(pattern: &str, run: &Run<'_>, limits: &Limits<'_>) -> Result<Vec<DumpInfo>> {
-    let mut files: Vec<_> = glob::glob(pattern)
-        .with_context(|| format!("path {pattern:?}"))?
-        .filter_map(|p| p.ok())
-        .filter(|p| p.is_file())
-        .collect();
+pub fn dump(pattern: &str, run: &Run<'_>, limits: &Limits<'_>, warnings: &mut Vec<String>) -> Result<Vec<DumpInfo>> {
+    let mut files = Vec::new();
+    for p in glob::glob(pattern).with_context(|| format!("path {pattern:?}"))?.filter_map(|p| p.ok()) {
+        // A symlink (the file or a directory on its way) could point anywhere on the server:
+        // whoever can write next to a database must not make the agent read another file.
+        let plain =
+            std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) && std::fs::canonicalize(&p).is_ok_and(|c| c == p);
+        if plain {
+            files.push(p);
+        } else if std::fs::symlink_metadata(&p).is_ok_and(|m| !m.is_dir()) {
+            warnings.push(format!("{} skipped: it is a symlink or lies below one", p.display()));
+        }
+    }
     files.sort();
     if files.is_empty() {
         bail!("no SQLite database matches {pattern}");
@@ -40,9 +47,6 @@ pub fn dump(pattern: &str, run: &Run<'_>, limits: &Limits<'_>) -> Result<Vec<Dum
             std::fs::create_dir_all(parent)?;
         }
         let tables = copy(&src, &dst, limits).with_context(|| format!("SQLite database {}", src.display()))?;
-        if let Some(why) = super::process::spool_full(limits) {
-            bail!("{why}");
-        }
         dumps.push(DumpInfo {
             path: rel,
             kind: "sqlite".into(),
@@ -62,7 +66,24 @@ pub fn dump(pattern: &str, run: &Run<'_>, limits: &Limits<'_>) -> Result<Vec<Dum
 
 /// Copy `src` to `dst` and check the copy; returns its tables and their rows.
 fn copy(src: &Path, dst: &Path, limits: &Limits<'_>) -> Result<Vec<TableRows>> {
-    let source = Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    let source = Connection::open_with_flags(
+        src,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW,
+    )?;
+    // One step copies the whole database and cannot be stopped half-way: check the room first.
+    let size: i64 =
+        source.query_row("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()", [], |r| {
+            r.get(0)
+        })?;
+    let room = limits.spool.max_bytes.saturating_sub(limits.spool.usage());
+    if size as u64 > room {
+        bail!(
+            "{} bytes do not fit in the spool ({} of spool.max_bytes left in {}): raise it or free space",
+            size,
+            room,
+            limits.spool.dir.display()
+        );
+    }
     // A writer holding its lock (rollback-journal mode) is waited for, not failed on.
     source.busy_timeout(Duration::from_secs(60))?;
     let mut copy = Connection::open(dst)?;
@@ -101,4 +122,81 @@ fn copy(src: &Path, dst: &Path, limits: &Limits<'_>) -> Result<Vec<TableRows>> {
         tables.push(TableRows { name, rows: rows as u64 });
     }
     Ok(tables)
+}
+
+/// Where a dump of `d` goes back: its original file (which must match the source's pattern: a
+/// snapshot cannot name any other file), or the same path below `restore_root`.
+fn target(pattern: &str, d: &DumpInfo, restore_root: Option<&Path>) -> Result<std::path::PathBuf> {
+    let original = Path::new(&d.database);
+    let plain = original.is_absolute()
+        && original.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
+    if !plain || !glob::Pattern::new(pattern)?.matches_path(original) {
+        bail!("refused: {} is not a database of this source (path = {pattern:?})", d.database);
+    }
+    Ok(match restore_root {
+        Some(root) => root.join(original.strip_prefix("/").expect("absolute")),
+        None => original.to_path_buf(),
+    })
+}
+
+pub fn readiness(pattern: &str, dumps: &[DumpInfo], restore_root: Option<&Path>, r: &mut Readiness) -> Result<()> {
+    for d in dumps {
+        let t = target(pattern, d, restore_root)?;
+        if t.exists() {
+            r.overwrites.push(format!("{} (replaced whole; its -wal and -shm removed)", t.display()));
+        }
+        r.targets.push(t.display().to_string());
+    }
+    Ok(())
+}
+
+/// Each database checked as a new file next to its target, then renamed over it (after its
+/// old `-wal` and `-shm` are removed: SQLite would otherwise replay the old log into it).
+pub fn restore(pattern: &str, run: &RestoreRun<'_>, extra: &[String]) -> Result<Vec<CheckResult>> {
+    let mut checks = Vec::new();
+    for d in run.dumps {
+        let dst = target(pattern, d, run.restore_root)?;
+        (run.progress)(format!("restoring {}", dst.display()));
+        let src = run.dir.join(&d.path);
+        let verdict = integrity(&src)?;
+        if verdict != "ok" {
+            bail!("the restored copy of {} fails integrity_check: {verdict}", d.database);
+        }
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let mut side = dst.clone().into_os_string();
+            side.push(suffix);
+            match std::fs::remove_file(&side) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("cannot remove {}", Path::new(&side).display()));
+                }
+                _ => {}
+            }
+        }
+        place_file(&src, &dst)?;
+        let db = Connection::open_with_flags(&dst, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let what = dst.display().to_string();
+        let placed = integrity(&dst)?;
+        checks.push(check(&format!("integrity of {what}"), placed == "ok", &placed));
+        checks.push(row_check(&what, &d.tables, d.rows_exact, |table| {
+            let n: i64 =
+                db.query_row(&format!("SELECT count(*) FROM \"{}\"", table.replace('"', "\"\"")), [], |r| r.get(0))?;
+            Ok(n as u64)
+        }));
+        checks.extend(sql_checks(&what, extra, |sql| {
+            let v: rusqlite::types::Value = db.query_row(sql, [], |r| r.get(0))?;
+            Ok(match v {
+                rusqlite::types::Value::Integer(i) => i.to_string(),
+                rusqlite::types::Value::Text(t) => t,
+                other => format!("{other:?}"),
+            })
+        }));
+    }
+    Ok(checks)
+}
+
+fn integrity(p: &Path) -> Result<String> {
+    let db = Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let verdict: Vec<String> =
+        db.prepare("PRAGMA integrity_check")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    Ok(verdict.join("; "))
 }
