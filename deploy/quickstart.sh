@@ -39,6 +39,8 @@ name = "$(basename "$folder")"
 kind = "path"
 roots = ["$folder"]
 role = "config"
+[spool]
+dir = "$demo/spool"
 T
 cat > "$demo/collector.toml" <<T
 repository = "$demo/repo"

@@ -202,30 +202,38 @@ fn verify_dump_files(dumps: &[magpie_proto::v1::DumpInfo], entries: &[Entry], re
     Ok(())
 }
 
-/// Refuse a dump far smaller than the previous dump of the same file.
+/// Refuse a dump far smaller than the previous dump of the same file, or a dump file the
+/// previous snapshot had and this one lacks (a database or SQLite store gone).
 fn check_dump_sizes(
     dumps: &[magpie_proto::v1::DumpInfo],
     previous: Option<&Snapshot>,
     policy: DumpPolicy,
 ) -> Result<()> {
     let Some(prev) = previous else { return Ok(()) };
-    for d in dumps {
-        let Some(p) = prev.dumps.iter().find(|p| p.path == d.path) else { continue };
-        if (d.size as f64) < policy.min_ratio * p.size as f64 {
-            let share = 100.0 * d.size as f64 / p.size.max(1) as f64;
-            if policy.accept_small {
-                tracing::warn!("dump {} is {share:.0}% of the previous one; accepted as asked", d.path);
-                continue;
-            }
-            bail!(
-                "dump {} is {} bytes, {share:.0}% of the previous one ({} bytes): if that is expected, pull again with --accept-small-dumps (or lower dump_min_ratio)",
+    let mut trouble = Vec::new();
+    for p in &prev.dumps {
+        match dumps.iter().find(|d| d.path == p.path) {
+            None => trouble.push(format!("dump {} of the previous snapshot is missing", p.path)),
+            Some(d) if (d.size as f64) < policy.min_ratio * p.size as f64 => trouble.push(format!(
+                "dump {} is {} bytes, {:.0}% of the previous one ({} bytes)",
                 d.path,
                 d.size,
+                100.0 * d.size as f64 / p.size.max(1) as f64,
                 p.size
-            );
+            )),
+            Some(_) => {}
         }
     }
-    Ok(())
+    if trouble.is_empty() {
+        return Ok(());
+    }
+    if policy.accept_small {
+        for t in &trouble {
+            tracing::warn!("{t}; accepted as asked");
+        }
+        return Ok(());
+    }
+    bail!("{}: if that is expected, pull again with --accept-small-dumps (or lower dump_min_ratio)", trouble.join("; "))
 }
 
 /// The repository's record of a dump (the wire's message, field by field).
@@ -311,6 +319,12 @@ fn pull_source(
 
     // 0. A dump source's dumps, spooled on the agent while this pull holds their session.
     let dump = if info.dump { Some(rt.block_on(take_dump(&mut client, agent, &info.name))?) } else { None };
+    let previous = previous_snapshot(repo, &agent.name, &info.name)?;
+    // A dump far smaller than the last one (or missing) is more likely broken than a database
+    // that shrank: refuse it before it costs a transfer.
+    if let Some(d) = &dump {
+        check_dump_sizes(&d.ready.dumps, previous.as_ref().map(|(_, s)| s), job.dumps)?;
+    }
     let remote = Remote { name: &info.name, session: dump.as_ref().map_or("", |d| d.ready.session.as_str()) };
 
     // 1. The listing.
@@ -339,7 +353,6 @@ fn pull_source(
     let tree = DirTree::from_entries(&entries, &mut warnings);
 
     // 2. The files cache: the previous snapshot of this source.
-    let previous = previous_snapshot(repo, &agent.name, &info.name)?;
     let prev_files: HashMap<Vec<u8>, Node> = match &previous {
         Some((_, s)) => {
             let mut m = HashMap::new();
@@ -520,10 +533,9 @@ fn pull_source(
         Ok((root, stats, index, stale))
     })?;
 
-    // 6. A dump far smaller than the last one is more likely broken than a database that shrank.
+    // 6. The dumps' metadata goes into the snapshot.
     let dumps = match &dump {
         Some(d) => {
-            check_dump_sizes(&d.ready.dumps, previous.as_ref().map(|(_, s)| s), job.dumps)?;
             warnings.extend(d.ready.warnings.iter().map(|w| format!("dump: {w}")));
             d.ready.dumps.iter().map(dump_info).collect()
         }

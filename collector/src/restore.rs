@@ -180,7 +180,7 @@ pub fn run(mut repo: Repository, cfg: Option<&CollectorConfig>, a: &RestoreArgs)
     }
 
     let plan = std::mem::take(&mut report.plan);
-    let mut failed = false;
+    let (mut failed, mut corrupt) = (false, false);
     for role in &order {
         let items: Vec<&PlanItem> = plan.iter().filter(|p| &p.group == role).collect();
         if items.is_empty() {
@@ -213,6 +213,7 @@ pub fn run(mut repo: Repository, cfg: Option<&CollectorConfig>, a: &RestoreArgs)
             };
             r.finished = now_secs();
             if let Err(e) = result {
+                corrupt |= e.chain().any(|c| matches!(c.downcast_ref(), Some(repo_format::Error::Corrupt { .. })));
                 r.error = Some(format!("{e:#}"));
             }
             let ok = r.error.is_none() && r.checks.iter().all(|c| c.ok);
@@ -242,7 +243,14 @@ pub fn run(mut repo: Repository, cfg: Option<&CollectorConfig>, a: &RestoreArgs)
             println!("not restored: {}", report.not_restored.join(", "));
         }
     }
-    Ok(if failed { exit::SOURCES_FAILED } else { exit::OK })
+    Ok(if corrupt {
+        // The repository itself is damaged: say so, as every other command does.
+        exit::CORRUPT
+    } else if failed {
+        exit::SOURCES_FAILED
+    } else {
+        exit::OK
+    })
 }
 
 fn now_secs() -> f64 {

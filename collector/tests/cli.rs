@@ -75,8 +75,10 @@ fn init_import_list_ls_restore_check() {
     assert!(ls.contains("link -> etc/nginx/nginx.conf"), "{ls}");
     let target = e.path("restored");
     e.ok(&["restore", "latest", "--target-dir", target.to_str().unwrap()]);
-    assert_eq!(fs::read(target.join("blob.bin")).unwrap(), fs::read(src.join("blob.bin")).unwrap());
-    assert_eq!(fs::read_link(target.join("link")).unwrap(), Path::new("etc/nginx/nginx.conf"));
+    // Into DIR/AGENT/SOURCE.
+    let restored = target.join("main/www");
+    assert_eq!(fs::read(restored.join("blob.bin")).unwrap(), fs::read(src.join("blob.bin")).unwrap());
+    assert_eq!(fs::read_link(restored.join("link")).unwrap(), Path::new("etc/nginx/nginx.conf"));
     let check = e.ok(&["check", "--verify-data"]);
     assert!(check.contains("no damage"), "{check}");
     let j: serde_json::Value = serde_json::from_str(&e.ok(&["check", "--json"])).unwrap();

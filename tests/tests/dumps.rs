@@ -129,7 +129,25 @@ fn postgres_dump_under_pgbench_load_restores_consistent_with_exact_counts() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let before = history();
+    // Every command line on the machine, watched while the dump runs.
+    let (watching, leaks) = (Arc::new(AtomicBool::new(true)), Arc::new(std::sync::Mutex::new(Vec::new())));
+    let watcher = {
+        let (watching, leaks) = (watching.clone(), leaks.clone());
+        std::thread::spawn(move || {
+            while watching.load(Ordering::Relaxed) {
+                for p in fs::read_dir("/proc").unwrap().flatten() {
+                    if let Ok(c) = fs::read(p.path().join("cmdline"))
+                        && String::from_utf8_lossy(&c).contains(PG_PASSWORD)
+                    {
+                        leaks.lock().unwrap().push(String::from_utf8_lossy(&c).replace('\0', " "));
+                    }
+                }
+            }
+        })
+    };
     let summary = s.pull("pg", &[]).expect("pull under load");
+    watching.store(false, Ordering::Relaxed);
+    watcher.join().unwrap();
     let after = history();
     let _ = load.kill();
     let _ = load.wait();
@@ -185,10 +203,13 @@ fn postgres_dump_under_pgbench_load_restores_consistent_with_exact_counts() {
     assert_eq!(s.snapshot_count(), count);
     s.assert_spool_empty();
     let log = s.agent.log();
+    let repo = s.collector.repo();
+    let everything: String = repo.snapshots().unwrap().iter().map(|(_, snap)| format!("{snap:?}")).collect();
     for secret in [PG_PASSWORD, "not-the-Password-991"] {
         assert!(!err.contains(secret) && !log.contains(secret), "{secret} leaked");
-        assert!(!format!("{snap:?}").contains(secret));
+        assert!(!everything.contains(secret), "{secret} in the repository's metadata");
     }
+    assert!(leaks.lock().unwrap().is_empty(), "password in a command line: {:?}", leaks.lock().unwrap());
 }
 
 /// A WAL-mode database with an invariant the writer keeps: the balances always sum to 10 000
@@ -232,6 +253,11 @@ fn sqlite_glob_copies_each_store_consistently_under_a_writer() {
     let quiet = rusqlite::Connection::open(actors.join("bob/store.sqlite")).unwrap();
     quiet.execute_batch("CREATE TABLE posts (id INTEGER PRIMARY KEY, body TEXT); INSERT INTO posts (body) VALUES ('a'), ('b'), ('c');").unwrap();
     drop(quiet);
+    // Someone who can write beside the stores plants a link to another database.
+    let elsewhere = tmp.path().join("not-a-store.sqlite");
+    rusqlite::Connection::open(&elsewhere).unwrap().execute_batch("CREATE TABLE secrets (x)").unwrap();
+    fs::create_dir_all(actors.join("mallory")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, actors.join("mallory/store.sqlite")).unwrap();
     let (stop, commits) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let writer = sqlite_writer(&actors.join("alice/store.sqlite"), stop.clone(), commits.clone());
     let sources =
@@ -252,11 +278,14 @@ fn sqlite_glob_copies_each_store_consistently_under_a_writer() {
     let out = s.restore(id, &s.path("out"));
     let snap = s.snapshot(id);
     assert_eq!(snap.dumps.len(), 2, "{:?}", snap.dumps);
+    assert!(summary["warnings"].to_string().contains("mallory/store.sqlite skipped"), "{summary}");
     for d in &snap.dumps {
         let file = out.join(&d.path);
         assert!(d.database.ends_with("/store.sqlite") && d.rows_exact, "{d:?}");
         assert_eq!(d.blake3, blake3_file(&file));
-        assert!(!file.with_extension("sqlite-wal").exists(), "the copy stands alone");
+        // Header bytes 18 and 19 are 2 in WAL mode: the copy is a rollback-journal database,
+        // whole in its one file.
+        assert_eq!(&fs::read(&file).unwrap()[18..20], [1, 1], "the copy stands alone");
         let db = rusqlite::Connection::open(&file).unwrap();
         let check: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
@@ -380,10 +409,11 @@ fn failing_truncated_and_oversized_dumps_fail_and_leave_the_previous_snapshot_al
     fs::write(dir.join("data"), &data).unwrap();
     let sources = format!(
         "{}[[source]]\nname = \"huge\"\nkind = \"command\"\ncommand = [\"head\", \"-c\", \"9000000\", \"/dev/zero\"]\n\
-         [[source]]\nname = \"slow\"\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"echo started; exec sleep 37.25\"]\n\
+         [[source]]\nname = \"slow\"\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"echo started; exec sleep 37.25\"]\nafter = [\"sh\", \"-c\", \"echo after-slow >> {}/hooks.log\"]\n\
          [[source]]\nname = \"stuck\"\nkind = \"command\"\ncommand = [\"echo\", \"x\"]\nbefore = [\"sleep\", \"30\"]\nhook_timeout_secs = 1\n\
          [[source]]\nname = \"nodb\"\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\n",
         command_source(&dir, "app"),
+        dir.display(),
         magpie_tests::free_port()
     );
     let mut s = Setup::new(tmp, &sources, "8M");
@@ -456,6 +486,8 @@ fn failing_truncated_and_oversized_dumps_fail_and_leave_the_previous_snapshot_al
         assert!(Instant::now() < deadline, "the dump command outlived its collector");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The after hook ran all the same (a service stopped for the dump is started again).
+    assert!(hooks().contains("after-slow"), "{}", hooks());
 
     // An agent killed with a spool in place removes it when it starts again.
     let left = s.path("spool/magpie-dump-0123456789abcdef01234567");
