@@ -287,3 +287,84 @@ fn a_crafted_entry_cannot_escape_the_target() {
     assert_ne!(code, 0, "{all}");
     assert!(!escaped.exists() && !out.join("main/etc/passwd").exists(), "the restore wrote outside its target");
 }
+
+#[test]
+fn mariadb_and_redis_are_restored_onto_the_agent() {
+    use magpie_tests::servers::{Mariadb, Redis};
+    let tmp = tempfile::tempdir().unwrap();
+    let db = Mariadb::start(&tmp.path().join("mariadb"));
+    db.sql(
+        "CREATE DATABASE shop; CREATE TABLE shop.items (id INT PRIMARY KEY, name VARCHAR(50)); \
+         INSERT INTO shop.items VALUES (1, 'tea'), (2, 'cups'), (3, 'saucers'); \
+         CREATE USER 'magpie'@'127.0.0.1' IDENTIFIED BY 'maria-Pw-9'; GRANT ALL ON *.* TO 'magpie'@'127.0.0.1';",
+    );
+    let before = db.sql("SELECT * FROM shop.items ORDER BY id");
+    let redis_dir = tmp.path().join("redis");
+    let redis = Redis::start_with(&redis_dir, "redis-Pw-3", &["--dbfilename", "dump.rdb"]);
+    for i in 0..100 {
+        redis.cli(&["SET", &format!("k{i}"), &format!("v{i}")]);
+    }
+    for (f, pw) in [("maria.pass", "maria-Pw-9"), ("redis.pass", "redis-Pw-3")] {
+        fs::write(tmp.path().join(f), format!("{pw}\n")).unwrap();
+    }
+    // The hooks stop the Redis server for the restore and start it again on the placed RDB.
+    let port = redis.port.to_string();
+    let stop = format!(
+        "[\"redis-cli\", \"-p\", \"{port}\", \"--no-auth-warning\", \"-a\", \"redis-Pw-3\", \"shutdown\", \"nosave\"]"
+    );
+    let start = format!(
+        "[\"redis-server\", \"--port\", \"{port}\", \"--bind\", \"127.0.0.1\", \"--requirepass\", \"redis-Pw-3\", \"--dir\", {dir:?}, \"--dbfilename\", \"dump.rdb\", \"--save\", \"\", \"--appendonly\", \"no\", \"--daemonize\", \"yes\"]",
+        dir = redis_dir.display().to_string()
+    );
+    let sources = format!(
+        "[[source]]\nname = \"maria\"\nkind = \"mariadb\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"magpie\"\npassword_file = {:?}\ndatabases = [\"shop\"]\ncheck = [\"SELECT COUNT(*) = 3 FROM items\"]\n\
+         [[source]]\nname = \"cache\"\nkind = \"redis\"\nport = {port}\npassword_file = {:?}\nrdb_path = {:?}\n",
+        db.port,
+        tmp.path().join("maria.pass"),
+        tmp.path().join("redis.pass"),
+        redis_dir.join("dump.rdb"),
+    );
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let agent_dir = tmp.path().join("agent");
+    fs::create_dir_all(&agent_dir).unwrap();
+    let spool = format!("[spool]\ndir = {:?}\n", tmp.path().join("spool"));
+    // Hooks only around restores here: a dump of a running Redis needs none.
+    let agent = Agent::start_full(
+        &agent_dir,
+        &pki,
+        &[pki.fingerprint("collector")],
+        "allow_restore = true",
+        &format!("{sources}{spool}"),
+        magpie_tests::free_port(),
+    );
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+    let out = c.run(&["pull", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let agent_port = agent.port;
+    drop(agent);
+    let with_hooks = format!("{}before = {stop}\nafter = {start}\n{spool}", sources);
+    let _agent = Agent::start_full(
+        &agent_dir,
+        &pki,
+        &[pki.fingerprint("collector")],
+        "allow_restore = true",
+        &with_hooks,
+        agent_port,
+    );
+
+    db.sql("DROP DATABASE shop");
+    redis.cli(&["FLUSHALL"]);
+    let out = c.run(&["restore", "--to-agent", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let all = format!("{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{all}");
+    assert_eq!(db.sql("SELECT * FROM shop.items ORDER BY id"), before);
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "100", "{all}");
+    assert_eq!(redis.cli(&["GET", "k42"]).trim(), "v42");
+    let checks = report["groups"][0]["sources"].to_string();
+    for want in ["row counts of database shop", "SELECT COUNT(*) = 3 FROM items", "keys per database"] {
+        assert!(checks.contains(want), "{want}: {checks}");
+    }
+    // The Redis the after hook started is not the harness's child: stop it here.
+    redis.cli(&["SHUTDOWN", "NOSAVE"]);
+}
