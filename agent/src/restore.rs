@@ -162,9 +162,28 @@ impl Writer {
         t
     }
 
+    /// Whether this restore wrote the file `rel`.
+    pub fn wrote(&self, rel: &[u8]) -> bool {
+        self.restored.contains(rel)
+    }
+
+    /// The directory that holds `rel`, made (without metadata of its own) when missing: a
+    /// restore of some paths only (`--path`) sends no entries for their directories.
+    fn parent_of(&mut self, rel: &[u8]) -> io::Result<OwnedFd> {
+        let (parent_rel, _) = split(rel);
+        match self.open_dir(parent_rel) {
+            Ok(fd) => Ok(fd),
+            Err(_) if parent_rel != b"." && !self.base_path.join(OsStr::from_bytes(parent_rel)).exists() => {
+                self.ensure_dir(parent_rel)?;
+                self.open_dir(parent_rel)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn begin_file(&mut self, entry: Entry, blake3: Vec<u8>) -> io::Result<()> {
-        let (parent_rel, name) = split(&entry.path);
-        let parent = self.open_dir(parent_rel)?;
+        let (_, name) = split(&entry.path);
+        let parent = self.parent_of(&entry.path)?;
         let tmp = Self::temp_name(name);
         let fd = rustix::fs::openat(
             &parent,
@@ -236,8 +255,8 @@ impl Writer {
             )));
         }
         let (first_parent, first_name) = split(first);
-        let (parent_rel, name) = split(&e.path);
-        let (from, to) = (self.open_dir(first_parent)?, self.open_dir(parent_rel)?);
+        let (_, name) = split(&e.path);
+        let (from, to) = (self.open_dir(first_parent)?, self.parent_of(&e.path)?);
         let tmp = Self::temp_name(name);
         rustix::fs::linkat(&from, OsStr::from_bytes(first_name), &to, OsStr::from_bytes(&tmp), AtFlags::empty())?;
         rustix::fs::renameat(&to, OsStr::from_bytes(&tmp), &to, OsStr::from_bytes(name)).inspect_err(|_| {
@@ -248,8 +267,8 @@ impl Writer {
     }
 
     fn symlink(&mut self, e: &Entry) -> io::Result<()> {
-        let (parent_rel, name) = split(&e.path);
-        let parent = self.open_dir(parent_rel)?;
+        let (_, name) = split(&e.path);
+        let parent = self.parent_of(&e.path)?;
         let tmp = Self::temp_name(name);
         rustix::fs::symlinkat(OsStr::from_bytes(&e.link_target), &parent, OsStr::from_bytes(&tmp))?;
         if self.owners {
@@ -338,6 +357,10 @@ pub fn place(src: &crate::config::Source, spooled: bool, rel: &[u8]) -> Place {
     }
     for root in &src.roots {
         let r = root.rel.as_slice();
+        if r.is_empty() {
+            // The root is "/" itself.
+            return Place::Write;
+        }
         let under = |a: &[u8], b: &[u8]| a.len() > b.len() && a.starts_with(b) && a[b.len()] == b'/';
         if rel == r || under(rel, r) {
             return Place::Write;

@@ -274,10 +274,18 @@ impl Agent for AgentService {
             _ => return Err(Status::invalid_argument("a restore must begin with RestoreStart")),
         };
         let src = self.restorable(&start.source)?;
+        // A dump source's restore runs its hooks and loads its server: never beside a dump.
+        let permit = match &src.dump {
+            Some(_) => {
+                Some(self.dumps.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?)
+            }
+            None => None,
+        };
         let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             tracing::info!("restore of source {} started", src.name);
             let result = this.run_restore(&handle, inbound, &src, &start, &tx);
             match &result {
@@ -407,6 +415,16 @@ impl AgentService {
                 _ => return Err(Status::invalid_argument("unexpected message in a restore")),
             }
         }
+        // The dumps the start announced are exactly files this restore wrote (and nothing else
+        // on the server: a dump path is read below the spool only).
+        if src.dump.is_some() {
+            for d in &start.dumps {
+                let ok = crate::restore::check_path(d.path.as_bytes()).is_ok() && w.wrote(d.path.as_bytes());
+                if !ok {
+                    return Err(Status::invalid_argument(format!("dump file {} did not arrive whole", d.path)));
+                }
+            }
+        }
         let written = w.finish().map_err(failed)?;
         let mut result = RestoreResult {
             files: written.files,
@@ -424,12 +442,6 @@ impl AgentService {
             ));
             return Ok(result);
         };
-        for d in &start.dumps {
-            let ok = std::fs::metadata(base.join(&d.path)).is_ok_and(|m| m.len() == d.size);
-            if !ok {
-                return Err(Status::invalid_argument(format!("dump file {} did not arrive whole", d.path)));
-            }
-        }
         let etc = session.path.join("etc");
         std::fs::create_dir(&etc).map_err(failed)?;
         let cancelled = || tx.is_closed();

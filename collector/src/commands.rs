@@ -49,6 +49,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The timer's job: pull every source, prune, compact, check and verify a slice of the
+    /// packs, flag stale sources, record the status, write metrics and mail the report.
+    ///
+    /// Exit codes: 0 ok, 5 warnings, 4 sources failed or stale, 3 repository trouble, 1 damage
+    /// found, 6 the report could not be mailed.
+    #[command(after_help = "Example (from a systemd timer):
+  collector --config /etc/magpie/collector.toml run")]
+    Run {
+        /// Machine-readable report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Could I restore right now? Per source: last good pull, last failure, snapshots, dump
+    /// tools; the repository's size, free space, last check and full verification.
+    #[command(after_help = "Example:
+  collector --config /etc/magpie/collector.toml status --json")]
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make the private CA and the certificates of agents and collectors.
     Certs {
         #[command(subcommand)]
@@ -271,7 +292,7 @@ impl Ctx {
 pub fn run(cli: Cli) -> Result<u8> {
     let config = match &cli.config {
         Some(p) => Some(crate::config::CollectorConfig::load(p).map_err(|e| usage(format!("{e:#}")))?),
-        None if matches!(cli.command, Command::Pull { .. })
+        None if matches!(cli.command, Command::Pull { .. } | Command::Run { .. } | Command::Status { .. })
             || matches!(&cli.command, Command::Restore(a) if a.to_agent) =>
         {
             Some(
@@ -298,6 +319,11 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Pull { agent, sources, accept_small_dumps, json } => {
             let sel = crate::pull::Selection { agent, sources, accept_small_dumps };
             pull_cmd(&ctx, config.as_ref().expect("loaded above"), sel, json)
+        }
+        Command::Run { json } => crate::run::run(config.as_ref().expect("loaded above"), ctx.open()?, json),
+        Command::Status { json } => {
+            let state_dir = config.as_ref().expect("loaded above").state_dir.clone();
+            crate::status::status(&ctx.open_indexed()?, &ctx.repo_dir, &state_dir, json)
         }
         Command::Init(a) => init(&ctx, &a),
         Command::Import(a) => import(&ctx, &a),
@@ -594,7 +620,7 @@ fn check_cmd(ctx: &Ctx, verify_data: bool, do_repair: bool, json_out: bool, lock
         }
     }
     let _lock = locking::lock(&repo, false, "collector check", Duration::from_secs(lock.lock_wait))?;
-    let r = check::check(&mut repo, check::CheckOptions { verify_data })?;
+    let r = check::check(&mut repo, check::CheckOptions { verify_data, ..Default::default() })?;
     if json_out {
         out.insert(
             "check".into(),

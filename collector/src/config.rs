@@ -29,6 +29,129 @@ pub struct CollectorConfig {
     pub dump_min_ratio: f64,
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentEntry>,
+    /// Where `collector run` keeps what `status` reports (last pulls, checks, verification).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// What `collector run` prunes to, for every (agent, source) without its own.
+    #[serde(default)]
+    pub retention: Option<Retention>,
+    #[serde(default)]
+    pub run: RunConfig,
+    /// Where `collector run` reports failures and warnings.
+    pub mail: Option<MailConfig>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/magpie")
+}
+
+/// Retention rules (as `collector prune --keep-*`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Keep everything newer than this ("2d", "12H").
+    pub keep_within: Option<String>,
+    #[serde(default)]
+    pub keep_last: i32,
+    #[serde(default)]
+    pub keep_hourly: i32,
+    #[serde(default)]
+    pub keep_daily: i32,
+    #[serde(default)]
+    pub keep_weekly: i32,
+    #[serde(default)]
+    pub keep_monthly: i32,
+    #[serde(default)]
+    pub keep_yearly: i32,
+}
+
+impl Retention {
+    pub fn policy(&self) -> Result<repo_format::retention::Policy> {
+        let within_secs = self
+            .keep_within
+            .as_deref()
+            .map(repo_format::retention::parse_within)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("retention.keep_within: {e}"))?;
+        let p = repo_format::retention::Policy {
+            within_secs,
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+        };
+        if p.is_empty() {
+            bail!("retention has no keep_* rule: it would remove every snapshot");
+        }
+        Ok(p)
+    }
+}
+
+/// What `collector run` does besides pulling.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// A source whose last good snapshot is older than this is a failure ("36H", "2d").
+    #[serde(default = "default_max_age")]
+    pub max_age: String,
+    /// Repack a pack when more than this percentage of it is garbage.
+    #[serde(default = "default_garbage")]
+    pub compact_garbage_percent: f64,
+    /// Every pack is read and verified again within this many days (a slice per run).
+    #[serde(default = "default_verify_days")]
+    pub verify_days: u32,
+    /// A Prometheus textfile written after every run (for node_exporter).
+    pub metrics_file: Option<PathBuf>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            max_age: default_max_age(),
+            compact_garbage_percent: default_garbage(),
+            verify_days: default_verify_days(),
+            metrics_file: None,
+        }
+    }
+}
+
+fn default_max_age() -> String {
+    "36H".into()
+}
+
+fn default_garbage() -> f64 {
+    10.0
+}
+
+fn default_verify_days() -> u32 {
+    30
+}
+
+/// Mail after a run: SMTP (STARTTLS, implicit TLS, or plain on a trusted network) or sendmail.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailConfig {
+    pub from: String,
+    pub to: Vec<String>,
+    /// "host:port" of the SMTP server; without it, `sendmail` is used.
+    pub smtp: Option<String>,
+    /// starttls (default), tls (implicit, port 465) or none (only on a trusted network).
+    #[serde(default = "default_security")]
+    pub security: String,
+    pub user: Option<String>,
+    /// A file whose first line is the SMTP password.
+    pub password_file: Option<PathBuf>,
+    /// The sendmail program (default /usr/sbin/sendmail).
+    pub sendmail: Option<PathBuf>,
+    /// Also mail when everything went well.
+    #[serde(default)]
+    pub on_success: bool,
+}
+
+fn default_security() -> String {
+    "starttls".into()
 }
 
 fn default_parallel() -> usize {
@@ -68,6 +191,10 @@ pub struct AgentEntry {
     /// Seconds to wait for the connection.
     #[serde(default = "default_timeout")]
     pub connect_timeout_secs: u64,
+    /// This agent's retention, instead of the top-level one.
+    pub retention: Option<Retention>,
+    /// This agent's staleness limit, instead of `run.max_age`.
+    pub max_age: Option<String>,
 }
 
 fn yes() -> bool {
@@ -84,6 +211,32 @@ impl CollectorConfig {
             .with_context(|| format!("cannot read collector config {}", path.display()))?;
         let cfg: CollectorConfig =
             toml::from_str(&text).with_context(|| format!("collector config {} is invalid", path.display()))?;
+        let where_ = |key: &str| format!("{}: {key}", path.display());
+        if let Some(r) = &cfg.retention {
+            r.policy().with_context(|| where_("[retention]"))?;
+        }
+        for a in &cfg.agents {
+            if let Some(r) = &a.retention {
+                r.policy().with_context(|| where_(&format!("agent {:?} retention", a.name)))?;
+            }
+        }
+        for (key, v) in std::iter::once(("run.max_age", &cfg.run.max_age))
+            .chain(cfg.agents.iter().filter_map(|a| Some(("agent max_age", a.max_age.as_ref()?))))
+        {
+            repo_format::retention::parse_within(v)
+                .map_err(|e| anyhow::anyhow!("{}: {e} (e.g. \"36H\" or \"2d\")", where_(key)))?;
+        }
+        if cfg.run.verify_days == 0 {
+            bail!("{}: must be at least 1", where_("run.verify_days"));
+        }
+        if let Some(m) = &cfg.mail {
+            if !["starttls", "tls", "none"].contains(&m.security.as_str()) {
+                bail!("{}: {:?} must be starttls, tls or none", where_("mail.security"), m.security);
+            }
+            if m.to.is_empty() {
+                bail!("{}: give at least one address", where_("mail.to"));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for a in &cfg.agents {
             if !names.insert(&a.name) {

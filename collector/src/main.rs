@@ -5,9 +5,14 @@ mod client;
 mod commands;
 mod config;
 mod delta;
+mod metrics;
+mod notify;
 mod pull;
 mod restore;
+mod run;
 mod secret;
+mod state;
+mod status;
 
 /// The one place with `unsafe` code in the workspace.
 #[allow(unsafe_code)]
@@ -41,8 +46,13 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// Any other error (I/O, permissions…).
     pub const ERROR: u8 = 3;
-    /// `pull`: some sources (or agents) failed; the others were committed.
+    /// `pull`, `run`: some sources (or agents) failed or are stale; the others were committed.
+    /// `restore`: a source failed or a check did not pass.
     pub const SOURCES_FAILED: u8 = 4;
+    /// `run`: everything was pulled, with warnings (files skipped, a hook that failed…).
+    pub const WARNINGS: u8 = 5;
+    /// `run`: the report could not be mailed (whatever else happened: nobody was told).
+    pub const MAIL_FAILED: u8 = 6;
     /// No repository at the location given.
     pub const NO_REPOSITORY: u8 = 10;
     /// The passphrase opens no key.

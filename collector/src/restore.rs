@@ -144,6 +144,14 @@ pub fn run(mut repo: Repository, cfg: Option<&CollectorConfig>, a: &RestoreArgs)
     }
     let filter = path_filter(&a.paths)?;
     let (mut plan, skipped) = select(&repo, a, &order)?;
+    if plan.is_empty() {
+        return Err(crate::commands::UsageError(format!(
+            "nothing to restore: the selected snapshots' roles ({}) are not in --order {}",
+            skipped.join(", "),
+            a.order
+        ))
+        .into());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut clients: BTreeMap<String, Result<AgentClient<Channel>, String>> = BTreeMap::new();
     if a.to_agent {
@@ -161,7 +169,7 @@ pub fn run(mut repo: Repository, cfg: Option<&CollectorConfig>, a: &RestoreArgs)
         }
     }
     for item in &mut plan {
-        ready(&rt, item, a, &clients);
+        ready(&rt, item, a, &filter, &clients);
     }
     let mut report = Report { dry_run: a.dry_run, skipped, ..Default::default() };
     report.ready = plan.iter().all(|p| p.problems.is_empty());
@@ -366,10 +374,16 @@ fn ready(
     rt: &tokio::runtime::Runtime,
     item: &mut PlanItem,
     a: &RestoreArgs,
+    filter: &Option<GlobSet>,
     clients: &BTreeMap<String, Result<AgentClient<Channel>, String>>,
 ) {
     if let Some(dir) = &a.target_dir {
-        let dest = dir.join(&item.agent).join(&item.source);
+        let Some(dest) = dest_dir(dir, item) else {
+            return item.problems.push(format!(
+                "agent {:?} / source {:?}: not plain names, refused as directory names",
+                item.agent, item.source
+            ));
+        };
         if dest.read_dir().is_ok_and(|mut d| d.next().is_some()) {
             item.overwrites.push(format!("{}: files of the snapshot replace theirs", dest.display()));
         }
@@ -396,7 +410,7 @@ fn ready(
     };
     let request = RestoreCheckRequest {
         source: item.source.clone(),
-        dumps: item.snap.dumps.iter().map(wire_dump).collect(),
+        dumps: item.snap.dumps.iter().filter(|d| matches(filter, d.path.as_bytes())).map(wire_dump).collect(),
         bytes: item.bytes,
         clean: a.clean,
         force: a.force,
@@ -472,8 +486,15 @@ fn print_item(r: &ItemReport, ok: bool) {
 
 /// Restore onto this host: files into DIR/AGENT/SOURCE, dumps as files with a README saying
 /// how to load them; every file checked against its BLAKE3, SQLite copies opened and checked.
+/// DIR/AGENT/SOURCE, when both names are single plain components (they come from the snapshot).
+fn dest_dir(dir: &Path, item: &PlanItem) -> Option<PathBuf> {
+    let agent = repo_format::fs::check_name(item.agent.as_bytes()).ok()?;
+    let source = repo_format::fs::check_name(item.source.as_bytes()).ok()?;
+    Some(dir.join(agent).join(source))
+}
+
 fn to_dir(repo: &Repository, item: &PlanItem, dir: &Path, filter: &Option<GlobSet>, r: &mut ItemReport) -> Result<()> {
-    let dest = dir.join(&item.agent).join(&item.source);
+    let dest = dest_dir(dir, item).ok_or_else(|| anyhow!("agent or source name is not a plain name"))?;
     let root = Id::from_slice(&item.snap.tree).context("snapshot has no root tree")?;
     let stats = repo_format::fs::restore_matching(repo, &root, &dest, &|p| matches(filter, p))
         .with_context(|| format!("restoring into {}", dest.display()))?;
@@ -573,7 +594,7 @@ fn to_agent(
     let (tx, rx) = tokio::sync::mpsc::channel::<RestoreMessage>(16);
     let start = RestoreStart {
         source: item.source.clone(),
-        dumps: item.snap.dumps.iter().map(wire_dump).collect(),
+        dumps: item.snap.dumps.iter().filter(|d| matches(filter, d.path.as_bytes())).map(wire_dump).collect(),
         clean: a.clean,
         force: a.force,
     };
@@ -582,7 +603,10 @@ fn to_agent(
     let bar = crate::pull::progress_bar(&item.agent, &item.source, item.bytes);
     let started = Instant::now();
     std::thread::scope(|s| {
-        let producer = s.spawn(|| send_tree(repo, &root, filter, &tx, &bar));
+        // The producer owns the sender: when it stops, for whatever reason, the stream ends
+        // and the agent stops waiting.
+        let (root, bar_ref) = (&root, &bar);
+        let producer = s.spawn(move || send_tree(repo, root, filter, &tx, bar_ref));
         let outcome = rt.block_on(async {
             let mut events = client
                 .restore(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -625,11 +649,16 @@ fn send_tree(
 ) -> Result<()> {
     let mut reader = ContentReader::default();
     let mut sent = std::collections::HashSet::new();
+    // A hard link group's first name, and the path its content was sent under when a further
+    // name came first: later members link to that one instead of splitting the group.
+    let mut carried: std::collections::HashMap<Vec<u8>, Vec<u8>> = std::collections::HashMap::new();
     let send = |m: restore_message::Msg| tx.blocking_send(RestoreMessage { msg: Some(m) }).is_ok();
     // (tree, its path, its directory node: None for the root).
     let mut stack: Vec<(Id, Vec<u8>, Option<Node>)> = vec![(*root, Vec::new(), None)];
     while let Some((id, prefix, dir)) = stack.pop() {
+        // With --path, only matching directories get their metadata; the agent makes the others.
         if let Some(node) = dir
+            && matches(filter, &prefix)
             && !send(restore_message::Msg::Entry(RestoreEntry {
                 entry: Some(entry(&prefix, &node)),
                 ..Default::default()
@@ -647,8 +676,13 @@ fn send_tree(
             let hardlink_to = match node.node_kind() {
                 // A further name of a file already sent; else its own content travels.
                 NodeKind::Hardlink if sent.contains(&node.link_target) => node.link_target.clone(),
+                NodeKind::Hardlink => carried.get(&node.link_target).cloned().unwrap_or_default(),
+                NodeKind::File => carried.get(&path).cloned().unwrap_or_default(),
                 _ => Vec::new(),
             };
+            if node.node_kind() == NodeKind::Hardlink && hardlink_to.is_empty() {
+                carried.insert(node.link_target.clone(), path.clone());
+            }
             let is_content = matches!(node.node_kind(), NodeKind::File | NodeKind::Hardlink) && hardlink_to.is_empty();
             let entry = RestoreEntry { entry: Some(entry(&path, node)), blake3: node.blake3.clone(), hardlink_to };
             if !send(restore_message::Msg::Entry(entry)) {

@@ -39,7 +39,7 @@ fn prune_and_compact_free_space_and_keep_the_rest_intact() {
     assert!(r.bytes_freed > 6 << 20, "{r:?}");
     assert!(before - after > 6 << 20, "repository shrank by {} bytes only", before - after);
     let mut repo = common::reopen(Arc::new(LocalBackend::new(&dir)));
-    let c = check::check(&mut repo, check::CheckOptions { verify_data: true }).unwrap();
+    let c = check::check(&mut repo, check::CheckOptions { verify_data: true, ..Default::default() }).unwrap();
     assert!(c.is_clean() && c.notes.is_empty(), "{:?} {:?}", c.problems, c.notes);
     for (id, content) in &expected[7..] {
         let out = tmp.path().join(format!("out-{}", id.short()));
@@ -70,7 +70,7 @@ fn compact_removes_packs_left_by_an_interrupted_writer() {
     assert!(c.notes.iter().any(|n| n.contains(&id.to_hex())));
     let r = compact::compact(&mut repo, Default::default()).unwrap();
     assert_eq!(r.packs_deleted, 1);
-    let c = check::check(&mut repo, check::CheckOptions { verify_data: true }).unwrap();
+    let c = check::check(&mut repo, check::CheckOptions { verify_data: true, ..Default::default() }).unwrap();
     assert!(c.is_clean() && c.notes.is_empty(), "{:?}", c.notes);
     common::restore(&repo, &snap, &tmp.path().join("out"));
     assert_eq!(common::snapshot_dir(&src), common::snapshot_dir(&tmp.path().join("out")));

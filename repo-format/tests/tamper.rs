@@ -45,7 +45,7 @@ fn only_file(dir: &Path) -> PathBuf {
 
 fn check(dir: &Path, verify: bool) -> check::CheckReport {
     let mut repo = Repository::open(Arc::new(LocalBackend::new(dir)), Some(common::PASS)).unwrap();
-    check::check(&mut repo, CheckOptions { verify_data: verify }).unwrap()
+    check::check(&mut repo, CheckOptions { verify_data: verify, ..Default::default() }).unwrap()
 }
 
 /// Restore must fail (never silently produce wrong bytes).

@@ -78,12 +78,13 @@ fn sigkill_at_random_points_never_damages_committed_snapshots() {
         // The repository opens and checks clean, or repair makes it clean.
         let mut repo = Repository::open(Arc::new(LocalBackend::new(&repo_dir)), Some(magpie_tests::PASS))
             .unwrap_or_else(|e| panic!("round {round}: repository does not open after a kill: {e}"));
-        let report = check::check(&mut repo, check::CheckOptions { verify_data: true }).unwrap();
+        let report = check::check(&mut repo, check::CheckOptions { verify_data: true, ..Default::default() }).unwrap();
         if !report.is_clean() {
             repairs += 1;
             let r = repair::repair(&mut repo, true).unwrap();
             assert!(r.nothing_lost(), "round {round}: repair lost data: {r:?}");
-            let again = check::check(&mut repo, check::CheckOptions { verify_data: true }).unwrap();
+            let again =
+                check::check(&mut repo, check::CheckOptions { verify_data: true, ..Default::default() }).unwrap();
             assert!(again.is_clean(), "round {round}: not clean after repair: {:?}", again.problems);
         }
 

@@ -368,3 +368,29 @@ fn mariadb_and_redis_are_restored_onto_the_agent() {
     // The Redis the after hook started is not the harness's child: stop it here.
     redis.cli(&["SHUTDOWN", "NOSAVE"]);
 }
+
+#[test]
+fn a_path_filter_restores_only_what_it_names_and_a_damaged_repository_fails_the_restore() {
+    let main = Main::start(true);
+    main.pull_all();
+    let (notes, conf) = (main.path("srv/data/notes.txt"), main.path("srv/data/conf/app.toml"));
+    let notes_before = fs::read(&notes).unwrap();
+    fs::remove_file(&notes).unwrap();
+    fs::write(&conf, "version = 99\n").unwrap();
+    let (code, _, all) = main.restore(&["--to-agent", "--source", "data", "--path", "**/notes.txt"]);
+    assert_eq!(code, 0, "{all}");
+    assert_eq!(fs::read(&notes).unwrap(), notes_before);
+    assert_eq!(fs::read_to_string(&conf).unwrap(), "version = 99\n", "only the named path is restored");
+
+    // Every pack damaged: the restore fails as a damaged repository (13), and does not hang.
+    for e in fs::read_dir(main.collector.dir.join("repo/data")).unwrap().flatten() {
+        for pack in fs::read_dir(e.path()).unwrap().flatten() {
+            let mut b = fs::read(pack.path()).unwrap();
+            let mid = b.len() / 2;
+            b[mid] ^= 0xff;
+            fs::write(pack.path(), b).unwrap();
+        }
+    }
+    let (code, _, all) = main.restore(&["--to-agent", "--source", "blobs"]);
+    assert_eq!(code, 13, "{all}");
+}

@@ -234,7 +234,7 @@ impl DumpSpec {
         let mut checks =
             self.with_hooks(run.cancelled, run.spool, run.progress, &secrets, &mut warnings, |warnings| {
                 match &self.engine {
-                    Engine::Postgres(p) => p.restore(run, &limits, &self.checks),
+                    Engine::Postgres(p) => p.restore(run, &limits, &self.checks, warnings),
                     Engine::Mariadb(m) => m.restore(run, &limits, &self.checks),
                     Engine::Sqlite { pattern } => sqlite::restore(pattern, run, &self.checks),
                     Engine::Redis(r) => r.place(run, self.before.is_some(), warnings),
@@ -431,26 +431,50 @@ fn sql_checks(what: &str, checks: &[String], query: impl Fn(&str) -> Result<Stri
         .collect()
 }
 
-/// Put `src` at `dst` through a temporary name in `dst`'s directory, keeping the owner and mode
-/// of the file it replaces (or of its directory, for the owner, when there is none).
-fn place_file(src: &Path, dst: &Path) -> Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+/// Copy `src` next to `dst` under a new random name (created exclusively, never through a
+/// symlink), with the owner and mode of the file it will replace (or the owner of its
+/// directory, mode 0600, when there is none); returns the staged file's path. The caller renames
+/// it over `dst`, or removes it.
+fn stage_file(src: &Path, dst: &Path) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let dir = dst.parent().ok_or_else(|| anyhow!("{} has no directory", dst.display()))?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(".magpie-restore-{}", dst.file_name().unwrap_or_default().to_string_lossy()));
-    std::fs::copy(src, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut r = [0u8; 6];
+    getrandom::fill(&mut r).map_err(|e| anyhow!("no randomness: {e}"))?;
+    let tmp = dir.join(format!(".magpie-restore-{}", hex::encode(r)));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc_nofollow())
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
     let result = (|| {
-        let like = std::fs::metadata(dst).or_else(|_| std::fs::metadata(dir))?;
-        std::os::unix::fs::chown(&tmp, Some(like.uid()), Some(like.gid()))?;
-        let mode = if like.is_dir() { 0o600 } else { like.mode() & 0o7777 };
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, dst)
+        std::io::copy(&mut std::fs::File::open(src)?, &mut f)?;
+        let like = std::fs::symlink_metadata(dst).or_else(|_| std::fs::metadata(dir))?;
+        std::os::unix::fs::fchown(&f, Some(like.uid()), Some(like.gid()))?;
+        let mode = if like.is_file() { like.mode() & 0o7777 } else { 0o600 };
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.sync_all()
     })();
-    if result.is_err() {
+    if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
     }
-    result.with_context(|| format!("cannot put the restored file at {}", dst.display()))
+    Ok(tmp)
+}
+
+fn libc_nofollow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
+/// Put `src` at `dst` (staged, then renamed over it).
+fn place_file(src: &Path, dst: &Path) -> Result<()> {
+    let tmp = stage_file(src, dst)?;
+    std::fs::rename(&tmp, dst).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("cannot put the restored file at {}: {e}", dst.display())
+    })
 }
 
 fn hook(what: &str, argv: &[String], limits: &Limits<'_>) -> Result<()> {

@@ -238,6 +238,11 @@ impl Postgres {
     }
 }
 
+/// A string literal no name can break out of, whatever standard_conforming_strings says.
+fn literal(s: &str) -> String {
+    format!("convert_from(decode('{}', 'hex'), 'UTF8')", hex::encode(s))
+}
+
 fn unhex(h: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&hex::decode(h.trim()).context("a name in hex")?).into_owned())
 }
@@ -265,7 +270,7 @@ impl Postgres {
         let exists = self.psql(
             pgpass,
             MAINTENANCE_DB,
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{}'", db.replace('\'', "''")),
+            &format!("SELECT count(*) FROM pg_database WHERE datname = {}", literal(db)),
             limits,
         )?;
         if exists == "0" {
@@ -322,7 +327,13 @@ impl Postgres {
 
     /// Globals first, then each database: created when missing, refused when not empty unless
     /// --clean or --force, loaded with `pg_restore -j`, then checked.
-    pub fn restore(&self, run: &RestoreRun<'_>, limits: &Limits<'_>, extra: &[String]) -> Result<Vec<CheckResult>> {
+    pub fn restore(
+        &self,
+        run: &RestoreRun<'_>,
+        limits: &Limits<'_>,
+        extra: &[String],
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<CheckResult>> {
         let pgpass = self.pgpass(run.etc)?;
         let mut checks = Vec::new();
         if let Some(g) = run.dumps.iter().find(|d| d.kind == "postgres-globals") {
@@ -330,7 +341,18 @@ impl Postgres {
             // Roles that exist already (postgres itself) make errors that are not failures.
             let mut cmd = self.tool("psql", &pgpass);
             cmd.args(["-Xq", "-d", &conninfo(MAINTENANCE_DB), "-f"]).arg(run.dir.join(&g.path));
-            process::run("psql -f globals.sql", cmd, Output::Capture, limits)?;
+            let (failed, stderr) = process::run_lenient("psql -f globals.sql", cmd, limits)?;
+            if let Some(f) = failed {
+                bail!("{f}");
+            }
+            let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR:")).collect();
+            if !errors.is_empty() {
+                warnings.push(format!(
+                    "globals.sql: {} statements failed (a role that exists already is expected): {}",
+                    errors.len(),
+                    errors.iter().take(3).copied().collect::<Vec<_>>().join(" | ")
+                ));
+            }
         }
         for d in run.dumps.iter().filter(|d| d.kind == "postgres") {
             let db = &d.database;
@@ -349,12 +371,22 @@ impl Postgres {
                 ),
             }
             let mut cmd = self.tool("pg_restore", &pgpass);
-            cmd.args(["-j", "2", "--exit-on-error", "-d", &conninfo(db)]);
+            cmd.args(["-j", "2", "-d", &conninfo(db)]);
             if clean {
                 cmd.args(["--clean", "--if-exists"]);
             }
+            let forced = run.force && !clean;
+            if !forced {
+                cmd.arg("--exit-on-error");
+            }
             cmd.arg(run.dir.join(&d.path));
-            process::run(&format!("pg_restore of database {db}"), cmd, Output::Capture, limits)?;
+            let (failed, _) = process::run_lenient(&format!("pg_restore of database {db}"), cmd, limits)?;
+            match failed {
+                // Loading into objects that exist fails object by object; the rest is loaded.
+                Some(f) if forced => warnings.push(format!("{f} (--force: loaded into what was there)")),
+                Some(f) => bail!("{f}"),
+                None => {}
+            }
             checks.push(row_check(&format!("database {db}"), &d.tables, d.rows_exact, |table| {
                 let (schema, name) = table.split_once('.').unwrap_or(("public", table));
                 self.psql(&pgpass, db, &format!("SELECT count(*) FROM {}.{}", ident(schema), ident(name)), limits)?

@@ -48,16 +48,40 @@ pub enum Output<'p> {
 /// Run `cmd` to completion within `limits`; returns the captured stdout (empty for a file).
 /// A non-zero exit is an error carrying the end of the tool's stderr.
 pub fn run(what: &str, cmd: Command, out: Output<'_>, limits: &Limits<'_>) -> Result<Vec<u8>> {
-    run_with(what, cmd, Stdio::null(), out, limits)
+    let (captured, failure, _) = run_with(what, cmd, Stdio::null(), out, limits)?;
+    match failure {
+        Some(f) => Err(anyhow!(f)),
+        None => Ok(captured),
+    }
+}
+
+/// The same, but a non-zero exit is returned as its message instead of failing (a tool whose
+/// errors are expected, like pg_restore loading into a database that has some objects); with
+/// the end of its stderr (redacted) either way.
+pub fn run_lenient(what: &str, cmd: Command, limits: &Limits<'_>) -> Result<(Option<String>, String)> {
+    let (_, failure, stderr) = run_with(what, cmd, Stdio::null(), Output::Capture, limits)?;
+    Ok((failure, stderr))
 }
 
 /// The same, with the file `input` as the tool's standard input (a dump to load).
 pub fn run_stdin(what: &str, cmd: Command, input: &Path, limits: &Limits<'_>) -> Result<Vec<u8>> {
     let f = std::fs::File::open(input).map_err(|e| anyhow!("{what}: cannot open {}: {e}", input.display()))?;
-    run_with(what, cmd, Stdio::from(f), Output::Capture, limits)
+    let (captured, failure, _) = run_with(what, cmd, Stdio::from(f), Output::Capture, limits)?;
+    match failure {
+        Some(f) => Err(anyhow!(f)),
+        None => Ok(captured),
+    }
 }
 
-fn run_with(what: &str, mut cmd: Command, stdin: Stdio, out: Output<'_>, limits: &Limits<'_>) -> Result<Vec<u8>> {
+/// Run to completion; returns what it printed and, when it exited non-zero, why (the end of its
+/// stderr, redacted). Limits crossed are errors.
+fn run_with(
+    what: &str,
+    mut cmd: Command,
+    stdin: Stdio,
+    out: Output<'_>,
+    limits: &Limits<'_>,
+) -> Result<(Vec<u8>, Option<String>, String)> {
     cmd.stdin(stdin).stderr(Stdio::piped()).process_group(0);
     match out {
         Output::File(p) => {
@@ -93,12 +117,13 @@ fn run_with(what: &str, mut cmd: Command, stdin: Stdio, out: Output<'_>, limits:
     if let Some(why) = spool_full(limits) {
         bail!("{what}: {why}");
     }
+    let text = limits.redact(String::from_utf8_lossy(&err_text).trim());
     if !status.success() {
-        let text = limits.redact(String::from_utf8_lossy(&err_text).trim());
         let last = text.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
-        bail!("{what} failed ({status}): {}", if last.is_empty() { "no message on stderr" } else { &last });
+        let why = format!("{what} failed ({status}): {}", if last.is_empty() { "no message on stderr" } else { &last });
+        return Ok((captured, Some(why), text));
     }
-    Ok(captured)
+    Ok((captured, None, text))
 }
 
 /// Wait for the child, killing its whole group when a limit is crossed.

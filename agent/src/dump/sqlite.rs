@@ -12,7 +12,7 @@ use rusqlite::backup::StepResult;
 use rusqlite::{Connection, OpenFlags};
 
 use super::process::Limits;
-use super::{Readiness, RestoreRun, Run, check, now_ns, place_file, row_check, sql_checks};
+use super::{Readiness, RestoreRun, Run, check, now_ns, row_check, sql_checks, stage_file};
 
 pub fn dump(pattern: &str, run: &Run<'_>, limits: &Limits<'_>, warnings: &mut Vec<String>) -> Result<Vec<DumpInfo>> {
     let mut files = Vec::new();
@@ -130,13 +130,22 @@ fn target(pattern: &str, d: &DumpInfo, restore_root: Option<&Path>) -> Result<st
     let original = Path::new(&d.database);
     let plain = original.is_absolute()
         && original.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
-    if !plain || !glob::Pattern::new(pattern)?.matches_path(original) {
+    // `*` stays within one path component, as it does when the dumps are taken.
+    let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
+    if !plain || !glob::Pattern::new(pattern)?.matches_path_with(original, options) {
         bail!("refused: {} is not a database of this source (path = {pattern:?})", d.database);
     }
-    Ok(match restore_root {
+    let target = match restore_root {
         Some(root) => root.join(original.strip_prefix("/").expect("absolute")),
         None => original.to_path_buf(),
-    })
+    };
+    // No symlink on the way: what exists of the target's directory is its own canonical path.
+    if let Some(existing) = target.parent().and_then(|p| p.ancestors().find(|a| a.exists()))
+        && std::fs::canonicalize(existing).ok().as_deref() != Some(existing)
+    {
+        bail!("refused: {} lies below a symlink", target.display());
+    }
+    Ok(target)
 }
 
 pub fn readiness(pattern: &str, dumps: &[DumpInfo], restore_root: Option<&Path>, r: &mut Readiness) -> Result<()> {
@@ -157,22 +166,30 @@ pub fn restore(pattern: &str, run: &RestoreRun<'_>, extra: &[String]) -> Result<
     for d in run.dumps {
         let dst = target(pattern, d, run.restore_root)?;
         (run.progress)(format!("restoring {}", dst.display()));
-        let src = run.dir.join(&d.path);
-        let verdict = integrity(&src)?;
-        if verdict != "ok" {
-            bail!("the restored copy of {} fails integrity_check: {verdict}", d.database);
-        }
-        for suffix in ["-wal", "-shm", "-journal"] {
-            let mut side = dst.clone().into_os_string();
-            side.push(suffix);
-            match std::fs::remove_file(&side) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e).with_context(|| format!("cannot remove {}", Path::new(&side).display()));
-                }
-                _ => {}
+        // The new file next to the old, checked there; only then do the old one's log files go
+        // and the new one take its name, so a failure leaves the old database whole.
+        let staged = stage_file(&run.dir.join(&d.path), &dst)?;
+        let placed = (|| -> Result<()> {
+            let verdict = integrity(&staged)?;
+            if verdict != "ok" {
+                bail!("the restored copy of {} fails integrity_check: {verdict}", d.database);
             }
+            for suffix in ["-wal", "-shm", "-journal"] {
+                let mut side = dst.clone().into_os_string();
+                side.push(suffix);
+                match std::fs::remove_file(&side) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("cannot remove {}", Path::new(&side).display()));
+                    }
+                    _ => {}
+                }
+            }
+            std::fs::rename(&staged, &dst).with_context(|| format!("cannot put the database at {}", dst.display()))
+        })();
+        if placed.is_err() {
+            let _ = std::fs::remove_file(&staged);
         }
-        place_file(&src, &dst)?;
+        placed?;
         let db = Connection::open_with_flags(&dst, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         let what = dst.display().to_string();
         let placed = integrity(&dst)?;

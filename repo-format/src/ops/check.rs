@@ -17,6 +17,14 @@ use crate::repository::Repository;
 pub struct CheckOptions {
     /// Read every pack and verify every blob (decrypt, decompress, re-hash).
     pub verify_data: bool,
+    /// Read and verify only the packs of slice `i` of `n` (`verify_slice(id, n) == i`): a
+    /// rolling verification, every pack once in `n` runs.
+    pub verify_slice: Option<(u32, u32)>,
+}
+
+/// The slice of `n` a pack belongs to, from its id (ids are uniform, so slices are even).
+pub fn verify_slice(pack: &Id, n: u32) -> u32 {
+    u32::from_le_bytes(pack.0[..4].try_into().expect("4 bytes")) % n.max(1)
 }
 
 /// One piece of damage, naming the object.
@@ -113,7 +121,9 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
     }
     to_check.sort_by_key(|(id, _, _)| *id);
     report.packs = to_check.len();
-    let (problems, verified) = check_packs(repo, &to_check, opts.verify_data);
+    let (problems, verified) = check_packs(repo, &to_check, &|id| {
+        opts.verify_data || opts.verify_slice.is_some_and(|(i, n)| verify_slice(id, n) == i)
+    });
     report.problems.extend(problems);
     report.verified = verified;
 
@@ -189,7 +199,11 @@ fn check_tree(repo: &Repository, snap: &Id, root: Id, path: String, seen: &mut H
 }
 
 /// Compare each pack with the index, in parallel; with `verify`, read and verify every blob.
-fn check_packs(repo: &Repository, packs: &[(Id, u64, &Vec<PackEntry>)], verify: bool) -> (Vec<Problem>, usize) {
+fn check_packs(
+    repo: &Repository,
+    packs: &[(Id, u64, &Vec<PackEntry>)],
+    verify: &(dyn Fn(&Id) -> bool + Sync),
+) -> (Vec<Problem>, usize) {
     let next = AtomicUsize::new(0);
     let verified = AtomicUsize::new(0);
     let problems = Mutex::new(Vec::new());
@@ -202,7 +216,7 @@ fn check_packs(repo: &Repository, packs: &[(Id, u64, &Vec<PackEntry>)], verify: 
                     let Some(&(id, size, entries)) = packs.get(i) else {
                         return;
                     };
-                    let found = check_pack(repo, id, size, entries, verify, &verified);
+                    let found = check_pack(repo, id, size, entries, verify(&id), &verified);
                     problems.lock().expect("problems").extend(found);
                 }
             });
