@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing magpie needs on Debian: a C toolchain, Rust 1.90 or newer
 # with clippy and rustfmt, and the database servers and tools the dump tests start their own
-# throwaway instances of (PostgreSQL with pgbench, MariaDB, Redis). Idempotent; run as root.
+# throwaway instances of (PostgreSQL with pgbench, MariaDB, Redis, an SMTP server), and
+# systemd-analyze for the units in deploy/. Idempotent; run as root.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
@@ -13,6 +14,9 @@ command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || need+=(mariadb-se
 command -v mariadb-dump >/dev/null || need+=(mariadb-client)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
+# The run tests mail through aiosmtpd (for Debian's own python3) and verify the systemd units.
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need+=(python3-aiosmtpd)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${need[@]}"

@@ -213,3 +213,49 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// An SMTP server (aiosmtpd from Debian's python3-aiosmtpd) delivering into a maildir.
+pub struct Smtp {
+    pub port: u16,
+    pub maildir: PathBuf,
+    child: Child,
+}
+
+impl Smtp {
+    pub fn start(dir: &Path) -> Smtp {
+        fs::create_dir_all(dir).expect("smtp dir");
+        let port = free_port();
+        let maildir = dir.join("maildir");
+        let log = dir.join("smtp.log");
+        // Debian's interpreter: aiosmtpd is installed for it, not for another python3 on PATH.
+        let child = Command::new("/usr/bin/python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("smtp log"))
+            .spawn()
+            .expect("start aiosmtpd (apt install python3-aiosmtpd)");
+        wait_for("aiosmtpd", &log, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        Smtp { port, maildir, child }
+    }
+
+    /// The messages delivered so far, as text.
+    pub fn messages(&self) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(self.maildir.join("new"))
+            .map(|d| d.flatten().map(|e| fs::read_to_string(e.path()).unwrap_or_default()).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
