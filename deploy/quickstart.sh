@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One command on a fresh Debian machine: installs what magpie needs, builds it, and runs the main
-# job, a pull, against the embedded default: an agent on 127.0.0.1 serving one folder, a collector
-# with its own CA and certificates, and an encrypted repository in a local directory. It pulls,
-# lists, then verifies every byte. Run it again and the second pull moves only what changed.
+# One command on a fresh Debian machine: installs what magpie needs, builds it, and runs the
+# timer's job, `collector run`, against the embedded default: an agent on 127.0.0.1 serving one
+# folder and a SQLite database, a collector with its own CA and certificates, and an encrypted
+# repository in a local directory. It runs, lists the snapshots, shows the restore-readiness
+# status, restores everything into a folder and verifies every byte. Run it again and the second
+# pull moves only what changed.
 #
 #   bash deploy/quickstart.sh [FOLDER]       (default /etc; state in ./magpie-demo or $MAGPIE_DEMO_DIR)
 set -euo pipefail
@@ -22,6 +24,17 @@ if [ ! -f "$demo/certs/ca.pem" ]; then
     "$bin/collector" certs issue agent agent --san 127.0.0.1 --dir "$demo/certs"
     "$bin/collector" certs issue collector collector --dir "$demo/certs"
 fi
+if [ ! -f "$demo/app.sqlite" ]; then
+    # A small application database, backed up through SQLite's online backup API.
+    /usr/bin/python3 - "$demo/app.sqlite" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+db.executemany("INSERT INTO notes (body) VALUES (?)", [("note %d" % i,) for i in range(1000)])
+db.commit()
+PY
+fi
 if [ ! -f "$demo/passphrase" ]; then
     # A random passphrase, readable by its owner only: keep a copy somewhere safe.
     (umask 077; head -c 24 /dev/urandom | base64 > "$demo/passphrase")
@@ -39,6 +52,12 @@ name = "$(basename "$folder")"
 kind = "path"
 roots = ["$folder"]
 role = "config"
+category = "server-config"
+[[source]]
+name = "app-db"
+kind = "sqlite"
+path = "$demo/app.sqlite"
+category = "user-source-data"
 [spool]
 dir = "$demo/spool"
 T
@@ -46,6 +65,13 @@ cat > "$demo/collector.toml" <<T
 repository = "$demo/repo"
 passphrase_file = "$demo/passphrase"
 cache_dir = "$demo/cache"
+state_dir = "$demo/state"
+[retention]
+keep_daily = 7
+keep_weekly = 4
+keep_monthly = 6
+[run]
+metrics_file = "$demo/magpie.prom"
 [tls]
 ca = "$demo/certs/ca.pem"
 cert = "$demo/certs/collector.pem"
@@ -63,9 +89,13 @@ for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
 
 c=("$bin/collector" --config "$demo/collector.toml")
 [ -f "$demo/repo/config" ] || "${c[@]}" init
-"${c[@]}" pull
+"${c[@]}" run
 "${c[@]}" list
+"${c[@]}" status || true
+rm -rf "$demo/restored"
+"${c[@]}" restore --target-dir "$demo/restored"
 "${c[@]}" check --verify-data
 echo
 echo "repository $demo/repo, passphrase $demo/passphrase, agent log $demo/agent.log"
+echo "restored into $demo/restored; metrics in $demo/magpie.prom"
 echo "look inside: ${c[*]} ls latest -R | head"

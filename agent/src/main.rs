@@ -30,11 +30,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the sources of the configuration.
+    #[command(
+        after_help = "Example (as systemd's magpie-agent.service does):\n  agent serve --config /etc/magpie/agent.toml"
+    )]
     Serve {
         #[arg(long, default_value = "/etc/magpie/agent.toml")]
         config: PathBuf,
     },
     /// Check the configuration and exit.
+    #[command(after_help = "Example:\n  agent check-config --config /etc/magpie/agent.toml")]
     CheckConfig {
         #[arg(long, default_value = "/etc/magpie/agent.toml")]
         config: PathBuf,
@@ -42,11 +46,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // Under journald (which stamps every line itself), no timestamps of our own.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        logs.without_time().init();
+    } else {
+        logs.init();
+    }
     // One crypto provider for the whole process (ring), chosen explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match Cli::parse().command {

@@ -399,6 +399,14 @@ pub fn readiness(
                     .push(format!("{}: files of the snapshot replace theirs; files not in it stay", target.display()));
             }
             free = free.min(free_bytes(&target).unwrap_or(0));
+            if let Some(existing) = target.ancestors().find(|a| a.exists())
+                && rustix::fs::access(existing, rustix::fs::Access::WRITE_OK).is_err()
+            {
+                out.problems.push(format!(
+                    "{} is not writable by the agent (see deploy/systemd/magpie-agent-restore.conf)",
+                    existing.display()
+                ));
+            }
             out.targets.push(target.display().to_string());
         }
         out.free_bytes = free;

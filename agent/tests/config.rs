@@ -34,4 +34,22 @@ fn bad_configurations_name_the_problem() {
     assert!(!ok && err.contains("unknown"), "{err}");
     let (ok, err) = check(&format!("listen = \"127.0.0.1:1\"\n{tls}allowed_collectors = [\"san:x\"]\n"));
     assert!(!ok && err.contains(".pem holds no certificate"), "an unparsable certificate file is named: {err}");
+    // A setting of another kind is refused, not ignored; so is a bad value of a dump setting.
+    let base = format!("listen = \"127.0.0.1:1\"\n{tls}allowed_collectors = [\"san:x\"]\n");
+    for (src, want) in [
+        (
+            "name = \"p\"\nkind = \"path\"\nroots = [\"/tmp\"]\ndatabases = \"*\"\n",
+            "`databases` does not apply to kind \"path\"",
+        ),
+        (
+            "name = \"d\"\nkind = \"postgres\"\nrow_counts = \"some\"\n",
+            "row_counts = \"some\" must be \"exact\" or \"estimate\"",
+        ),
+        ("name = \"c\"\nkind = \"command\"\n", "kind command needs `command"),
+        ("name = \"q\"\nkind = \"sqlite\"\npath = \"relative.db\"\n", "must be absolute"),
+        ("name = \"x\"\nkind = \"oracle\"\n", "kind \"oracle\" is unknown"),
+    ] {
+        let (ok, err) = check(&format!("{base}[[source]]\n{src}"));
+        assert!(!ok && err.contains(want), "{want}: {err}");
+    }
 }

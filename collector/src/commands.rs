@@ -35,6 +35,9 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Pull the configured agents' sources into the repository: one snapshot per source.
+    #[command(
+        after_help = "Examples:\n  collector --config /etc/magpie/collector.toml pull\n  collector --config /etc/magpie/collector.toml pull --agent main --source postgres --json"
+    )]
     Pull {
         /// Only this agent.
         #[arg(long)]
@@ -71,21 +74,34 @@ pub enum Command {
         json: bool,
     },
     /// Make the private CA and the certificates of agents and collectors.
+    #[command(
+        after_help = "Examples:\n  collector certs init --dir /etc/magpie/certs\n  collector certs issue agent main --san main.example.org --dir /etc/magpie/certs\n  collector certs issue collector backup --dir /etc/magpie/certs\n  collector certs fingerprint /etc/magpie/certs/backup.pem"
+    )]
     Certs {
         #[command(subcommand)]
         command: crate::certs::CertsCommand,
     },
     /// Create a new, encrypted repository.
+    #[command(
+        after_help = "Example:\n  collector --repo /var/lib/magpie/repo --passphrase-file /etc/magpie/passphrase init"
+    )]
     Init(InitArgs),
     /// Store a local directory as a snapshot (for seeding and tests; `pull` fetches from agents).
+    #[command(
+        after_help = "Example:\n  collector --repo /var/lib/magpie/repo import /srv/www --source www --agent main --role data"
+    )]
     Import(ImportArgs),
     /// List snapshots, oldest first.
+    #[command(
+        after_help = "Examples:\n  collector --config /etc/magpie/collector.toml list\n  collector --config /etc/magpie/collector.toml list --json"
+    )]
     List {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// List the entries of a snapshot below PATH.
+    #[command(after_help = "Example:\n  collector --config /etc/magpie/collector.toml ls latest srv/www -R")]
     Ls {
         /// Snapshot id (a unique prefix) or `latest`.
         snapshot: String,
@@ -95,13 +111,19 @@ pub enum Command {
         #[arg(long, short = 'R')]
         recursive: bool,
     },
-    /// Write a snapshot's files into a local directory.
     /// Restore sources in dependency order (db, blobs, data, config), onto their agents or
     /// into a directory; the plan and its readiness checks come first.
+    #[command(
+        after_help = "Examples:\n  collector --config /etc/magpie/collector.toml restore --to-agent --order db,blobs,data --dry-run\n  collector --config /etc/magpie/collector.toml restore --to-agent --order db,blobs,data\n  collector --config /etc/magpie/collector.toml restore --source www --at '2026-11-20 18:00' --target-dir /srv/restore\n  collector --config /etc/magpie/collector.toml restore 3fa2c1 --path 'srv/www/**' --target-dir /tmp/www"
+    )]
     Restore(crate::restore::RestoreArgs),
     /// Remove snapshots that the retention policy does not keep (per agent and source).
+    #[command(
+        after_help = "Example:\n  collector --config /etc/magpie/collector.toml prune --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run"
+    )]
     Prune(PruneArgs),
     /// Remove data no snapshot references; repack packs with too much garbage.
+    #[command(after_help = "Example:\n  collector --config /etc/magpie/collector.toml compact --max-garbage 10")]
     Compact {
         /// Repack a pack when more than this percentage of it is garbage.
         #[arg(long, default_value_t = 10.0)]
@@ -110,6 +132,9 @@ pub enum Command {
         lock: LockArgs,
     },
     /// Verify the repository's structure (and, with --verify-data, every byte).
+    #[command(
+        after_help = "Examples:\n  collector --config /etc/magpie/collector.toml check\n  collector --config /etc/magpie/collector.toml check --verify-data --json"
+    )]
     Check {
         /// Read, decrypt, decompress and re-hash every blob.
         #[arg(long)]
@@ -124,11 +149,15 @@ pub enum Command {
         lock: LockArgs,
     },
     /// Manage the repository key.
+    #[command(
+        after_help = "Example:\n  collector --config /etc/magpie/collector.toml key passwd --new-passphrase-file /root/new-passphrase"
+    )]
     Key {
         #[command(subcommand)]
         command: KeyCommand,
     },
     /// Remove stale locks (of processes that are gone, or not refreshed for 30 minutes).
+    #[command(after_help = "Example:\n  collector --config /etc/magpie/collector.toml unlock")]
     Unlock {
         /// Remove every lock, live or not. Only when you know no other collector runs.
         #[arg(long)]

@@ -168,6 +168,8 @@ fn postgres_dump_under_pgbench_load_restores_consistent_with_exact_counts() {
         assert!(d.end_ns >= d.start_ns && d.start_ns > 0);
     }
     assert!(fs::read_to_string(out.join("globals.sql")).unwrap().contains("ALTER ROLE postgres"));
+    let readme = fs::read_to_string(out.join("README.txt")).unwrap();
+    assert!(readme.contains("bench.pgdump: createdb 'bench' && pg_restore"), "{readme}");
 
     // Load the dump into a fresh database: pgbench's invariant holds and the rows are those
     // the metadata recorded.

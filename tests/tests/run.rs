@@ -156,11 +156,28 @@ fn a_stale_source_is_a_failure_on_an_otherwise_clean_run() {
     // A source that stopped being pulled: its last snapshot is three days old.
     let repo = s.collector.repo();
     let files = repo.snapshots().unwrap().into_iter().find(|(_, x)| x.source == "files").unwrap().1;
-    let old =
-        repo_format::Snapshot { source: "legacy".into(), time_ns: files.time_ns - 3 * 86_400 * 1_000_000_000, ..files };
+    let old = repo_format::Snapshot {
+        source: "legacy".into(),
+        time_ns: files.time_ns - 3 * 86_400 * 1_000_000_000,
+        ..files.clone()
+    };
     repo.save_snapshot(&old).unwrap();
+    // Two earlier snapshots of `files` the same day, for retention to work on.
+    for minutes in [1, 2] {
+        let earlier = repo_format::Snapshot { time_ns: files.time_ns - minutes * 60 * 1_000_000_000, ..files.clone() };
+        repo.save_snapshot(&earlier).unwrap();
+    }
     let (code, report, all) = run(&s);
     assert_eq!(code, 4, "{all}");
+    // Four snapshots of `files` today: the newest stays, and (as borg does, while keep_daily is
+    // not filled) the oldest; the two between go.
+    assert_eq!(report["snapshots_pruned"], 2, "{all}");
+    let left = s.collector.repo().snapshots().unwrap();
+    let mut kept: Vec<i64> = left.iter().filter(|(_, x)| x.source == "files").map(|(_, x)| x.time_ns).collect();
+    kept.sort();
+    assert_eq!(kept.len(), 2, "{all}");
+    assert_eq!(kept[0], files.time_ns - 2 * 60 * 1_000_000_000, "the oldest stays");
+    assert_eq!(left.iter().filter(|(_, x)| x.source == "legacy").count(), 1, "{all}");
     let legacy = report["sources"].as_array().unwrap().iter().find(|x| x["source"] == "legacy").unwrap().clone();
     assert_eq!(legacy["status"], "stale", "{all}");
     let mails = s.smtp.messages();
