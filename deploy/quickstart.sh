@@ -15,7 +15,7 @@ demo=$(realpath -m "${MAGPIE_DEMO_DIR:-$PWD/magpie-demo}")
 bash deploy/install-deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 cargo build --release -p magpie-agent -p magpie-collector
-bin=$PWD/target/release
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release
 
 mkdir -p "$demo"
 chmod 700 "$demo"
