@@ -17,6 +17,9 @@ command -v redis-cli >/dev/null || need+=(redis-tools)
 # The run tests mail through aiosmtpd (for Debian's own python3) and verify the systemd units.
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need+=(python3-aiosmtpd)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# The SSH transport's tests start their own sshd.
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null || need+=(openssh-client)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${need[@]}"

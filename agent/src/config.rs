@@ -10,11 +10,12 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Address to listen on, e.g. "0.0.0.0:7443".
-    pub listen: SocketAddr,
+    /// Address to listen on, e.g. "0.0.0.0:7443" (not needed to serve over SSH with --stdio).
+    pub listen: Option<SocketAddr>,
     /// Name reported in the handshake (default: the host name).
     pub name: Option<String>,
-    pub tls: TlsConfig,
+    /// Mutual TLS (not needed to serve over SSH with --stdio, where SSH authenticates).
+    pub tls: Option<TlsConfig>,
     #[serde(default, rename = "source")]
     pub sources: Vec<SourceConfig>,
     #[serde(default)]
@@ -312,19 +313,34 @@ impl AgentConfig {
 
     /// Check everything that can be checked before serving; returns the sources.
     pub fn validate(&self) -> Result<Vec<Source>> {
-        for (what, p) in
-            [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key), ("tls.client_ca", &self.tls.client_ca)]
-        {
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
+        self.validate_sources()
+    }
+
+    /// `listen` and `[tls]`, which serving over the network needs.
+    pub fn network(&self) -> Result<(SocketAddr, &TlsConfig)> {
+        match (self.listen, &self.tls) {
+            (Some(l), Some(t)) => Ok((l, t)),
+            _ => bail!("`listen` and `[tls]` are needed to serve over the network (over SSH: agent serve --stdio)"),
+        }
+    }
+}
+
+impl TlsConfig {
+    fn validate(&self) -> Result<()> {
+        for (what, p) in [("tls.cert", &self.cert), ("tls.key", &self.key), ("tls.client_ca", &self.client_ca)] {
             if !p.is_file() {
                 bail!("{what} = {}: no such file", p.display());
             }
         }
-        if self.tls.allowed_collectors.is_empty() {
+        if self.allowed_collectors.is_empty() {
             bail!(
                 "tls.allowed_collectors is empty: pin at least one collector (\"sha256:…\" from `collector certs fingerprint`, or \"san:NAME\")"
             );
         }
-        for pin in &self.tls.allowed_collectors {
+        for pin in &self.allowed_collectors {
             let ok = match pin.split_once(':') {
                 Some(("sha256", hex)) => hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
                 Some(("san", name)) => !name.is_empty(),
@@ -336,6 +352,12 @@ impl AgentConfig {
                 );
             }
         }
+        Ok(())
+    }
+}
+
+impl AgentConfig {
+    fn validate_sources(&self) -> Result<Vec<Source>> {
         let mut names = std::collections::HashSet::new();
         let mut out = Vec::new();
         for s in &self.sources {

@@ -7,6 +7,7 @@ mod restore;
 mod server;
 mod source;
 mod spool;
+mod stdio;
 mod tls;
 mod wire;
 
@@ -36,6 +37,10 @@ enum Command {
     Serve {
         #[arg(long, default_value = "/etc/magpie/agent.toml")]
         config: PathBuf,
+        /// Serve one connection on standard input and output (the SSH transport: the collector
+        /// runs this through ssh); nothing but gRPC goes to stdout, logs go to stderr.
+        #[arg(long)]
+        stdio: bool,
     },
     /// Check the configuration and exit.
     #[command(after_help = "Example:\n  agent check-config --config /etc/magpie/agent.toml")]
@@ -60,7 +65,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match Cli::parse().command {
         Command::CheckConfig { config } => check_config(&config),
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config, stdio } => serve(&config, stdio),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -74,15 +79,21 @@ fn main() -> ExitCode {
 fn check_config(path: &std::path::Path) -> Result<()> {
     let cfg = config::AgentConfig::load(path)?;
     let sources = cfg.validate()?;
-    tls::server_config(&cfg.tls)?;
-    println!("{}: ok, {} sources, listening on {}", path.display(), sources.len(), cfg.listen);
+    let serving = match &cfg.tls {
+        Some(t) => {
+            tls::server_config(t)?;
+            let (listen, _) = cfg.network()?;
+            format!("listening on {listen}")
+        }
+        None => "over SSH only (serve --stdio)".to_string(),
+    };
+    println!("{}: ok, {} sources, {serving}", path.display(), sources.len());
     Ok(())
 }
 
-fn serve(path: &std::path::Path) -> Result<()> {
+fn serve(path: &std::path::Path, over_stdio: bool) -> Result<()> {
     let cfg = config::AgentConfig::load(path)?;
     let sources = cfg.validate()?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(&cfg.tls)?));
     let name = cfg.name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
@@ -101,10 +112,37 @@ fn serve(path: &std::path::Path) -> Result<()> {
         sessions: Default::default(),
         allow_restore: cfg.allow_restore,
     };
+    let server = tonic::transport::Server::builder()
+        // A collector that vanished without closing its connection is noticed, and the spool
+        // of its dump removed, within a minute.
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .concurrency_limit_per_connection(16)
+        .max_concurrent_streams(16)
+        .add_service(magpie_proto::v1::agent_server::AgentServer::new(service).max_decoding_message_size(66 << 20));
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    if over_stdio {
+        return rt.block_on(async move {
+            let (io, closed) = stdio::Stdio::new().context("standard input and output cannot carry the connection")?;
+            tracing::info!("agent serving over standard input and output (SSH)");
+            // One connection, and the incoming stream stays open while it lasts: a stream that
+            // ended would stop the server at once. It stops when the collector hangs up.
+            let incoming = tokio_stream::StreamExt::chain(
+                tokio_stream::once(Ok::<_, std::io::Error>(io)),
+                tokio_stream::pending(),
+            );
+            server
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = closed.await;
+                })
+                .await
+                .context("gRPC server over standard input and output")
+        });
+    }
+    let (listen, tls_config) = cfg.network()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(tls_config)?));
     rt.block_on(async move {
-        let listener =
-            TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!("agent listening on {}", listener.local_addr()?);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
@@ -131,14 +169,7 @@ fn serve(path: &std::path::Path) -> Result<()> {
                 });
             }
         });
-        tonic::transport::Server::builder()
-            // A collector that vanished without closing its connection is noticed, and the spool
-            // of its dump removed, within a minute.
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .concurrency_limit_per_connection(16)
-            .max_concurrent_streams(16)
-            .add_service(magpie_proto::v1::agent_server::AgentServer::new(service).max_decoding_message_size(66 << 20))
+        server
             .serve_with_incoming_shutdown(ReceiverStream::new(rx), async {
                 let _ = tokio::signal::ctrl_c().await;
             })

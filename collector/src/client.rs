@@ -19,6 +19,9 @@ fn host_port(agent: &AgentEntry) -> (String, String) {
 
 /// Open a channel to an agent; errors name the agent and the cause in one line.
 pub async fn connect(agent: &AgentEntry, tls: &TlsConfig) -> Result<AgentClient<Channel>> {
+    if agent.endpoint.starts_with("ssh://") {
+        return crate::ssh::connect(agent).await;
+    }
     let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
     let (host, _) = host_port(agent);
     let tls_cfg = ClientTlsConfig::new()

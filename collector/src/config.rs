@@ -195,6 +195,12 @@ pub struct AgentEntry {
     pub retention: Option<Retention>,
     /// This agent's staleness limit, instead of `run.max_age`.
     pub max_age: Option<String>,
+    /// ssh:// endpoints: the private key (default: ssh's own choice).
+    pub ssh_identity: Option<PathBuf>,
+    /// ssh:// endpoints: the known_hosts file holding the agent's host key (default: ssh's).
+    pub ssh_known_hosts: Option<PathBuf>,
+    /// ssh:// endpoints: the command to run (the authorized_keys entry may fix it anyway).
+    pub ssh_command: Option<String>,
 }
 
 fn yes() -> bool {
@@ -242,8 +248,13 @@ impl CollectorConfig {
             if !names.insert(&a.name) {
                 bail!("{}: agent {:?} is declared twice", path.display(), a.name);
             }
-            if !a.endpoint.starts_with("https://") {
-                bail!("{}: agent {:?}: endpoint {:?} must start with https://", path.display(), a.name, a.endpoint);
+            if !a.endpoint.starts_with("https://") && !a.endpoint.starts_with("ssh://") {
+                bail!(
+                    "{}: agent {:?}: endpoint {:?} must start with https:// (mutual TLS) or ssh:// (SSH)",
+                    path.display(),
+                    a.name,
+                    a.endpoint
+                );
             }
         }
         Ok(cfg)

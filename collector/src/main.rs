@@ -11,6 +11,7 @@ mod pull;
 mod restore;
 mod run;
 mod secret;
+mod ssh;
 mod state;
 mod status;
 

@@ -259,3 +259,68 @@ impl Drop for Smtp {
         self.stop();
     }
 }
+
+/// An OpenSSH server (Debian's openssh-server) on a high port with its own host key, letting one
+/// generated client key in with a forced command, as the install guide's authorized_keys does.
+pub struct Sshd {
+    pub port: u16,
+    /// The client's private key.
+    pub identity: PathBuf,
+    /// A known_hosts file holding this server's host key.
+    pub known_hosts: PathBuf,
+    /// The server's public host key line ("ssh-ed25519 AAAA…").
+    pub host_key: String,
+    child: Child,
+}
+
+impl Sshd {
+    /// Start sshd letting the client key run `forced_command` (and nothing else) as root.
+    pub fn start(dir: &Path, forced_command: &str) -> Sshd {
+        fs::create_dir_all(dir).expect("sshd dir");
+        fs::create_dir_all("/run/sshd").expect("privilege separation dir");
+        let keygen = |path: &Path| {
+            sh(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "magpie-test", "-f"]).arg(path));
+            fs::read_to_string(path.with_extension("pub")).expect("public key").trim().to_string()
+        };
+        let (host, client) = (dir.join("host_key"), dir.join("id_ed25519"));
+        let host_key = keygen(&host);
+        let client_key = keygen(&client);
+        let authorized = dir.join("authorized_keys");
+        fs::write(&authorized, format!("command=\"{forced_command}\",restrict {client_key}\n"))
+            .expect("authorized_keys");
+        let port = free_port();
+        let known_hosts = dir.join("known_hosts");
+        let host_key_line = host_key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_key_line}\n")).expect("known_hosts");
+        let config = dir.join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+                 PermitRootLogin forced-commands-only\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 UsePAM no\nStrictModes no\nLogLevel VERBOSE\n",
+                host.display(),
+                authorized.display(),
+                dir.join("sshd.pid").display()
+            ),
+        )
+        .expect("sshd_config");
+        let log = dir.join("sshd.log");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("sshd log"))
+            .spawn()
+            .expect("start sshd (apt install openssh-server)");
+        wait_for("sshd", &log, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        Sshd { port, identity: client, known_hosts, host_key: host_key_line, child }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
