@@ -231,14 +231,28 @@ impl Agent {
 
     /// The same, with top-level settings (`allow_restore = true`) before the tables.
     pub fn start_full(work: &Path, pki: &Pki, pinned: &[String], top: &str, sources_toml: &str, port: u16) -> Agent {
+        Agent::start_as(work, pki, "agent", pinned, &format!("{top}\n[tls]"), sources_toml, port)
+    }
+
+    /// The same with the certificate `cert` (NAME.pem of the PKI); `top_and_tls` ends with the
+    /// `[tls]` header the TLS settings follow.
+    pub fn start_as(
+        work: &Path,
+        pki: &Pki,
+        cert: &str,
+        pinned: &[String],
+        top_and_tls: &str,
+        sources_toml: &str,
+        port: u16,
+    ) -> Agent {
         let cfg = work.join("agent.toml");
         let pins: Vec<String> = pinned.iter().map(|p| format!("{p:?}")).collect();
         fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nname = \"main\"\n{top}\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_collectors = [{}]\n{sources_toml}",
-                pki.path("agent.pem"),
-                pki.path("agent-key.pem"),
+                "listen = \"127.0.0.1:{port}\"\nname = \"main\"\n{top_and_tls}\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_collectors = [{}]\n{sources_toml}",
+                pki.path(&format!("{cert}.pem")),
+                pki.path(&format!("{cert}-key.pem")),
                 pki.path("ca.pem"),
                 pins.join(", ")
             ),
