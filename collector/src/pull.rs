@@ -85,11 +85,15 @@ pub fn pull(cfg: &CollectorConfig, repo: &Repository, sel: &Selection) -> Result
 
     // Every agent first: its handshake says which sources there are. A failure here is that
     // agent's alone.
+    // All at once: an agent that does not answer delays no other.
     let mut failed = Vec::new();
     let mut jobs: Vec<Job<'_>> = Vec::new();
-    for agent in cfg.agents.iter().filter(|a| sel.agent.as_ref().is_none_or(|n| n == &a.name)) {
-        let started = Instant::now();
-        match rt.block_on(handshake(agent, cfg)) {
+    let started = Instant::now();
+    let selected: Vec<&AgentEntry> =
+        cfg.agents.iter().filter(|a| sel.agent.as_ref().is_none_or(|n| n == &a.name)).collect();
+    let answers = rt.block_on(futures_util::future::join_all(selected.iter().map(|a| handshake(a, cfg))));
+    for (agent, answer) in selected.into_iter().zip(answers) {
+        match answer {
             Err(e) => failed.push(SourceSummary {
                 agent: agent.name.clone(),
                 error: Some(format!("{e:#}")),
