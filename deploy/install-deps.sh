@@ -17,6 +17,8 @@ command -v redis-cli >/dev/null || need+=(redis-tools)
 # The run tests mail through aiosmtpd (for Debian's own python3) and verify the systemd units.
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need+=(python3-aiosmtpd)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# The S3 tests start moto's S3-compatible server (PyPI), through the python3 on PATH.
+python3 -c 'import moto.server' 2>/dev/null || python3 -m pip install -q 'moto[server]'
 # The SSH transport's tests start their own sshd.
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null || need+=(openssh-client)

@@ -296,18 +296,27 @@ impl PruneArgs {
 }
 
 struct Ctx {
+    /// A directory, or `s3://bucket/prefix`.
     repo_dir: PathBuf,
     passphrase_file: Option<PathBuf>,
+    s3: Option<crate::config::S3Settings>,
 }
 
 impl Ctx {
-    fn backend(&self) -> Arc<LocalBackend> {
-        Arc::new(LocalBackend::new(&self.repo_dir))
+    fn backend(&self) -> Result<Arc<dyn repo_format::backend::Backend>> {
+        let location = self.repo_dir.to_string_lossy();
+        match repo_format::backend::S3Config::from_url(&location) {
+            Some((bucket, prefix)) => {
+                let s3 = self.s3.clone().unwrap_or_default();
+                Ok(Arc::new(repo_format::backend::S3Backend::new(s3.config(bucket, prefix)?)?))
+            }
+            None => Ok(Arc::new(LocalBackend::new(&self.repo_dir))),
+        }
     }
 
     fn open(&self) -> Result<Repository> {
         let pass = secret::find(self.passphrase_file.as_deref())?;
-        Ok(Repository::open(self.backend(), pass.as_ref().map(|p| p.as_slice()))?)
+        Ok(Repository::open(self.backend()?, pass.as_ref().map(|p| p.as_slice()))?)
     }
 
     fn open_indexed(&self) -> Result<Repository> {
@@ -342,7 +351,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         .ok_or_else(|| usage("no repository given: use --repo DIR, MAGPIE_REPOSITORY, or --config FILE"))?;
     let passphrase_file =
         cli.passphrase_file.clone().or_else(|| config.as_ref().and_then(|c| c.passphrase_file.clone()));
-    let ctx = Ctx { repo_dir, passphrase_file };
+    let s3 = config.as_ref().and_then(|c| c.s3.clone());
+    let ctx = Ctx { repo_dir, passphrase_file, s3 };
     match cli.command {
         Command::Certs { .. } => unreachable!("handled above"),
         Command::Pull { agent, sources, accept_small_dumps, json } => {
@@ -399,7 +409,7 @@ fn init(ctx: &Ctx, a: &InitArgs) -> Result<u8> {
         pack_size: a.pack_size_mib.saturating_mul(1024 * 1024),
         ..InitOptions::encrypted(Vec::new())
     };
-    let repo = Repository::init(ctx.backend(), &opts)?;
+    let repo = Repository::init(ctx.backend()?, &opts)?;
     println!(
         "created {} repository {} at {}",
         if a.unencrypted { "UNENCRYPTED" } else { "encrypted" },

@@ -39,6 +39,62 @@ pub struct CollectorConfig {
     pub run: RunConfig,
     /// Where `collector run` reports failures and warnings.
     pub mail: Option<MailConfig>,
+    /// For `repository = "s3://bucket/prefix"`.
+    pub s3: Option<S3Settings>,
+}
+
+/// An S3-compatible repository's server and credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Settings {
+    /// For S3-compatible servers, e.g. "https://s3.example.org" or "http://127.0.0.1:9000".
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Path-style requests (most S3-compatible servers); false for virtual-hosted buckets.
+    #[serde(default = "yes")]
+    pub path_style: bool,
+    /// A file with the lines `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…`; without it,
+    /// those variables from the environment.
+    pub credentials_file: Option<PathBuf>,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        S3Settings { endpoint: None, region: default_region(), path_style: true, credentials_file: None }
+    }
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+impl S3Settings {
+    pub fn config(&self, bucket: String, prefix: String) -> Result<repo_format::backend::S3Config> {
+        let mut vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+        if let Some(f) = &self.credentials_file {
+            let text = std::fs::read_to_string(f).with_context(|| format!("s3.credentials_file {}", f.display()))?;
+            for line in text.lines() {
+                if let Some((k, v)) = line.split_once('=') {
+                    vars.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
+                }
+            }
+        }
+        let get = |k: &str| {
+            vars.get(k)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("{k} is not set: give it in s3.credentials_file or the environment"))
+        };
+        Ok(repo_format::backend::S3Config {
+            bucket,
+            prefix,
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            access_key_id: get("AWS_ACCESS_KEY_ID")?,
+            secret_access_key: get("AWS_SECRET_ACCESS_KEY")?,
+        })
+    }
 }
 
 fn default_state_dir() -> PathBuf {

@@ -324,3 +324,43 @@ impl Drop for Sshd {
         let _ = self.child.wait();
     }
 }
+
+/// An S3-compatible server (moto's server mode, from PyPI) on 127.0.0.1 with one bucket.
+pub struct S3Server {
+    pub port: u16,
+    pub bucket: String,
+    child: Child,
+}
+
+impl S3Server {
+    pub fn start(dir: &Path, bucket: &str) -> S3Server {
+        fs::create_dir_all(dir).expect("s3 dir");
+        let port = free_port();
+        let log = dir.join("moto.log");
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("moto log"))
+            .spawn()
+            .expect("start moto (python3 -m pip install 'moto[server]')");
+        wait_for("moto", &log, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        let s = S3Server { port, bucket: bucket.to_string(), child };
+        sh(Command::new("curl").args(["-sf", "-X", "PUT"]).arg(s.url(bucket)).stdout(Stdio::null()));
+        s
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, key: &str) -> String {
+        format!("{}/{key}", self.endpoint())
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

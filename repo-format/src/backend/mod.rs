@@ -14,9 +14,11 @@
 
 mod local;
 mod memory;
+mod s3;
 
 pub use local::LocalBackend;
 pub use memory::MemoryBackend;
+pub use s3::{S3Backend, S3Config};
 
 use std::ops::Range;
 
