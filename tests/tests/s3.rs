@@ -39,14 +39,7 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(workspace_bin("collector"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env_remove("MAGPIE_PASSPHRASE")
-            .env_remove("MAGPIE_REPOSITORY")
-            .output()
-            .unwrap()
+        magpie_tests::Collector { dir: self.tmp.path().to_path_buf(), config: self.config.clone() }.run(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
