@@ -73,6 +73,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy snapshots into another repository (e.g. local to S3 for an off-site copy); what the
+    /// target already holds is not stored again, and a snapshot already there is skipped.
+    #[command(
+        after_help = "Examples:\n  collector --config /etc/magpie/collector.toml copy --to s3://offsite/magpie\n  collector --config /etc/magpie/collector.toml copy --to /mnt/usb/magpie --source postgres"
+    )]
+    Copy {
+        /// The target repository: a directory or s3://bucket/prefix (its [s3] settings from
+        /// this configuration); initialised with `collector init` first.
+        #[arg(long)]
+        to: PathBuf,
+        /// The target's passphrase file (default: the source's passphrase).
+        #[arg(long)]
+        to_passphrase_file: Option<PathBuf>,
+        /// Only this agent's snapshots.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only these sources (repeatable).
+        #[arg(long = "source")]
+        sources: Vec<String>,
+        /// Machine-readable report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make the private CA and the certificates of agents and collectors.
     #[command(
         after_help = "Examples:\n  collector certs init --dir /etc/magpie/certs\n  collector certs issue agent main --san main.example.org --dir /etc/magpie/certs\n  collector certs issue collector backup --dir /etc/magpie/certs\n  collector certs fingerprint /etc/magpie/certs/backup.pem"
@@ -363,6 +386,32 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Status { json } => {
             let state_dir = config.as_ref().expect("loaded above").state_dir.clone();
             crate::status::status(&ctx.open_indexed()?, &ctx.repo_dir, &state_dir, json)
+        }
+        Command::Copy { to, to_passphrase_file, agent, sources, json } => {
+            let mut source = ctx.open()?;
+            let target_ctx = Ctx {
+                repo_dir: to,
+                passphrase_file: to_passphrase_file.or_else(|| ctx.passphrase_file.clone()),
+                s3: ctx.s3.clone(),
+            };
+            let mut target = target_ctx.open()?;
+            let r = crate::copy::copy(&mut source, &mut target, agent.as_deref(), &sources)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for c in &r.copied {
+                    println!("copied {c}");
+                }
+                println!(
+                    "{} snapshots copied, {} already there; {} blobs ({} bytes) added to {}",
+                    r.copied.len(),
+                    r.skipped,
+                    r.blobs_added,
+                    r.stored_added,
+                    target_ctx.repo_dir.display()
+                );
+            }
+            Ok(exit::OK)
         }
         Command::Init(a) => init(&ctx, &a),
         Command::Import(a) => import(&ctx, &a),

@@ -4,6 +4,7 @@ mod certs;
 mod client;
 mod commands;
 mod config;
+mod copy;
 mod delta;
 mod metrics;
 mod notify;

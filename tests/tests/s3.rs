@@ -129,6 +129,28 @@ fn round_trip_damage_two_writers_and_a_refused_prune_on_s3() {
     drop(lock);
     e.ok(&["prune", "--keep-last", "1"]);
 
+    // An off-site copy: a local repository's snapshots copied into the bucket, once.
+    let local = e.tmp.path().join("local");
+    let pass = e.tmp.path().join("pass");
+    let on_local = |args: &[&str]| {
+        let mut all = vec!["--repo", local.to_str().unwrap(), "--passphrase-file", pass.to_str().unwrap()];
+        all.extend_from_slice(args);
+        e.ok(&all)
+    };
+    on_local(&["init", "--kdf-memory-mib", "1", "--kdf-iterations", "1"]);
+    let docs = e.source("docs", 9);
+    on_local(&["import", docs.to_str().unwrap(), "--source", "docs", "--agent", "laptop"]);
+    let first = on_local(&["copy", "--to", "s3://magpie/backups", "--json"]);
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["copied"].as_array().unwrap().len(), 1, "{first}");
+    let again: serde_json::Value =
+        serde_json::from_str(&on_local(&["copy", "--to", "s3://magpie/backups", "--json"])).unwrap();
+    assert_eq!((again["copied"].as_array().unwrap().len(), again["skipped"].as_u64()), (0, Some(1)), "{again}");
+    let out = e.tmp.path().join("from-s3");
+    e.ok(&["restore", "--source", "docs", "--target-dir", out.to_str().unwrap()]);
+    assert_eq!(tree_state(&docs), tree_state(&out.join("laptop/docs")));
+    assert!(e.ok(&["check", "--verify-data"]).contains("no damage"));
+
     // A pack changed in the bucket: check names it.
     let packs = e.backend().list("data/").unwrap();
     let victim = &packs[0];
