@@ -385,7 +385,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Run { json } => crate::run::run(config.as_ref().expect("loaded above"), ctx.open()?, json),
         Command::Status { json } => {
             let state_dir = config.as_ref().expect("loaded above").state_dir.clone();
-            crate::status::status(&ctx.open_indexed()?, &ctx.repo_dir, &state_dir, json)
+            crate::status::status(&ctx.open()?, &ctx.repo_dir, &state_dir, json)
         }
         Command::Copy { to, to_passphrase_file, agent, sources, json } => {
             let mut source = ctx.open()?;

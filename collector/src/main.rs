@@ -53,7 +53,7 @@ pub mod exit {
     pub const SOURCES_FAILED: u8 = 4;
     /// `run`: everything was pulled, with warnings (files skipped, a hook that failed…).
     pub const WARNINGS: u8 = 5;
-    /// `run`: the report could not be mailed (whatever else happened: nobody was told).
+    /// `run`: the report could not be mailed (nobody was told); only damage (1) outranks it.
     pub const MAIL_FAILED: u8 = 6;
     /// No repository at the location given.
     pub const NO_REPOSITORY: u8 = 10;

@@ -158,15 +158,15 @@ pub fn run(mut repo: Repository, cfg: Option<&CollectorConfig>, a: &RestoreArgs)
         let cfg = cfg.ok_or_else(|| {
             crate::commands::UsageError("--to-agent needs the collector configuration (--config FILE)".into())
         })?;
-        for agent in plan.iter().map(|p| p.agent.clone()).collect::<std::collections::BTreeSet<_>>() {
-            let client = match cfg.agents.iter().find(|x| x.name == agent) {
+        // All at once, as pull does.
+        let names: std::collections::BTreeSet<String> = plan.iter().map(|p| p.agent.clone()).collect();
+        let answers = rt.block_on(futures_util::future::join_all(names.iter().map(|agent| async move {
+            match cfg.agents.iter().find(|x| &x.name == agent) {
                 None => Err(format!("agent {agent} is not in the collector configuration")),
-                Some(entry) => {
-                    rt.block_on(crate::pull::handshake(entry, cfg)).map(|(c, _)| c).map_err(|e| format!("{e:#}"))
-                }
-            };
-            clients.insert(agent, client);
-        }
+                Some(entry) => crate::pull::handshake(entry, cfg).await.map(|(c, _)| c).map_err(|e| format!("{e:#}")),
+            }
+        })));
+        clients.extend(names.into_iter().zip(answers));
     }
     for item in &mut plan {
         ready(&rt, item, a, &filter, &clients);
@@ -311,20 +311,12 @@ fn select(repo: &Repository, a: &RestoreArgs, order: &[String]) -> Result<(Vec<P
                 Some(t) => parse_at(t)?,
                 None => i64::MAX,
             };
-            let mut newest: BTreeMap<(String, String), (Id, Snapshot)> = BTreeMap::new();
-            for (id, s) in repo.snapshots()? {
-                if s.time_ns > at
-                    || a.agent.as_ref().is_some_and(|x| x != &s.agent)
-                    || (!a.sources.is_empty() && !a.sources.contains(&s.source))
-                {
-                    continue;
-                }
-                let key = (s.agent.clone(), s.source.clone());
-                if newest.get(&key).is_none_or(|(_, n)| n.time_ns < s.time_ns) {
-                    newest.insert(key, (id, s));
-                }
-            }
-            newest.into_values().collect()
+            let selected = repo.snapshots()?.into_iter().filter(|(_, s)| {
+                s.time_ns <= at
+                    && a.agent.as_ref().is_none_or(|x| x == &s.agent)
+                    && (a.sources.is_empty() || a.sources.contains(&s.source))
+            });
+            repo_format::newest_per_group(selected).into_values().collect()
         }
     };
     if chosen.is_empty() {

@@ -121,7 +121,7 @@ pub fn run(cfg: &CollectorConfig, mut repo: Repository, json: bool) -> Result<u8
     if let Err(e) = staleness(cfg, &repo, &mut out) {
         out.repository.push(format!("reading snapshots: {e:#}"));
     }
-    out.repository_bytes = repository_bytes(&repo);
+    out.repository_bytes = repo.stored_bytes().unwrap_or(0);
 
     // 6. The verdict, the record, the metrics, the mail.
     let damaged = !out.check_clean;
@@ -236,14 +236,7 @@ fn check_repo(cfg: &CollectorConfig, repo: &mut Repository, state: &mut State, o
 /// than its max_age is stale (a failure), pulled this run or not.
 fn staleness(cfg: &CollectorConfig, repo: &Repository, out: &mut RunOutcome) -> Result<()> {
     let now = chrono::Utc::now();
-    let mut newest: BTreeMap<(String, String), (repo_format::Id, repo_format::Snapshot)> = BTreeMap::new();
-    for (id, s) in repo.snapshots()? {
-        let key = (s.agent.clone(), s.source.clone());
-        if newest.get(&key).is_none_or(|(_, n)| n.time_ns < s.time_ns) {
-            newest.insert(key, (id, s));
-        }
-    }
-    for ((agent, source), (id, snap)) in newest {
+    for ((agent, source), (id, snap)) in repo_format::newest_per_group(repo.snapshots()?) {
         let Some(entry) = cfg.agents.iter().find(|a| a.name == agent) else { continue };
         let max_age = repo_format::retention::parse_within(entry.max_age.as_deref().unwrap_or(&cfg.run.max_age))
             .map_err(anyhow::Error::msg)?;
@@ -274,14 +267,4 @@ fn staleness(cfg: &CollectorConfig, repo: &Repository, out: &mut RunOutcome) -> 
         }
     }
     Ok(())
-}
-
-/// Stored bytes of the repository (every object).
-fn repository_bytes(repo: &Repository) -> u64 {
-    ["data/", "index/", "snapshots/", "keys/"]
-        .iter()
-        .filter_map(|d| repo.backend().list(d).ok())
-        .flatten()
-        .map(|o| o.size)
-        .sum()
 }

@@ -73,9 +73,11 @@ pub fn status(repo: &Repository, repo_dir: &Path, state_dir: &Path, json: bool) 
             restore_bytes: newest.stats.as_ref().map_or(0, |x| x.bytes),
             ..Default::default()
         };
-        if saved.last_failure > saved.last_success {
-            s.last_failure = saved.last_failure.map(time);
-            s.last_error = saved.last_error.clone();
+        // A failure of the whole agent (unreachable, refused) is each of its sources' failure.
+        let agent_wide = state.sources.get(agent.as_str()).filter(|a| a.last_failure > saved.last_success);
+        if let Some(failed) = agent_wide.or((saved.last_failure > saved.last_success).then_some(&saved)) {
+            s.last_failure = failed.last_failure.map(time);
+            s.last_error = failed.last_error.clone();
             s.problems.push("its last pull failed".into());
         }
         for d in &newest.dumps {
@@ -93,7 +95,7 @@ pub fn status(repo: &Repository, repo_dir: &Path, state_dir: &Path, json: bool) 
     }
     // Pulls that never committed anything are sources too.
     for (key, saved) in &state.sources {
-        let (agent, source) = key.split_once('/').unwrap_or((key, ""));
+        let Some((agent, source)) = key.split_once('/') else { continue };
         if !groups.contains_key(&(agent.to_string(), source.to_string())) {
             st.sources.push(SourceStatus {
                 agent: agent.into(),
@@ -105,12 +107,7 @@ pub fn status(repo: &Repository, repo_dir: &Path, state_dir: &Path, json: bool) 
             });
         }
     }
-    st.repository_bytes = ["data/", "index/", "snapshots/", "keys/"]
-        .iter()
-        .filter_map(|d| repo.backend().list(d).ok())
-        .flatten()
-        .map(|o| o.size)
-        .sum();
+    st.repository_bytes = repo.stored_bytes()?;
     st.free_bytes = rustix::fs::statvfs(repo_dir).ok().map(|v| v.f_bavail.saturating_mul(v.f_frsize));
     if let Some(free) = st.free_bytes
         && free < st.full_restore_bytes

@@ -49,6 +49,6 @@ pub mod writer;
 pub use error::{Error, Result};
 pub use id::Id;
 pub use repofile::pack::BlobKind;
-pub use repofile::snapshot::{DumpInfo, Snapshot, SnapshotStats, TableRows};
+pub use repofile::snapshot::{DumpInfo, Snapshot, SnapshotStats, TableRows, newest_per_group};
 pub use repository::{InitOptions, Repository};
 pub use writer::{WriteStats, Writer};

@@ -353,6 +353,15 @@ impl Repository {
         Ok(out)
     }
 
+    /// Stored bytes of every object (packs, index files, snapshots, keys).
+    pub fn stored_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for dir in [rf::DATA_DIR, rf::INDEX_DIR, rf::SNAPSHOT_DIR, rf::KEY_DIR] {
+            total += self.backend.list(dir)?.iter().map(|o| o.size).sum::<u64>();
+        }
+        Ok(total)
+    }
+
     /// Resolve `latest`, a full id or a unique hex prefix.
     pub fn find_snapshot(&self, what: &str) -> Result<Id> {
         if what == "latest" {

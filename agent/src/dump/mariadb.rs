@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use magpie_proto::v1::{CheckResult, DumpInfo, TableRows};
 
 use super::process::{self, Limits, Output};
-use super::{Conn, Readiness, RestoreRun, Run, file_name, now_ns, row_check, sql_checks, tool_version};
+use super::{Conn, Readiness, RestoreRun, Run, file_name, now_ns, row_check, sql_checks, tool_version, unhex};
 
 #[derive(Debug)]
 pub struct Mariadb {
@@ -270,11 +270,6 @@ fn client(program: &str, options: &Path) -> Command {
     // --defaults-file: this file only, not /etc/mysql or ~/.my.cnf (no credentials from elsewhere).
     cmd.arg(format!("--defaults-file={}", options.display())).env_remove("MYSQL_PWD").env_remove("MYSQL_HOST");
     cmd
-}
-
-/// A name the server sent as HEX() (so no name can break the tab-separated answer).
-fn unhex(h: &str) -> Result<String> {
-    Ok(String::from_utf8_lossy(&hex::decode(h.trim()).context("a name in hex")?).into_owned())
 }
 
 /// A string as a literal that no name can break out of, whatever the server's sql_mode.

@@ -12,7 +12,6 @@ pub mod process;
 mod redis;
 mod sqlite;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -501,23 +500,19 @@ fn command(argv: &[String], filename: &str, run: &Run<'_>, limits: &Limits<'_>) 
 }
 
 fn size_and_hash(p: &Path) -> Result<(u64, [u8; 32])> {
-    let mut f = std::fs::File::open(p).with_context(|| format!("dump file {} is missing", p.display()))?;
+    let f = std::fs::File::open(p).with_context(|| format!("dump file {} is missing", p.display()))?;
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((size, *h.finalize().as_bytes()))
+    h.update_reader(f)?;
+    Ok((h.count(), *h.finalize().as_bytes()))
 }
 
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// A name the server sent hex-encoded (so no name can break a line- or tab-separated answer).
+fn unhex(h: &str) -> Result<String> {
+    Ok(String::from_utf8_lossy(&hex::decode(h.trim()).context("a name in hex")?).into_owned())
 }
 
 /// A database name as a file name: '/', '%', NUL and a leading '.' percent-encoded.

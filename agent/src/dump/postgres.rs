@@ -17,7 +17,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use magpie_proto::v1::{CheckResult, DumpInfo, TableRows};
 
 use super::process::{self, Limits, Output};
-use super::{Conn, Readiness, RestoreRun, Run, file_name, now_ns, row_check, sql_checks, tool_version, version_token};
+use super::{
+    Conn, Readiness, RestoreRun, Run, file_name, now_ns, row_check, sql_checks, tool_version, unhex, version_token,
+};
 
 #[derive(Debug)]
 pub struct Postgres {
@@ -241,10 +243,6 @@ impl Postgres {
 /// A string literal no name can break out of, whatever standard_conforming_strings says.
 fn literal(s: &str) -> String {
     format!("convert_from(decode('{}', 'hex'), 'UTF8')", hex::encode(s))
-}
-
-fn unhex(h: &str) -> Result<String> {
-    Ok(String::from_utf8_lossy(&hex::decode(h.trim()).context("a name in hex")?).into_owned())
 }
 
 /// A quoted identifier.

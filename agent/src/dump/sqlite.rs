@@ -106,10 +106,9 @@ fn copy(src: &Path, dst: &Path, limits: &Limits<'_>) -> Result<Vec<TableRows>> {
     }
     drop(source);
     copy.pragma_update(None, "journal_mode", "DELETE")?;
-    let verdict: Vec<String> =
-        copy.prepare("PRAGMA integrity_check")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-    if verdict != ["ok"] {
-        bail!("the copy fails integrity_check: {}", verdict.join("; "));
+    let verdict = integrity(dst)?;
+    if verdict != "ok" {
+        bail!("the copy fails integrity_check: {verdict}");
     }
     let names: Vec<String> = copy
         .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name")?

@@ -1,14 +1,13 @@
 //! S3-compatible object storage (object_store): create-only puts through `If-None-Match: *`,
 //! range reads, listings and deletes, with object_store's retries and backoff. Nothing here needs
 //! rename, which S3 lacks: the repository's write order and lock protocol use only these four
-//! operations (FORMAT.md §14, §15).
+//! operations (FORMAT.md §11, §14).
 //!
 //! The trait is synchronous; object_store is not. Calls run on the backend's own runtime, from a
 //! scoped thread when the caller is itself inside a tokio runtime (blocking one of its threads
 //! would panic).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as Key;
@@ -45,7 +44,6 @@ pub struct S3Backend {
     store: AmazonS3,
     cfg: S3Config,
     rt: tokio::runtime::Runtime,
-    requests: AtomicU64,
 }
 
 fn io_err(name: &str, e: impl std::fmt::Display) -> BackendError {
@@ -73,12 +71,7 @@ impl S3Backend {
             .enable_all()
             .build()
             .map_err(|e| BackendError::io("s3 runtime", e))?;
-        Ok(S3Backend { store, cfg, rt, requests: AtomicU64::new(0) })
-    }
-
-    /// Requests made so far (for the cost per GiB stored).
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        Ok(S3Backend { store, cfg, rt })
     }
 
     fn key(&self, name: &str) -> Key {
@@ -87,7 +80,6 @@ impl S3Backend {
 
     /// Run `f` to completion on the backend's runtime.
     fn block<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         if tokio::runtime::Handle::try_current().is_ok() {
             std::thread::scope(|s| s.spawn(|| self.rt.block_on(f)).join().expect("the S3 call panicked"))
         } else {

@@ -130,6 +130,26 @@ pub struct DumpInfo {
     pub end_ns: i64,
 }
 
+/// The newest snapshot of each (agent, source) group among `snaps`.
+pub fn newest_per_group(
+    snaps: impl IntoIterator<Item = (crate::Id, Snapshot)>,
+) -> std::collections::BTreeMap<(String, String), (crate::Id, Snapshot)> {
+    let mut newest = std::collections::BTreeMap::new();
+    for (id, s) in snaps {
+        match newest.entry(s.group()) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((id, s));
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                if o.get().1.time_ns < s.time_ns {
+                    o.insert((id, s));
+                }
+            }
+        }
+    }
+    newest
+}
+
 impl Snapshot {
     /// Start time as a UTC date.
     pub fn time(&self) -> chrono::DateTime<chrono::Utc> {
