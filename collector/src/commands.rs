@@ -96,6 +96,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the configuration (for configuration management) and exit: 0, or 2 with one line
+    /// naming the file, the key and what is expected.
+    #[command(after_help = "Example:\n  collector --config /etc/magpie/collector.toml check-config")]
+    CheckConfig,
     /// Make the private CA and the certificates of agents and collectors.
     #[command(
         after_help = "Examples:\n  collector certs init --dir /etc/magpie/certs\n  collector certs issue agent main --san main.example.org --dir /etc/magpie/certs\n  collector certs issue collector backup --dir /etc/magpie/certs\n  collector certs fingerprint /etc/magpie/certs/backup.pem"
@@ -353,8 +357,10 @@ impl Ctx {
 pub fn run(cli: Cli) -> Result<u8> {
     let config = match &cli.config {
         Some(p) => Some(crate::config::CollectorConfig::load(p).map_err(|e| usage(format!("{e:#}")))?),
-        None if matches!(cli.command, Command::Pull { .. } | Command::Run { .. } | Command::Status { .. })
-            || matches!(&cli.command, Command::Restore(a) if a.to_agent) =>
+        None if matches!(
+            cli.command,
+            Command::Pull { .. } | Command::Run { .. } | Command::Status { .. } | Command::CheckConfig
+        ) || matches!(&cli.command, Command::Restore(a) if a.to_agent) =>
         {
             Some(
                 crate::config::CollectorConfig::load(Path::new(crate::config::DEFAULT_PATH))
@@ -367,6 +373,25 @@ pub fn run(cli: Cli) -> Result<u8> {
         crate::certs::run(command)?;
         return Ok(exit::OK);
     }
+    if let Command::CheckConfig = cli.command {
+        let cfg = config.as_ref().expect("loaded above");
+        // Loading checked keys and values; these need the files they name.
+        for (key, p) in [("tls.ca", &cfg.tls.ca), ("tls.cert", &cfg.tls.cert), ("tls.key", &cfg.tls.key)] {
+            if cfg.agents.iter().any(|a| a.endpoint.starts_with("https://")) && !p.is_file() {
+                return Err(usage(format!("{key} = {}: no such file", p.display())).into());
+            }
+        }
+        if let Some((bucket, prefix)) = repo_format::backend::S3Config::from_url(&cfg.repository.to_string_lossy()) {
+            cfg.s3.clone().unwrap_or_default().config(bucket, prefix).map_err(|e| usage(format!("{e:#}")))?;
+        }
+        println!(
+            "ok: repository {}, {} agents, {}",
+            cfg.repository.display(),
+            cfg.agents.len(),
+            if cfg.mail.is_some() { "mail configured" } else { "no mail" }
+        );
+        return Ok(exit::OK);
+    }
     let repo_dir = cli
         .repo
         .clone()
@@ -377,7 +402,7 @@ pub fn run(cli: Cli) -> Result<u8> {
     let s3 = config.as_ref().and_then(|c| c.s3.clone());
     let ctx = Ctx { repo_dir, passphrase_file, s3 };
     match cli.command {
-        Command::Certs { .. } => unreachable!("handled above"),
+        Command::Certs { .. } | Command::CheckConfig => unreachable!("handled above"),
         Command::Pull { agent, sources, accept_small_dumps, json } => {
             let sel = crate::pull::Selection { agent, sources, accept_small_dumps };
             pull_cmd(&ctx, config.as_ref().expect("loaded above"), sel, json)

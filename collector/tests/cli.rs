@@ -218,3 +218,28 @@ fn walk_files(p: &Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+#[test]
+fn check_config_accepts_the_example_and_names_a_bad_key() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/collector.toml");
+    let o = Command::new(env!("CARGO_BIN_EXE_collector")).args(["--config", example, "check-config"]).output().unwrap();
+    // The example's certificate files do not exist here: named, exit 2.
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("tls.ca = /etc/magpie/certs/ca.pem: no such file"), "{}", stderr(&o));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("c.toml");
+    std::fs::write(
+        &bad,
+        "repository = \"/r\"\n[run]\nmax_age = \"36 hours\"\n[tls]\nca = \"/x\"\ncert = \"/x\"\nkey = \"/x\"\n",
+    )
+    .unwrap();
+    let o =
+        Command::new(env!("CARGO_BIN_EXE_collector")).arg("--config").arg(&bad).arg("check-config").output().unwrap();
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("run.max_age") && stderr(&o).contains("36H"), "{}", stderr(&o));
+    let good = dir.path().join("g.toml");
+    std::fs::write(&good, "repository = \"/r\"\n[tls]\nca = \"/x\"\ncert = \"/x\"\nkey = \"/x\"\n").unwrap();
+    let o =
+        Command::new(env!("CARGO_BIN_EXE_collector")).arg("--config").arg(&good).arg("check-config").output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
