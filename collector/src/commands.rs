@@ -378,7 +378,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         // Loading checked keys and values; these need the files they name.
         for (key, p) in [("tls.ca", &cfg.tls.ca), ("tls.cert", &cfg.tls.cert), ("tls.key", &cfg.tls.key)] {
             if cfg.agents.iter().any(|a| a.endpoint.starts_with("https://")) && !p.is_file() {
-                return Err(usage(format!("{key} = {}: no such file", p.display())).into());
+                return Err(usage(format!("{key} = {}: no such file", p.display())));
             }
         }
         if let Some((bucket, prefix)) = repo_format::backend::S3Config::from_url(&cfg.repository.to_string_lossy()) {
