@@ -13,7 +13,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use magpie_proto::v1::{CheckResult, DumpInfo, TableRows};
 
 use super::process::{self, Limits, Output};
-use super::{Conn, Readiness, RestoreRun, Run, file_name, now_ns, row_check, sql_checks, tool_version, unhex};
+use super::{
+    Conn, DbPlan, Readiness, RestoreRun, Run, db_plan, file_name, now_ns, plan_note, row_check, sql_checks,
+    tool_version, unhex,
+};
 
 #[derive(Debug)]
 pub struct Mariadb {
@@ -190,16 +193,9 @@ impl Mariadb {
         let server = format!("MariaDB at {}", self.conn.describe(3306));
         for d in dumps {
             r.targets.push(format!("database {} on {server}", d.database));
-            match self.db_tables(&options, &d.database, limits).with_context(|| format!("connecting to {server}"))? {
-                None => {}
-                Some(0) => r.overwrites.push(format!("database {} exists and is empty", d.database)),
-                Some(n) if clean => r.overwrites.push(format!("database {}: dropped with its {n} tables (--clean)", d.database)),
-                Some(n) if force => r.overwrites.push(format!("database {}: loaded into its {n} tables (--force)", d.database)),
-                Some(n) => r.problems.push(format!(
-                    "database {} is not empty ({n} tables): restore with --clean to replace it, or --force to load into it as it is",
-                    d.database
-                )),
-            }
+            let tables =
+                self.db_tables(&options, &d.database, limits).with_context(|| format!("connecting to {server}"))?;
+            plan_note(r, db_plan(&d.database, tables, clean, force));
         }
         Ok(())
     }
@@ -211,15 +207,9 @@ impl Mariadb {
         for d in run.dumps {
             let db = &d.database;
             (run.progress)(format!("restoring database {db}"));
-            match self.db_tables(&options, db, limits)? {
-                None | Some(0) => {}
-                Some(_) if run.clean => {
-                    self.query(&options, None, &format!("DROP DATABASE `{}`", ident(db)), limits)?;
-                }
-                Some(_) if run.force => {}
-                Some(n) => bail!(
-                    "database {db} is not empty ({n} tables): restore with --clean to replace it, or --force to load into it as it is"
-                ),
+            // The dump creates its database when missing; --clean drops it first.
+            if db_plan(db, self.db_tables(&options, db, limits)?, run.clean, run.force)?.0 == DbPlan::Clean {
+                self.query(&options, None, &format!("DROP DATABASE `{}`", ident(db)), limits)?;
             }
             process::run_stdin(
                 &format!("loading database {db}"),

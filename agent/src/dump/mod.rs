@@ -385,6 +385,40 @@ pub struct Readiness {
     pub problems: Vec<String>,
 }
 
+/// What a restore does with its target database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DbPlan {
+    Create,
+    Load,
+    /// Replace what the dump holds (--clean).
+    Clean,
+}
+
+/// The one rule for a target database holding `tables` tables (None: missing): create it, load
+/// into it when empty, clean it with --clean, load into it as it is with --force, else refuse.
+/// Returns the plan and what the plan will say it overwrites.
+fn db_plan(db: &str, tables: Option<u64>, clean: bool, force: bool) -> Result<(DbPlan, Option<String>)> {
+    match tables {
+        None => Ok((DbPlan::Create, None)),
+        Some(0) => Ok((DbPlan::Load, Some(format!("database {db} exists and is empty")))),
+        Some(n) if clean => {
+            Ok((DbPlan::Clean, Some(format!("database {db}: what the dump holds replaces its {n} tables (--clean)"))))
+        }
+        Some(n) if force => Ok((DbPlan::Load, Some(format!("database {db}: loaded into its {n} tables (--force)")))),
+        Some(n) => bail!(
+            "database {db} is not empty ({n} tables): restore with --clean to replace what the dump holds, or --force to load into it as it is"
+        ),
+    }
+}
+
+/// A database's plan in a readiness report: what it overwrites, or why it cannot go ahead.
+fn plan_note(r: &mut Readiness, plan: Result<(DbPlan, Option<String>)>) {
+    match plan {
+        Ok((_, note)) => r.overwrites.extend(note),
+        Err(e) => r.problems.push(format!("{e:#}")),
+    }
+}
+
 pub fn check(name: &str, ok: bool, detail: &str) -> CheckResult {
     CheckResult { name: name.to_string(), ok, detail: detail.to_string() }
 }

@@ -18,7 +18,8 @@ use magpie_proto::v1::{CheckResult, DumpInfo, TableRows};
 
 use super::process::{self, Limits, Output};
 use super::{
-    Conn, Readiness, RestoreRun, Run, file_name, now_ns, row_check, sql_checks, tool_version, unhex, version_token,
+    Conn, DbPlan, Readiness, RestoreRun, Run, db_plan, file_name, now_ns, plan_note, row_check, sql_checks,
+    tool_version, unhex, version_token,
 };
 
 #[derive(Debug)]
@@ -309,16 +310,8 @@ impl Postgres {
                 continue;
             }
             r.targets.push(format!("database {} on {server}", d.database));
-            match self.db_tables(&pgpass, &d.database, limits)? {
-                None => {}
-                Some(0) => r.overwrites.push(format!("database {} exists and is empty", d.database)),
-                Some(n) if clean => r.overwrites.push(format!("database {}: its {n} tables are replaced (--clean)", d.database)),
-                Some(n) if force => r.overwrites.push(format!("database {}: loaded into its {n} tables (--force)", d.database)),
-                Some(n) => r.problems.push(format!(
-                    "database {} is not empty ({n} tables): restore with --clean to replace what the dump holds, or --force to load into it as it is",
-                    d.database
-                )),
-            }
+            let tables = self.db_tables(&pgpass, &d.database, limits)?;
+            plan_note(r, db_plan(&d.database, tables, clean, force));
         }
         Ok(())
     }
@@ -356,18 +349,11 @@ impl Postgres {
             let db = &d.database;
             (run.progress)(format!("restoring database {db}"));
             let quoted = ident(db);
-            let mut clean = false;
-            match self.db_tables(&pgpass, db, limits)? {
-                None => {
-                    self.psql(&pgpass, MAINTENANCE_DB, &format!("CREATE DATABASE {quoted}"), limits)?;
-                }
-                Some(0) => {}
-                Some(_) if run.clean => clean = true,
-                Some(_) if run.force => {}
-                Some(n) => bail!(
-                    "database {db} is not empty ({n} tables): restore with --clean to replace what the dump holds, or --force to load into it as it is"
-                ),
+            let (plan, _) = db_plan(db, self.db_tables(&pgpass, db, limits)?, run.clean, run.force)?;
+            if plan == DbPlan::Create {
+                self.psql(&pgpass, MAINTENANCE_DB, &format!("CREATE DATABASE {quoted}"), limits)?;
             }
+            let clean = plan == DbPlan::Clean;
             let mut cmd = self.tool("pg_restore", &pgpass);
             cmd.args(["-j", "2", "-d", &conninfo(db)]);
             if clean {
