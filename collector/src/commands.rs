@@ -10,7 +10,7 @@ use repo_format::backend::LocalBackend;
 use repo_format::crypto::KdfParams;
 use repo_format::ops::{check, compact, prune, repair};
 use repo_format::repofile::tree::{Node, NodeKind};
-use repo_format::retention::{self, Policy};
+use repo_format::retention::Policy;
 use repo_format::{Id, InitOptions, Repository, Snapshot, Writer, locking};
 use serde_json::json;
 
@@ -305,16 +305,16 @@ pub struct PruneArgs {
 
 impl PruneArgs {
     fn policy(&self) -> Result<Policy> {
-        let within_secs = self.keep_within.as_deref().map(retention::parse_within).transpose().map_err(usage)?;
-        let p = Policy {
-            within_secs,
-            last: self.keep_last,
-            hourly: self.keep_hourly,
-            daily: self.keep_daily,
-            weekly: self.keep_weekly,
-            monthly: self.keep_monthly,
-            yearly: self.keep_yearly,
+        let rules = crate::config::Retention {
+            keep_within: self.keep_within.clone(),
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
         };
+        let p = rules.rules().map_err(|e| usage(format!("--keep-within: {e:#}")))?;
         if p.is_empty() {
             return Err(usage("prune needs at least one --keep-* rule (it would remove every snapshot)"));
         }

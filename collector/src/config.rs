@@ -122,14 +122,15 @@ pub struct Retention {
 }
 
 impl Retention {
-    pub fn policy(&self) -> Result<repo_format::retention::Policy> {
+    /// The rules as a policy; the caller decides what an empty one means.
+    pub fn rules(&self) -> Result<repo_format::retention::Policy> {
         let within_secs = self
             .keep_within
             .as_deref()
             .map(repo_format::retention::parse_within)
             .transpose()
-            .map_err(|e| anyhow::anyhow!("retention.keep_within: {e}"))?;
-        let p = repo_format::retention::Policy {
+            .map_err(anyhow::Error::msg)?;
+        Ok(repo_format::retention::Policy {
             within_secs,
             last: self.keep_last,
             hourly: self.keep_hourly,
@@ -137,7 +138,12 @@ impl Retention {
             weekly: self.keep_weekly,
             monthly: self.keep_monthly,
             yearly: self.keep_yearly,
-        };
+        })
+    }
+
+    /// The rules of a `[retention]` table, which must keep something.
+    pub fn policy(&self) -> Result<repo_format::retention::Policy> {
+        let p = self.rules().context("retention.keep_within")?;
         if p.is_empty() {
             bail!("retention has no keep_* rule: it would remove every snapshot");
         }

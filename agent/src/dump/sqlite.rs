@@ -116,9 +116,8 @@ fn copy(src: &Path, dst: &Path, limits: &Limits<'_>) -> Result<Vec<TableRows>> {
         .collect::<rusqlite::Result<_>>()?;
     let mut tables = Vec::new();
     for name in names {
-        let rows: i64 =
-            copy.query_row(&format!("SELECT count(*) FROM \"{}\"", name.replace('"', "\"\"")), [], |r| r.get(0))?;
-        tables.push(TableRows { name, rows: rows as u64 });
+        let rows = count_rows(&copy, &name)?;
+        tables.push(TableRows { name, rows });
     }
     Ok(tables)
 }
@@ -193,11 +192,7 @@ pub fn restore(pattern: &str, run: &RestoreRun<'_>, extra: &[String]) -> Result<
         let what = dst.display().to_string();
         let placed = integrity(&dst)?;
         checks.push(check(&format!("integrity of {what}"), placed == "ok", &placed));
-        checks.push(row_check(&what, &d.tables, d.rows_exact, |table| {
-            let n: i64 =
-                db.query_row(&format!("SELECT count(*) FROM \"{}\"", table.replace('"', "\"\"")), [], |r| r.get(0))?;
-            Ok(n as u64)
-        }));
+        checks.push(row_check(&what, &d.tables, d.rows_exact, |table| Ok(count_rows(&db, table)?)));
         checks.extend(sql_checks(&what, extra, |sql| {
             let v: rusqlite::types::Value = db.query_row(sql, [], |r| r.get(0))?;
             Ok(match v {
@@ -208,6 +203,12 @@ pub fn restore(pattern: &str, run: &RestoreRun<'_>, extra: &[String]) -> Result<
         }));
     }
     Ok(checks)
+}
+
+/// The rows of one table.
+fn count_rows(db: &Connection, table: &str) -> rusqlite::Result<u64> {
+    let n: i64 = db.query_row(&format!("SELECT count(*) FROM \"{}\"", table.replace('"', "\"\"")), [], |r| r.get(0))?;
+    Ok(n as u64)
 }
 
 fn integrity(p: &Path) -> Result<String> {
