@@ -1,20 +1,23 @@
 //! Prune then compact: the right snapshots go, their data is freed, the rest is intact.
+//! Each test runs on a local folder and on S3-compatible storage.
 
 mod common;
 
 use std::fs;
-use std::sync::Arc;
 
 use chrono::{Duration, TimeZone, Utc};
-use repo_format::backend::LocalBackend;
+use common::Place;
 use repo_format::ops::{check, compact, prune};
 use repo_format::retention::Policy;
 
-#[test]
-fn prune_and_compact_free_space_and_keep_the_rest_intact() {
+on_every_backend!(
+    prune_and_compact_free_space_and_keep_the_rest_intact,
+    compact_removes_packs_left_by_an_interrupted_writer
+);
+
+fn prune_and_compact_free_space_and_keep_the_rest_intact(place: Place) {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("repo");
-    let (_b, mut repo) = common::local_repo(&dir);
+    let mut repo = common::init(&place.backend);
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("constant"), common::noise(1 << 20, 1)).unwrap();
@@ -33,12 +36,12 @@ fn prune_and_compact_free_space_and_keep_the_rest_intact() {
     // A plan changes nothing by itself (dry run).
     assert_eq!(repo.snapshot_ids().unwrap().len(), 10);
     assert_eq!(prune::apply(&repo, &plan).unwrap(), 7);
-    let before = common::dir_size(&dir);
+    let before = repo.stored_bytes().unwrap();
     let r = compact::compact(&mut repo, compact::CompactOptions::default()).unwrap();
-    let after = common::dir_size(&dir);
+    let after = repo.stored_bytes().unwrap();
     assert!(r.bytes_freed > 6 << 20, "{r:?}");
     assert!(before - after > 6 << 20, "repository shrank by {} bytes only", before - after);
-    let mut repo = common::reopen(Arc::new(LocalBackend::new(&dir)));
+    let mut repo = common::reopen(place.backend.clone());
     let c = check::check(&mut repo, check::CheckOptions { verify_data: true, ..Default::default() }).unwrap();
     assert!(c.is_clean() && c.notes.is_empty(), "{:?} {:?}", c.problems, c.notes);
     for (id, content) in &expected[7..] {
@@ -48,11 +51,9 @@ fn prune_and_compact_free_space_and_keep_the_rest_intact() {
     }
 }
 
-#[test]
-fn compact_removes_packs_left_by_an_interrupted_writer() {
+fn compact_removes_packs_left_by_an_interrupted_writer(place: Place) {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("repo");
-    let (_b, mut repo) = common::local_repo(&dir);
+    let mut repo = common::init(&place.backend);
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("f"), common::noise(300_000, 1)).unwrap();

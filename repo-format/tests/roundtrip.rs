@@ -1,11 +1,14 @@
-//! Arbitrary trees go in and come back byte-identical, with their metadata.
+//! Arbitrary trees go in and come back byte-identical, with their metadata, from a local folder
+//! and from S3-compatible storage.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use common::Place;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -54,33 +57,49 @@ fn build(dir: &Path, entries: &[(String, Item)], files: &mut Vec<std::path::Path
     }
 }
 
+/// Build `tree`, back it up to `place`, reopen the repository and restore: the same tree.
+fn round_trip(place: Place, tree: BTreeMap<String, Item>) -> Result<(), TestCaseError> {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let entries: Vec<_> = tree.into_iter().collect();
+    let mut files = Vec::new();
+    build(&src, &entries, &mut files);
+    // Set a fixed, distinct mtime on everything, directories last.
+    let mut all: Vec<_> = walk_paths(&src);
+    all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for (i, p) in all.iter().enumerate() {
+        if !fs::symlink_metadata(p).unwrap().file_type().is_symlink() {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000 + i as u64, 123_456_789);
+            fs::File::open(p).unwrap().set_modified(t).unwrap();
+        }
+    }
+    let mut repo = common::init(&place.backend);
+    let (snap, _) = common::backup(&mut repo, &src, "prop");
+    let repo = common::reopen(place.backend.clone());
+    let out = tmp.path().join("out");
+    common::restore(&repo, &snap, &out);
+    prop_assert_eq!(common::snapshot_dir(&src), common::snapshot_dir(&out));
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
-
     #[test]
-    fn arbitrary_trees_round_trip(tree in prop::collection::btree_map("[a-z0-9]{1,8}", item(), 0..10)) {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = tmp.path().join("src");
-        let entries: Vec<_> = tree.into_iter().collect();
-        let mut files = Vec::new();
-        build(&src, &entries, &mut files);
-        // Set a fixed, distinct mtime on everything, directories last.
-        let mut all: Vec<_> = walk_paths(&src);
-        all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for (i, p) in all.iter().enumerate() {
-            if !fs::symlink_metadata(p).unwrap().file_type().is_symlink() {
-                let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000 + i as u64, 123_456_789);
-                fs::File::open(p).unwrap().set_modified(t).unwrap();
-            }
-        }
-        let (_b, mut repo) = common::local_repo(&tmp.path().join("repo"));
-        let (snap, _) = common::backup(&mut repo, &src, "prop");
-        let repo = common::reopen(repo.backend().clone());
-        let out = tmp.path().join("out");
-        common::restore(&repo, &snap, &out);
-        prop_assert_eq!(common::snapshot_dir(&src), common::snapshot_dir(&out));
+    fn arbitrary_trees_round_trip_locally(tree in prop::collection::btree_map("[a-z0-9]{1,8}", item(), 0..10)) {
+        round_trip(Place::local(), tree)?;
     }
 }
+
+proptest! {
+    // Fewer cases: each one is a new repository on the S3 server.
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+    #[test]
+    fn arbitrary_trees_round_trip_on_s3(tree in prop::collection::btree_map("[a-z0-9]{1,8}", item(), 0..10)) {
+        round_trip(Place::s3(), tree)?;
+    }
+}
+
+on_every_backend!(unencrypted_repository_round_trips_too, file_content_equal_to_a_tree_encoding_is_not_confused);
 
 fn walk_paths(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -94,8 +113,7 @@ fn walk_paths(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-#[test]
-fn unencrypted_repository_round_trips_too() {
+fn unencrypted_repository_round_trips_too(place: Place) {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     fs::create_dir_all(src.join("a/b")).unwrap();
@@ -103,7 +121,7 @@ fn unencrypted_repository_round_trips_too() {
     fs::write(src.join("a/small"), b"small").unwrap();
     let mut o = common::test_options();
     o.passphrase = None;
-    let b = std::sync::Arc::new(repo_format::backend::LocalBackend::new(tmp.path().join("repo")));
+    let b = place.backend;
     let mut repo = repo_format::Repository::init(b.clone(), &o).unwrap();
     let (snap, _) = common::backup(&mut repo, &src, "plain");
     let mut repo = repo_format::Repository::open(b, None).unwrap();
@@ -115,15 +133,14 @@ fn unencrypted_repository_round_trips_too() {
 
 /// A file whose bytes equal a tree's encoding must not be taken for that tree (or vice versa):
 /// blob ids are keyed per kind.
-#[test]
-fn file_content_equal_to_a_tree_encoding_is_not_confused() {
+fn file_content_equal_to_a_tree_encoding_is_not_confused(place: Place) {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     fs::create_dir_all(src.join("z-empty")).unwrap();
     // The tree of an empty directory encodes as 08 01 (version = 1): the root's only small
     // file holds exactly those bytes, so its data chunk has the same plaintext.
     fs::write(src.join("a"), [0x08, 0x01]).unwrap();
-    let (_b, mut repo) = common::local_repo(&tmp.path().join("repo"));
+    let mut repo = common::init(&place.backend);
     let (snap, _) = common::backup(&mut repo, &src, "kinds");
     let mut repo = common::reopen(repo.backend().clone());
     common::restore(&repo, &snap, &tmp.path().join("out"));

@@ -110,37 +110,8 @@ PY
 
 # ---- magpie ---------------------------------------------------------------------------------
 m=$work/magpie
-rm -rf "$m" && mkdir -p "$m"
-"$bin/collector" certs init --dir "$m/pki" >/dev/null
-"$bin/collector" certs issue agent agent --san 127.0.0.1 --dir "$m/pki" >/dev/null
-"$bin/collector" certs issue collector collector --dir "$m/pki" >/dev/null
-fp=$("$bin/collector" certs fingerprint "$m/pki/collector.pem")
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$m/agent.toml" <<T
-listen = "127.0.0.1:$port"
-[tls]
-cert = "$m/pki/agent.pem"
-key = "$m/pki/agent-key.pem"
-client_ca = "$m/pki/ca.pem"
-allowed_collectors = ["$fp"]
-[[source]]
-name = "corpus"
-kind = "path"
-roots = ["$corpus"]
-T
-echo "bench passphrase" > "$m/pass"
-cat > "$m/collector.toml" <<T
-repository = "$m/repo"
-passphrase_file = "$m/pass"
-[tls]
-ca = "$m/pki/ca.pem"
-cert = "$m/pki/collector.pem"
-key = "$m/pki/collector-key.pem"
-[[agent]]
-name = "bench"
-endpoint = "https://127.0.0.1:$port"
-compress = true
-T
+. tests/bench/magpie-setup.sh
+magpie_setup "$m" "$corpus" "repository = \"$m/repo\""
 "$bin/collector" --config "$m/collector.toml" init >/dev/null
 
 export BORG_PASSPHRASE="bench passphrase" RESTIC_PASSWORD="bench passphrase" BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
@@ -171,10 +142,8 @@ T
 rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 rsync --daemon --config="$work/rsyncd.conf" --port="$rport" --address=127.0.0.1 --no-detach &
 rsync_pid=$!
-"$bin/agent" serve --config "$m/agent.toml" 2> "$m/agent.log" &
-agent_pid=$!
+magpie_start_agent "$m"
 trap 'kill $agent_pid $rsync_pid 2>/dev/null || true' EXIT
-sleep 1
 
 for day in day1 day2 day2-again; do
     [ "$day" = day2 ] && day2

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use repo_format::backend::LocalBackend;
+use repo_format::backend::{Backend, LocalBackend, S3Backend, S3Config};
 use repo_format::chunker::ChunkerParams;
 use repo_format::crypto::KdfParams;
 use repo_format::{Id, InitOptions, Repository, Snapshot, Writer};
@@ -27,9 +27,34 @@ pub fn test_options() -> InitOptions {
 
 /// Open a test repository with its index loaded.
 pub fn open(dir: &Path) -> repo_format::Result<Repository> {
-    let mut r = Repository::open(Arc::new(LocalBackend::new(dir)), Some(PASS))?;
+    open_on(Arc::new(LocalBackend::new(dir)))
+}
+
+/// Open the test repository on `backend`, index loaded.
+pub fn open_on(backend: Arc<dyn Backend>) -> repo_format::Result<Repository> {
+    let mut r = Repository::open(backend, Some(PASS))?;
     r.load_index()?;
     Ok(r)
+}
+
+/// A test repository's place named on a command line: a folder, or `s3://bucket/prefix` on the
+/// S3-compatible server at `endpoint` (the test servers' fixed credentials).
+pub fn backend_at(location: &str, endpoint: Option<&str>) -> Arc<dyn Backend> {
+    match S3Config::from_url(location) {
+        Some((bucket, prefix)) => Arc::new(
+            S3Backend::new(S3Config {
+                bucket,
+                prefix,
+                endpoint: Some(endpoint.expect("an s3:// repository needs the server's endpoint").to_string()),
+                region: "us-east-1".into(),
+                path_style: true,
+                access_key_id: "testing".into(),
+                secret_access_key: "testing".into(),
+            })
+            .expect("S3 backend"),
+        ),
+        None => Arc::new(LocalBackend::new(location)),
+    }
 }
 
 /// Deterministic pseudo-random bytes.

@@ -343,9 +343,18 @@ impl S3Server {
             .stderr(fs::File::create(&log).expect("moto log"))
             .spawn()
             .expect("start moto (python3 -m pip install 'moto[server]')");
-        wait_for("moto", &log, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
         let s = S3Server { port, bucket: bucket.to_string(), child };
-        sh(Command::new("curl").args(["-sf", "-X", "PUT"]).arg(s.url(bucket)).stdout(Stdio::null()));
+        // moto takes unsigned requests: a plain PUT makes the bucket, once the server answers
+        // (it accepts connections a little before it serves them).
+        wait_for("moto", &log, || {
+            Command::new("curl")
+                .args(["-sf", "-X", "PUT"])
+                .arg(s.url(bucket))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|st| st.success())
+        });
         s
     }
 

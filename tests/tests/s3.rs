@@ -87,6 +87,20 @@ fn puts_are_create_only() {
     b.delete("x/one").unwrap();
     b.delete("x/one").unwrap();
     assert!(b.list("x/").unwrap().is_empty());
+
+    // A large pack goes in parts (its ETag says how many), and not again once it is there.
+    let pack = magpie_tests::noise(70 << 20, 7);
+    let name = "data/ab/ab-large-pack";
+    assert_eq!(b.put_if_absent(name, &pack).unwrap(), PutOutcome::Created);
+    assert_eq!(b.put_if_absent(name, &pack).unwrap(), PutOutcome::AlreadyExists);
+    assert!(b.get(name, None).unwrap() == pack);
+    assert!(b.get(name, Some(9_000_000..9_000_100)).unwrap() == pack[9_000_000..9_000_100]);
+    let head = std::process::Command::new("curl")
+        .args(["-sfI", &e.s3.url(&format!("magpie/backups/{name}"))])
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).to_lowercase();
+    assert!(head.lines().any(|l| l.starts_with("etag:") && l.trim_end().ends_with("-5\"")), "{head}");
 }
 
 #[test]

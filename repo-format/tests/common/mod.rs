@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use repo_format::backend::{Backend, LocalBackend};
+use repo_format::backend::{Backend, LocalBackend, S3Backend, S3Config};
 use repo_format::chunker::ChunkerParams;
 use repo_format::crypto::KdfParams;
 use repo_format::{Id, InitOptions, Repository, Snapshot, Writer};
@@ -28,6 +28,124 @@ pub fn local_repo(dir: &Path) -> (Arc<LocalBackend>, Repository) {
     let b = Arc::new(LocalBackend::new(dir));
     let r = Repository::init(b.clone(), &test_options()).unwrap();
     (b, r)
+}
+
+/// A new repository on `backend`.
+pub fn init(backend: &Arc<dyn Backend>) -> Repository {
+    Repository::init(backend.clone(), &test_options()).unwrap()
+}
+
+/// Where a backend test's repository lives. Every such test runs once per place (see
+/// [`on_every_backend`]), so the repository's rules are shown on object storage, not only on disk.
+pub struct Place {
+    pub backend: Arc<dyn Backend>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Place {
+    /// An empty folder on the local disk.
+    pub fn local() -> Place {
+        let dir = tempfile::tempdir().unwrap();
+        Place { backend: Arc::new(LocalBackend::new(dir.path().join("repo"))), _dir: Some(dir) }
+    }
+
+    /// A fresh prefix in a bucket of this test binary's own S3-compatible server (moto).
+    pub fn s3() -> Place {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let endpoint = moto::endpoint();
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let b = S3Backend::new(S3Config {
+            bucket: moto::BUCKET.into(),
+            prefix: format!("repo{n}"),
+            endpoint: Some(endpoint.to_string()),
+            region: "us-east-1".into(),
+            path_style: true,
+            access_key_id: "testing".into(),
+            secret_access_key: "testing".into(),
+        })
+        .unwrap();
+        Place { backend: Arc::new(b), _dir: None }
+    }
+}
+
+/// Run each named `fn NAME(place: Place)` as two tests, `local::NAME` and `s3::NAME`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $(#[test] fn $name() { super::$name($crate::common::Place::local()) })*
+        }
+        mod s3 {
+            $(#[test] fn $name() { super::$name($crate::common::Place::s3()) })*
+        }
+    };
+}
+
+/// Flip one bit of a stored object, as damage on disk or a tampering bucket owner would.
+pub fn flip(backend: &dyn Backend, name: &str, offset: u64) {
+    let mut bytes = backend.get(name, None).unwrap();
+    bytes[offset as usize] ^= 0x40;
+    backend.delete(name).unwrap();
+    backend.put_if_absent(name, &bytes).unwrap();
+}
+
+/// The first object (by name) under `prefix`.
+pub fn first_object(backend: &dyn Backend, prefix: &str) -> repo_format::backend::ObjectInfo {
+    let mut v = backend.list(prefix).unwrap();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v.remove(0)
+}
+
+/// One moto server per test binary, on a free port of 127.0.0.1, in memory. It ends with the test
+/// binary: it watches its stdin, a pipe only this process holds.
+mod moto {
+    use std::process::{Command, Stdio};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    pub const BUCKET: &str = "magpie-tests";
+
+    pub fn endpoint() -> &'static str {
+        static SERVER: OnceLock<(String, std::process::Child)> = OnceLock::new();
+        &SERVER.get_or_init(start).0
+    }
+
+    // Never waited for: it outlives every test and ends with the binary (its stdin closes).
+    #[allow(clippy::zombie_processes)]
+    fn start() -> (String, std::process::Child) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let script = "import os, sys, threading\n\
+            threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()\n\
+            from moto.server import main\n\
+            main(sys.argv[1:])\n";
+        let mut child = Command::new("python3")
+            .args(["-c", script, "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            // It logs every request; nothing reads that here.
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto's server (python3 -m pip install 'moto[server]')");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // moto takes unsigned requests: a plain PUT makes the bucket, once the server answers.
+        let make_bucket = || {
+            Command::new("curl")
+                .args(["-sf", "-X", "PUT", &format!("{endpoint}/{BUCKET}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        while !make_bucket() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("moto's server exited ({status}); `python3 -m moto.server` shows why");
+            }
+            assert!(Instant::now() < deadline, "moto's server did not listen within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (endpoint, child)
+    }
 }
 
 pub fn reopen(b: Arc<dyn Backend>) -> Repository {
@@ -163,16 +281,4 @@ pub fn text(n: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(n);
     out
-}
-
-/// Bytes of every file below `p`.
-pub fn dir_size(p: &Path) -> u64 {
-    fs::read_dir(p)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            let m = e.metadata().unwrap();
-            if m.is_dir() { dir_size(&e.path()) } else { m.len() }
-        })
-        .sum()
 }

@@ -1,7 +1,8 @@
 //! Test child for the crash-safety test: writes snapshots, prunes and compacts in a loop until
 //! killed, announcing each step on stdout so the test knows what was committed.
 //!
-//! Usage: torture REPO WORKDIR FIRST_SEED
+//! Usage: torture REPO WORKDIR FIRST_SEED, where REPO is a folder or `s3://bucket/prefix` on the
+//! server named by `TORTURE_S3_ENDPOINT`.
 //!
 //! With `TORTURE_KILL_AT_DELETE=N` the child sends itself SIGKILL just before its N-th snapshot
 //! deletion (counting from 0), so that kills land inside prune, whose window is too short for a
@@ -23,9 +24,11 @@ fn say(line: &str) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (repo_dir, work) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]));
+    let work = PathBuf::from(&args[2]);
     let mut seed: u64 = args[3].parse().expect("seed");
-    let mut repo = magpie_tests::open(&repo_dir).expect("open repository");
+    let endpoint = std::env::var("TORTURE_S3_ENDPOINT").ok();
+    let mut repo =
+        magpie_tests::open_on(magpie_tests::backend_at(&args[1], endpoint.as_deref())).expect("open repository");
     let data = work.join("data");
     let kill_at: Option<usize> = std::env::var("TORTURE_KILL_AT_DELETE").ok().and_then(|v| v.parse().ok());
     let mut deletes = 0usize;
