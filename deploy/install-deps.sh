@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing magpie needs on Debian: a C toolchain, Rust 1.90 or newer
 # with clippy and rustfmt, and the database servers and tools the dump tests start their own
-# throwaway instances of (PostgreSQL with pgbench, MariaDB, Redis, an SMTP server), and
-# systemd-analyze for the units in deploy/. Idempotent; run as root.
+# throwaway instances of (PostgreSQL with pgbench, MariaDB, Redis, an SMTP server, sshd, an S3
+# server, a Docker engine), and systemd-analyze for the units in deploy/. Idempotent; run as root.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
@@ -22,6 +22,9 @@ python3 -c 'import moto.server' 2>/dev/null || python3 -m pip install -q 'moto[s
 # The SSH transport's tests start their own sshd.
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null || need+=(openssh-client)
+# The Docker volume tests start their own engine, and build their image from busybox-static.
+command -v dockerd >/dev/null || need+=(docker.io)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${need[@]}"

@@ -162,6 +162,15 @@ pub struct SourceConfig {
     /// command: a command that loads the dump from its standard input.
     pub restore_command: Option<Vec<String>>,
 
+    // kind = "docker-volume"
+    /// A volume name, a list of them, or globs over volume names ("pds-*").
+    pub volume: Option<Names>,
+    /// live (copy as is), pause (pause the containers that mount the volume during the copy) or
+    /// stop (stop them, copy, start them again).
+    pub consistency: Option<String>,
+    /// The Docker Engine's socket (default /var/run/docker.sock).
+    pub docker_socket: Option<PathBuf>,
+
     // Every dump kind
     /// Run before the dump (e.g. stop a service for a cold copy).
     pub before: Option<Vec<String>>,
@@ -171,6 +180,14 @@ pub struct SourceConfig {
     pub hook_timeout_secs: Option<u64>,
     /// Limit for the whole dump, seconds (default 21600).
     pub timeout_secs: Option<u64>,
+}
+
+/// One name or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Names {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// `databases = "*"` or `databases = ["a", "b"]`.
@@ -193,6 +210,8 @@ pub struct Source {
     pub one_file_system: bool,
     /// For a dump source: how to take its dumps (its files are then served from a spool).
     pub dump: Option<crate::dump::DumpSpec>,
+    /// For a docker-volume source: which volumes, and how they are held still.
+    pub volume: Option<crate::volume::VolumeSpec>,
     /// Where restores write instead of the original places.
     pub restore_root: Option<PathBuf>,
 }
@@ -235,8 +254,33 @@ impl Source {
             exclude: GlobSet::empty(),
             one_file_system: true,
             dump: None,
+            volume: None,
             restore_root: None,
         })
+    }
+
+    /// A session over Docker volumes: each volume's mountpoint at the top, under its name.
+    pub fn volumes(name: &str, volumes: &[crate::volume::Resolved]) -> Source {
+        Source {
+            name: name.to_string(),
+            kind: "docker-volume".into(),
+            role: String::new(),
+            category: String::new(),
+            roots: volumes
+                .iter()
+                .map(|v| Root { path: v.mountpoint.clone(), rel: v.volume.name.as_bytes().to_vec() })
+                .collect(),
+            exclude: GlobSet::empty(),
+            one_file_system: true,
+            dump: None,
+            volume: None,
+            restore_root: None,
+        }
+    }
+
+    /// Read through a session (Dump first): dump sources and docker volumes.
+    pub fn needs_session(&self) -> bool {
+        self.dump.is_some() || self.volume.is_some()
     }
 }
 
@@ -266,6 +310,7 @@ fn allowed_fields(kind: &str) -> Option<Vec<&'static str>> {
         "redis" => [SERVER_FIELDS, &["socket", "rdb_path"]].concat(),
         "sqlite" => vec!["path", "check", "restore_root"],
         "command" => vec!["command", "filename", "restore_command"],
+        "docker-volume" => return Some(vec!["volume", "consistency", "docker_socket"]),
         _ => return None,
     };
     f.extend_from_slice(HOOK_FIELDS);
@@ -299,6 +344,9 @@ impl SourceConfig {
             ("check", self.check.is_some()),
             ("rdb_path", self.rdb_path.is_some()),
             ("restore_command", self.restore_command.is_some()),
+            ("volume", self.volume.is_some()),
+            ("consistency", self.consistency.is_some()),
+            ("docker_socket", self.docker_socket.is_some()),
         ];
         flags.into_iter().filter(|(_, on)| *on).map(|(n, _)| n).collect()
     }
@@ -366,7 +414,7 @@ impl AgentConfig {
             }
             let Some(allowed) = allowed_fields(&s.kind) else {
                 bail!(
-                    "source {:?}: kind {:?} is unknown (path, postgres, mariadb, sqlite, redis or command)",
+                    "source {:?}: kind {:?} is unknown (path, postgres, mariadb, sqlite, redis, command or docker-volume)",
                     s.name,
                     s.kind
                 );
@@ -374,9 +422,26 @@ impl AgentConfig {
             if let Some(f) = s.given().into_iter().find(|f| !allowed.contains(f)) {
                 bail!("source {:?}: `{f}` does not apply to kind {:?}", s.name, s.kind);
             }
-            let role = s.role.clone().unwrap_or_else(|| if s.kind == "path" { "data" } else { "db" }.into());
+            let role = s.role.clone().unwrap_or_else(|| {
+                if matches!(s.kind.as_str(), "path" | "docker-volume") { "data" } else { "db" }.into()
+            });
             if !["db", "blobs", "data", "config"].contains(&role.as_str()) {
                 bail!("source {:?}: role {role:?} must be db, blobs, data or config", s.name);
+            }
+            if s.kind == "docker-volume" {
+                out.push(Source {
+                    name: s.name.clone(),
+                    kind: s.kind.clone(),
+                    role,
+                    category: s.category.clone(),
+                    roots: Vec::new(),
+                    exclude: GlobSet::empty(),
+                    one_file_system: true,
+                    dump: None,
+                    volume: Some(volume_spec(s)?),
+                    restore_root: None,
+                });
+                continue;
             }
             if s.kind != "path" {
                 out.push(Source {
@@ -388,6 +453,7 @@ impl AgentConfig {
                     exclude: GlobSet::empty(),
                     one_file_system: true,
                     dump: Some(crate::dump::DumpSpec::from_config(s)?),
+                    volume: None,
                     restore_root: restore_root(s)?,
                 });
                 continue;
@@ -435,9 +501,44 @@ impl AgentConfig {
                 exclude: gs.build()?,
                 one_file_system: s.one_file_system.unwrap_or(false),
                 dump: None,
+                volume: None,
                 restore_root: restore_root(s)?,
             });
         }
         Ok(out)
     }
+}
+
+fn volume_spec(s: &SourceConfig) -> Result<crate::volume::VolumeSpec> {
+    let patterns = match &s.volume {
+        Some(Names::One(n)) => vec![n.clone()],
+        Some(Names::Many(list)) => list.clone(),
+        None => bail!("source {:?}: kind docker-volume needs `volume` (a name, a list, or a glob)", s.name),
+    };
+    if patterns.is_empty() {
+        bail!("source {:?}: volume is an empty list", s.name);
+    }
+    for p in &patterns {
+        // Docker's own rule for volume names, with glob characters allowed.
+        let ok = !p.is_empty()
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || "_.-*?[]".contains(c))
+            && glob::Pattern::new(p).is_ok();
+        if !ok {
+            bail!("source {:?}: volume {p:?} is not a volume name or a glob over names", s.name);
+        }
+    }
+    let mode = match s.consistency.as_deref() {
+        Some(m) => crate::volume::Mode::parse(m).ok_or_else(|| {
+            anyhow::anyhow!("source {:?}: consistency = {m:?} must be \"live\", \"pause\" or \"stop\"", s.name)
+        })?,
+        None => bail!(
+            "source {:?}: kind docker-volume needs consistency = \"live\", \"pause\" or \"stop\" (what happens to the containers using the volume during the copy)",
+            s.name
+        ),
+    };
+    let socket = s.docker_socket.clone().unwrap_or_else(|| PathBuf::from("/var/run/docker.sock"));
+    if !socket.is_absolute() {
+        bail!("source {:?}: docker_socket {} must be absolute", s.name, socket.display());
+    }
+    Ok(crate::volume::VolumeSpec { docker: crate::docker::Docker::new(&socket), patterns, mode })
 }

@@ -2,6 +2,7 @@
 //! mutual TLS. It never sees the repository. Logs go to stderr.
 
 mod config;
+mod docker;
 mod dump;
 mod restore;
 mod server;
@@ -9,6 +10,7 @@ mod source;
 mod spool;
 mod stdio;
 mod tls;
+mod volume;
 mod wire;
 
 use std::path::PathBuf;
@@ -102,6 +104,9 @@ fn serve(path: &std::path::Path, over_stdio: bool) -> Result<()> {
     // At most four reads or diffs at once: each holds buffers of a few MiB.
     let work = Arc::new(tokio::sync::Semaphore::new(4));
     let spool = Arc::new(spool::Spool::open(&cfg.spool.dir, cfg.spool.max_bytes.0)?);
+    // Containers an earlier run held (paused or stopped) and died before resuming: resumed first.
+    let hold_record = Arc::new(volume::HoldRecord::new(&spool.dir));
+    hold_record.resume_left_over()?;
     let service = server::AgentService {
         name,
         sources: sources.into_iter().map(Arc::new).collect(),
@@ -111,6 +116,8 @@ fn serve(path: &std::path::Path, over_stdio: bool) -> Result<()> {
         spool,
         sessions: Default::default(),
         allow_restore: cfg.allow_restore,
+        holds: Default::default(),
+        hold_record,
     };
     let server = tonic::transport::Server::builder()
         // A collector that vanished without closing its connection is noticed, and the spool

@@ -341,6 +341,92 @@ impl Drop for Writer {
     }
 }
 
+/// The writers of one restore: one below a single base (path and dump sources), or one per
+/// Docker volume, each entry routed by its first component (the volume's name).
+pub struct Writers {
+    /// (prefix, writer); an empty prefix takes every path.
+    parts: Vec<(Vec<u8>, Writer)>,
+    current: Option<usize>,
+}
+
+impl Writers {
+    pub fn single(w: Writer) -> Writers {
+        Writers { parts: vec![(Vec::new(), w)], current: None }
+    }
+
+    pub fn per_volume(parts: Vec<(String, Writer)>) -> Writers {
+        Writers { parts: parts.into_iter().map(|(n, w)| (n.into_bytes(), w)).collect(), current: None }
+    }
+
+    /// The writer of `rel` and the path below it (empty: the volume itself).
+    fn route<'p>(&self, rel: &'p [u8]) -> io::Result<(usize, &'p [u8])> {
+        for (i, (prefix, _)) in self.parts.iter().enumerate() {
+            if prefix.is_empty() {
+                return Ok((i, rel));
+            }
+            if rel == prefix.as_slice() {
+                return Ok((i, b""));
+            }
+            if rel.len() > prefix.len() && rel.starts_with(prefix) && rel[prefix.len()] == b'/' {
+                return Ok((i, &rel[prefix.len() + 1..]));
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("refused: {:?} is in none of the restored volumes", String::from_utf8_lossy(rel)),
+        ))
+    }
+
+    pub fn entry(&mut self, mut e: Entry, blake3: Vec<u8>, hardlink_to: &[u8]) -> io::Result<()> {
+        let (i, below) = self.route(&e.path)?;
+        if below.is_empty() {
+            // A volume's own top directory: its mountpoint, which Docker owns.
+            return Ok(());
+        }
+        let link = if hardlink_to.is_empty() {
+            Vec::new()
+        } else {
+            let (j, target) = self.route(hardlink_to)?;
+            if j != i {
+                return Err(io::Error::other("a hard link across two volumes cannot be restored"));
+            }
+            target.to_vec()
+        };
+        e.path = below.to_vec();
+        self.current = Some(i);
+        self.parts[i].1.entry(e, blake3, &link)
+    }
+
+    pub fn ensure_dir(&mut self, rel: &[u8]) -> io::Result<()> {
+        let (i, below) = self.route(rel)?;
+        if below.is_empty() { Ok(()) } else { self.parts[i].1.ensure_dir(below) }
+    }
+
+    pub fn data(&mut self, data: &[u8]) -> io::Result<()> {
+        match self.current {
+            Some(i) => self.parts[i].1.data(data),
+            None => Err(io::Error::other("file content came without a file entry")),
+        }
+    }
+
+    pub fn wrote(&self, rel: &[u8]) -> bool {
+        self.route(rel).is_ok_and(|(i, below)| self.parts[i].1.wrote(below))
+    }
+
+    pub fn finish(self) -> io::Result<Written> {
+        let mut all = Written::default();
+        for (_, w) in self.parts {
+            let w = w.finish()?;
+            all.files += w.files;
+            all.dirs += w.dirs;
+            all.symlinks += w.symlinks;
+            all.bytes += w.bytes;
+            all.warnings.extend(w.warnings);
+        }
+        Ok(all)
+    }
+}
+
 /// Where an entry of a restore may go.
 pub enum Place {
     /// Inside a root (or anywhere in a dump's spool): written.
@@ -387,6 +473,10 @@ pub fn readiness(
 ) -> magpie_proto::v1::RestoreCheckResponse {
     let mut out = magpie_proto::v1::RestoreCheckResponse::default();
     let need = req.bytes;
+    if let Some(spec) = &src.volume {
+        volume_readiness(spec, req, &mut out);
+        return out;
+    }
     let Some(spec) = &src.dump else {
         let mut free = u64::MAX;
         for root in &src.roots {
@@ -430,4 +520,55 @@ pub fn readiness(
         Err(e) => out.problems.push(format!("{e:#}")),
     }
     out
+}
+
+/// A volume restore: Docker reachable, each volume there (or made with its recorded driver), the
+/// containers that will be stopped, and room on the file system of the volumes.
+fn volume_readiness(
+    spec: &crate::volume::VolumeSpec,
+    req: &magpie_proto::v1::RestoreCheckRequest,
+    out: &mut magpie_proto::v1::RestoreCheckResponse,
+) {
+    if req.volumes.is_empty() {
+        out.problems.push("the snapshot records no Docker volume to restore".into());
+    }
+    let mut free = u64::MAX;
+    for v in &req.volumes {
+        let existing = match spec.docker.volume(&v.name) {
+            Ok(e) => e,
+            Err(e) => {
+                out.problems.push(format!("{e:#}"));
+                return;
+            }
+        };
+        let Some(existing) = existing else {
+            out.targets.push(format!("docker volume {} (missing: created with driver {})", v.name, v.driver));
+            continue;
+        };
+        match crate::volume::local_mountpoint(&existing) {
+            Ok(m) => {
+                out.targets.push(format!("docker volume {} ({})", v.name, m.display()));
+                out.overwrites.push(format!(
+                    "docker volume {}: files of the snapshot replace theirs; files not in it stay",
+                    v.name
+                ));
+                free = free.min(free_bytes(&m).unwrap_or(0));
+            }
+            Err(e) => out.problems.push(format!("{e:#}")),
+        }
+        match spec.docker.containers_using(&v.name) {
+            Ok(cs) => {
+                let running: Vec<String> = cs.iter().filter(|c| c.state == "running").map(|c| c.name()).collect();
+                if !running.is_empty() {
+                    out.overwrites
+                        .push(format!("containers stopped during the restore, then started: {}", running.join(", ")));
+                }
+            }
+            Err(e) => out.problems.push(format!("{e:#}")),
+        }
+    }
+    out.free_bytes = free;
+    if free != u64::MAX && req.bytes > free {
+        out.problems.push(format!("the restore writes {} bytes; {free} are free in the volumes", req.bytes));
+    }
 }

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use magpie_proto::v1::agent_server::Agent;
 use magpie_proto::v1::{
-    DeltaFrame, DeltaRequest, DeltaResponse, DumpEvent, DumpReady, DumpRequest, FileFrame, HandshakeRequest,
-    HandshakeResponse, ListRequest, ListResponse, ReadFilesRequest, ReadFilesResponse, RestoreCheckRequest,
-    RestoreCheckResponse, RestoreEvent, RestoreMessage, RestoreResult, RestoreStart, SourceInfo, dump_event,
-    restore_event, restore_message,
+    DeltaFrame, DeltaRequest, DeltaResponse, DumpEvent, DumpReady, DumpReleased, DumpRequest, FileFrame,
+    HandshakeRequest, HandshakeResponse, ListRequest, ListResponse, ReadFilesRequest, ReadFilesResponse,
+    RestoreCheckRequest, RestoreCheckResponse, RestoreEvent, RestoreMessage, RestoreResult, RestoreStart, SourceInfo,
+    dump_event, restore_event, restore_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -52,6 +52,10 @@ pub struct AgentService {
     pub sessions: Arc<Mutex<HashMap<String, Arc<Source>>>>,
     /// `allow_restore` from agent.toml: the restore endpoints refuse unless it is set.
     pub allow_restore: bool,
+    /// One volume hold at a time: two holds sharing a container must not resume it for each other.
+    pub holds: Arc<tokio::sync::Mutex<()>>,
+    /// Containers held and not yet resumed, kept on disk for an agent that dies holding them.
+    pub hold_record: Arc<crate::volume::HoldRecord>,
 }
 
 /// Paths per ReadFiles call.
@@ -79,13 +83,13 @@ impl AgentService {
             .iter()
             .find(|s| s.name == name)
             .ok_or_else(|| Status::not_found(format!("agent {} has no source {name:?}", self.name)))?;
-        match (&src.dump, session) {
-            (None, "") => Ok(src.clone()),
-            (None, _) => Err(Status::invalid_argument(format!("source {name:?} is not a dump source"))),
-            (Some(_), "") => Err(Status::failed_precondition(format!(
-                "source {name:?} is a dump source: take its dump first (Dump), then read with its session"
+        match (src.needs_session(), session) {
+            (false, "") => Ok(src.clone()),
+            (false, _) => Err(Status::invalid_argument(format!("source {name:?} is not a dump source"))),
+            (true, "") => Err(Status::failed_precondition(format!(
+                "source {name:?} is read through a session: call Dump first, then read with its session"
             ))),
-            (Some(_), id) => self
+            (true, id) => self
                 .sessions
                 .lock()
                 .expect("sessions")
@@ -114,7 +118,7 @@ impl Agent for AgentService {
                     kind: s.kind.clone(),
                     role: s.role.clone(),
                     category: s.category.clone(),
-                    dump: s.dump.is_some(),
+                    dump: s.needs_session(),
                 })
                 .collect(),
         }))
@@ -236,13 +240,17 @@ impl Agent for AgentService {
             .find(|s| s.name == first.source)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("agent {} has no source {:?}", self.name, first.source)))?;
-        if src.dump.is_none() {
+        if !src.needs_session() {
             return Err(Status::invalid_argument(format!("source {:?} is not a dump source", src.name)));
         }
         let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(status) = this.run_dump(inbound, src, tx.clone()).await {
+            let run = match src.volume {
+                Some(_) => this.run_hold(inbound, src, tx.clone()).await,
+                None => this.run_dump(inbound, src, tx.clone()).await,
+            };
+            if let Err(status) = run {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -385,7 +393,30 @@ impl AgentService {
             (None, Some(r)) => r.clone(),
             (None, None) => std::path::PathBuf::from("/"),
         };
-        let mut w = crate::restore::Writer::new(&base).map_err(failed)?;
+        // A docker-volume source: its volumes made when missing, the containers that mount them
+        // stopped while they are written and started again after (also on every error path).
+        let mut volume_hold = None;
+        let mut w = match &src.volume {
+            Some(spec) => {
+                if start.volumes.is_empty() {
+                    return Err(Status::invalid_argument("the snapshot records no Docker volume to restore"));
+                }
+                let refused =
+                    |e: anyhow::Error| Status::failed_precondition(format!("restore of source {}: {e:#}", src.name));
+                let (volumes, made) = crate::volume::prepare_restore(&spec.docker, &start.volumes).map_err(refused)?;
+                made.into_iter().for_each(&report);
+                let hold =
+                    crate::volume::Hold::take(&spec.docker, &self.hold_record, crate::volume::Mode::Stop, &volumes)
+                        .map_err(refused)?;
+                volume_hold = Some(hold);
+                let mut parts = Vec::new();
+                for v in &volumes {
+                    parts.push((v.volume.name.clone(), crate::restore::Writer::new(&v.mountpoint).map_err(failed)?));
+                }
+                crate::restore::Writers::per_volume(parts)
+            }
+            None => crate::restore::Writers::single(crate::restore::Writer::new(&base).map_err(failed)?),
+        };
         let mut entries = 0u64;
         loop {
             let msg = handle
@@ -394,7 +425,8 @@ impl AgentService {
             match msg.msg {
                 Some(restore_message::Msg::Entry(re)) => {
                     let e = re.entry.ok_or_else(|| Status::invalid_argument("an entry without its metadata"))?;
-                    match crate::restore::place(src, session.is_some(), &e.path) {
+                    // Volumes: the writers route each path into its volume, or refuse it.
+                    match crate::restore::place(src, session.is_some() || src.volume.is_some(), &e.path) {
                         crate::restore::Place::Write => w.entry(e, re.blake3, &re.hardlink_to).map_err(failed)?,
                         crate::restore::Place::Parent => w.ensure_dir(&e.path).map_err(failed)?,
                         crate::restore::Place::Outside => {
@@ -434,11 +466,26 @@ impl AgentService {
             warnings: written.warnings,
             ..Default::default()
         };
+        if let Some(hold) = volume_hold {
+            let (held, trouble) = hold.release();
+            let names: Vec<&str> = held.iter().map(|h| h.name.as_str()).collect();
+            let detail = match (names.is_empty(), trouble.is_empty()) {
+                (true, _) => "no container was running".to_string(),
+                (false, true) => format!("stopped during the restore, then started: {}", names.join(", ")),
+                (false, false) => trouble.join("; "),
+            };
+            result.checks.push(crate::dump::check("containers", trouble.is_empty(), &detail));
+            result.warnings.extend(trouble);
+        }
         let (Some(spec), Some(session)) = (&src.dump, &session) else {
+            let place = match &src.volume {
+                Some(_) => "in the volumes".to_string(),
+                None => format!("under {}", base.display()),
+            };
             result.checks.push(crate::dump::check(
                 "file hashes",
                 true,
-                &format!("{} files written under {}, each matching its BLAKE3", result.files, base.display()),
+                &format!("{} files written {place}, each matching its BLAKE3", result.files),
             ));
             return Ok(result);
         };
@@ -517,19 +564,121 @@ impl AgentService {
         );
         let served = Arc::new(Source::spool(&src.name, &out).map_err(internal)?);
         self.sessions.lock().expect("sessions").insert(session.id.clone(), served);
-        let ready = DumpReady { session: session.id.clone(), dumps: taken.dumps, warnings: taken.warnings };
+        let ready = DumpReady {
+            session: session.id.clone(),
+            dumps: taken.dumps,
+            warnings: taken.warnings,
+            volumes: Vec::new(),
+        };
+        let released = self.serve_session(&mut inbound, &tx, &session.id, ready, MAX_SESSION).await;
+        drop(session);
+        tracing::info!("dump session of source {} ended; spool removed", src.name);
+        if released {
+            let _ = tx.send(Ok(DumpEvent { event: Some(dump_event::Event::Released(DumpReleased::default())) })).await;
+        }
+        Ok(())
+    }
+
+    /// Announce a ready session and keep it until the collector releases it (true), goes away
+    /// or `limit` passes (false); it is unregistered on return.
+    async fn serve_session(
+        &self,
+        inbound: &mut Streaming<DumpRequest>,
+        tx: &mpsc::Sender<Result<DumpEvent, Status>>,
+        id: &str,
+        ready: DumpReady,
+        limit: Duration,
+    ) -> bool {
+        let mut released = false;
         if tx.send(Ok(DumpEvent { event: Some(dump_event::Event::Ready(ready)) })).await.is_ok() {
-            let _ = tokio::time::timeout(MAX_SESSION, async {
+            let _ = tokio::time::timeout(limit, async {
                 while let Ok(Some(m)) = inbound.message().await {
                     if m.release {
+                        released = true;
                         break;
                     }
                 }
             })
             .await;
         }
-        self.sessions.lock().expect("sessions").remove(&session.id);
-        tracing::info!("dump session {} of source {} ended; spool removed", session.id, src.name);
+        self.sessions.lock().expect("sessions").remove(id);
+        released
+    }
+
+    /// Hold a docker-volume source still (pause or stop the containers that mount its volumes),
+    /// serve the volumes as a session, and resume the containers when the collector releases
+    /// it, goes away, or the hold lasts too long; the resume also runs on every error path.
+    async fn run_hold(
+        &self,
+        mut inbound: Streaming<DumpRequest>,
+        src: Arc<Source>,
+        tx: mpsc::Sender<Result<DumpEvent, Status>>,
+    ) -> Result<(), Status> {
+        let progress = |line: String| Ok(DumpEvent { event: Some(dump_event::Event::Progress(line)) });
+        let _one_hold = match self.holds.clone().try_lock_owned() {
+            Ok(g) => g,
+            Err(_) => {
+                let _ = tx.send(progress("waiting for another volume copy to finish".into())).await;
+                self.holds.clone().lock_owned().await
+            }
+        };
+        let spec = src.volume.as_ref().expect("a docker-volume source");
+        // The Docker calls block: the hold lives on a thread of its own, told by a channel when
+        // to let go.
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (end_tx, end_rx) = std::sync::mpsc::channel::<()>();
+        let (record, src2) = (self.hold_record.clone(), src.clone());
+        let held = tokio::task::spawn_blocking(move || {
+            let spec = src2.volume.as_ref().expect("a docker-volume source");
+            let taken = spec.resolve().and_then(|volumes| {
+                let hold = crate::volume::Hold::take(&spec.docker, &record, spec.mode, &volumes)?;
+                Ok((volumes, hold))
+            });
+            let (volumes, hold) = match taken {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return None;
+                }
+            };
+            let infos: Vec<_> = volumes.iter().map(|v| crate::volume::info(v, spec.mode)).collect();
+            let served = Source::volumes(&src2.name, &volumes);
+            if ready_tx.send(Ok((served, infos))).is_err() {
+                return Some(hold.release());
+            }
+            // Until the session ends (the sender is dropped then).
+            let _ = end_rx.recv();
+            Some(hold.release())
+        });
+        let (served, volumes) = match ready_rx.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!("volume copy of source {} refused: {e:#}", src.name);
+                return Err(Status::failed_precondition(format!("source {}: {e:#}", src.name)));
+            }
+            Err(_) => return Err(Status::internal("the volume hold task failed")),
+        };
+        let mut raw = [0u8; 12];
+        getrandom::fill(&mut raw).map_err(|e| Status::internal(format!("no randomness for a session name: {e}")))?;
+        let id = hex::encode(raw);
+        tracing::info!(
+            "volume copy of source {} ({}) started, consistency {}",
+            src.name,
+            volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", "),
+            spec.mode.name()
+        );
+        self.sessions.lock().expect("sessions").insert(id.clone(), Arc::new(served));
+        let ready = DumpReady { session: id.clone(), volumes, ..Default::default() };
+        let released = self.serve_session(&mut inbound, &tx, &id, ready, crate::volume::MAX_HOLD).await;
+        drop(end_tx);
+        let (held, warnings) =
+            held.await.map_err(|e| Status::internal(format!("the volume hold task failed: {e}")))?.unwrap_or_default();
+        tracing::info!("volume copy of source {} ended; {} containers resumed", src.name, held.len());
+        if released {
+            let _ = tx
+                .send(Ok(DumpEvent { event: Some(dump_event::Event::Released(DumpReleased { held, warnings })) }))
+                .await;
+        }
         Ok(())
     }
 }

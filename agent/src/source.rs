@@ -112,8 +112,11 @@ pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
             if !emitted_parents.insert(rel.clone()) {
                 continue;
             }
-            let e = match fs::symlink_metadata(&prefix) {
-                Ok(m) => entry(rel, &m, Some(&prefix), Vec::new()),
+            // The last component is the root itself, which need not be where its name says (a
+            // Docker volume is listed under its name, its files come from its mountpoint).
+            let at = if i + 1 == comps.len() { &root.path } else { &prefix };
+            let e = match fs::symlink_metadata(at) {
+                Ok(m) => entry(rel, &m, Some(at), Vec::new()),
                 Err(err) => error_entry(rel, &err),
             };
             if !emit(e) {

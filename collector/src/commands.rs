@@ -800,6 +800,9 @@ fn pull_cmd(
                 ),
                 (None, None) => println!("{name}: nothing done"),
             }
+            if !s.held.is_empty() {
+                println!("  held still during the copy: {}", s.held.join(", "));
+            }
             for w in s.warnings.iter().take(20) {
                 println!("  warning: {w}");
             }

@@ -58,6 +58,9 @@ pub struct SourceSummary {
     pub stored_added: u64,
     pub duration_secs: f64,
     pub warnings: Vec<String>,
+    /// docker-volume: containers held still during the copy ("pds-app paused 1.4 s").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<String>,
 }
 
 /// Which agents and sources to pull.
@@ -166,12 +169,35 @@ struct Remote<'a> {
     session: &'a str,
 }
 
-/// A dump taken on the agent. Its spool lives while this is held: dropping it ends the Dump
-/// call, and the agent removes the spool.
+/// A session on the agent: a dump taken into its spool, or a Docker volume whose containers are
+/// held still. It lives while this is held: dropping it ends the Dump call, and the agent
+/// removes the spool or resumes the containers.
 struct DumpHold {
     ready: DumpReady,
-    _release: mpsc::Sender<DumpRequest>,
-    _events: tonic::Streaming<magpie_proto::v1::DumpEvent>,
+    release: mpsc::Sender<DumpRequest>,
+    events: tonic::Streaming<magpie_proto::v1::DumpEvent>,
+}
+
+/// How long the agent may take to end a session (resuming containers stops and starts them).
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl DumpHold {
+    /// End the session now and wait for the agent to confirm, with how long it held containers.
+    async fn release(mut self) -> Result<magpie_proto::v1::DumpReleased> {
+        let _ = self.release.send(DumpRequest { release: true, ..Default::default() }).await;
+        loop {
+            match tokio::time::timeout(RELEASE_WAIT, self.events.message()).await {
+                Ok(Ok(Some(e))) => match e.event {
+                    Some(dump_event::Event::Released(r)) => return Ok(r),
+                    Some(dump_event::Event::Progress(line)) => tracing::info!("{line}"),
+                    _ => {}
+                },
+                Ok(Ok(None)) => bail!("the agent ended the session without confirming its end"),
+                Ok(Err(s)) => bail!("the agent's session ended with an error: {}", s.message()),
+                Err(_) => bail!("the agent did not confirm the session's end within {}s", RELEASE_WAIT.as_secs()),
+            }
+        }
+    }
 }
 
 /// Have the agent take a source's dumps; returns once they wait in its spool.
@@ -183,8 +209,8 @@ async fn take_dump(client: &mut AgentClient<Channel>, agent: &AgentEntry, source
     while let Some(event) = events.message().await.map_err(failed)? {
         match event.event {
             Some(dump_event::Event::Progress(line)) => tracing::info!("{}/{source}: {line}", agent.name),
-            Some(dump_event::Event::Ready(ready)) => return Ok(DumpHold { ready, _release: tx, _events: events }),
-            None => {}
+            Some(dump_event::Event::Ready(ready)) => return Ok(DumpHold { ready, release: tx, events }),
+            Some(dump_event::Event::Released(_)) | None => {}
         }
     }
     bail!("agent {}: the dump of {source} ended without a result", agent.name)
@@ -241,6 +267,17 @@ fn check_dump_sizes(
 }
 
 /// The repository's record of a dump (the wire's message, field by field).
+fn volume_info(v: &magpie_proto::v1::VolumeInfo) -> repo_format::repofile::snapshot::VolumeInfo {
+    repo_format::repofile::snapshot::VolumeInfo {
+        name: v.name.clone(),
+        driver: v.driver.clone(),
+        labels: v.labels.clone().into_iter().collect(),
+        containers: v.containers.clone(),
+        mode: v.mode.clone(),
+        held: Vec::new(),
+    }
+}
+
 fn dump_info(d: &magpie_proto::v1::DumpInfo) -> DumpInfo {
     DumpInfo {
         path: d.path.clone(),
@@ -537,14 +574,32 @@ fn pull_source(
         Ok((root, stats, index, stale))
     })?;
 
-    // 6. The dumps' metadata goes into the snapshot.
-    let dumps = match &dump {
-        Some(d) => {
-            warnings.extend(d.ready.warnings.iter().map(|w| format!("dump: {w}")));
-            d.ready.dumps.iter().map(dump_info).collect()
+    // 6. The session ends (held containers resume); the dumps' and volumes' metadata goes into
+    // the snapshot.
+    let (mut dumps, mut volumes) = (Vec::new(), Vec::new());
+    if let Some(d) = dump {
+        warnings.extend(d.ready.warnings.iter().map(|w| format!("dump: {w}")));
+        dumps = d.ready.dumps.iter().map(dump_info).collect();
+        volumes = d.ready.volumes.iter().map(volume_info).collect::<Vec<_>>();
+        match rt.block_on(d.release()) {
+            Ok(released) => {
+                warnings.extend(released.warnings.iter().map(|w| format!("docker: {w}")));
+                for h in &released.held {
+                    let done = if h.action == "stop" { "stopped" } else { "paused" };
+                    summary.held.push(format!("{} {done} {:.1} s", h.name, h.held_ms as f64 / 1000.0));
+                    for v in volumes.iter_mut().filter(|v| v.containers.contains(&h.name)) {
+                        v.held.push(repo_format::repofile::snapshot::ContainerHold {
+                            name: h.name.clone(),
+                            action: h.action.clone(),
+                            held_ms: h.held_ms,
+                        });
+                    }
+                }
+            }
+            // The copy is complete either way; what the agent did not confirm is the operator's to check.
+            Err(e) => warnings.push(format!("agent {}: {e:#}", agent.name)),
         }
-        None => Vec::new(),
-    };
+    }
 
     // 7. Commit: the snapshot is the last write.
     if let Some((id, f)) = index {
@@ -573,6 +628,7 @@ fn pull_source(
         metadata,
         program_version: env!("CARGO_PKG_VERSION").into(),
         dumps,
+        volumes,
         ..Default::default()
     };
     lock.ensure_held()?;

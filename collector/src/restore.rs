@@ -406,6 +406,7 @@ fn ready(
         bytes: item.bytes,
         clean: a.clean,
         force: a.force,
+        volumes: item.snap.volumes.iter().map(wire_volume).collect(),
     };
     match rt.block_on(async move { client.clone().restore_check(request).await }) {
         Ok(r) => {
@@ -415,6 +416,18 @@ fn ready(
             item.problems = r.problems;
         }
         Err(s) => item.problems.push(format!("agent {}: {}", item.agent, s.message())),
+    }
+}
+
+/// A snapshot's volume as the agent's restore takes it (made again when missing).
+fn wire_volume(v: &repo_format::repofile::snapshot::VolumeInfo) -> magpie_proto::v1::VolumeInfo {
+    magpie_proto::v1::VolumeInfo {
+        name: v.name.clone(),
+        driver: v.driver.clone(),
+        labels: v.labels.clone().into_iter().collect(),
+        containers: v.containers.clone(),
+        mode: v.mode.clone(),
+        held: Vec::new(),
     }
 }
 
@@ -589,6 +602,7 @@ fn to_agent(
         dumps: item.snap.dumps.iter().filter(|d| matches(filter, d.path.as_bytes())).map(wire_dump).collect(),
         clean: a.clean,
         force: a.force,
+        volumes: item.snap.volumes.iter().map(wire_volume).collect(),
     };
     // The agent reads the start before it answers: it must be in the stream already.
     tx.try_send(RestoreMessage { msg: Some(restore_message::Msg::Start(start)) }).expect("an empty channel");

@@ -373,3 +373,91 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// A throwaway Docker engine (Debian's docker.io): its own socket, data root and exec root in a
+/// temporary directory, no bridge network and no iptables rules (the tests' containers need no
+/// network), and a tiny image made here with `docker import` from Debian's busybox-static.
+pub struct Dockerd {
+    pub dir: PathBuf,
+    child: Child,
+}
+
+/// The image every test container runs: busybox and its applets, nothing else.
+pub const BUSYBOX_IMAGE: &str = "magpie-busybox:test";
+
+impl Dockerd {
+    pub fn start(dir: &Path) -> Dockerd {
+        fs::create_dir_all(dir).expect("docker dir");
+        let log = dir.join("dockerd.log");
+        let child = Command::new("dockerd")
+            .arg("--host")
+            .arg(format!("unix://{}", dir.join("docker.sock").display()))
+            .arg("--data-root")
+            .arg(dir.join("root"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("dockerd log"))
+            .spawn()
+            .expect("start dockerd (apt-get install docker.io)");
+        let d = Dockerd { dir: dir.to_path_buf(), child };
+        wait_for("dockerd", &log, || d.cli().arg("version").output().is_ok_and(|o| o.status.success()));
+        let rootfs = dir.join("image/bin");
+        fs::create_dir_all(&rootfs).expect("image dir");
+        fs::copy("/bin/busybox", rootfs.join("busybox")).expect("busybox (apt-get install busybox-static)");
+        for applet in ["sh", "sleep", "echo", "cat", "cp", "mv", "rm", "mkdir", "head", "dd", "seq"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join(applet)).expect("applet link");
+        }
+        sh(Command::new("tar").arg("-C").arg(dir.join("image")).arg("-cf").arg(dir.join("image.tar")).arg("."));
+        sh(d.cli().arg("import").arg(dir.join("image.tar")).arg(BUSYBOX_IMAGE));
+        d
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("docker.sock")
+    }
+
+    /// `docker` talking to this engine.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new("docker");
+        c.arg("--host").arg(format!("unix://{}", self.socket().display()));
+        c
+    }
+
+    /// Run `docker ARGS` and return its trimmed output (panics on failure).
+    pub fn run(&self, args: &[&str]) -> String {
+        sh(self.cli().args(args)).trim().to_string()
+    }
+
+    /// A container's state: running, paused, exited…
+    pub fn state(&self, container: &str) -> String {
+        self.run(&["inspect", "-f", "{{.State.Status}}", container])
+    }
+
+    /// Where a volume's files are.
+    pub fn mountpoint(&self, volume: &str) -> PathBuf {
+        PathBuf::from(self.run(&["volume", "inspect", "-f", "{{.Mountpoint}}", volume]))
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // Containers first (their shims would outlive the engine), then the engine itself.
+        if let Ok(o) = self.cli().args(["ps", "-aq"]).output() {
+            let ids: Vec<String> = String::from_utf8_lossy(&o.stdout).split_whitespace().map(String::from).collect();
+            if !ids.is_empty() {
+                let _ = self.cli().args(["rm", "-f"]).args(&ids).output();
+            }
+        }
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

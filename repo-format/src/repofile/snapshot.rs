@@ -82,6 +82,42 @@ pub struct Snapshot {
     /// For a dump source: what each dump file in the tree holds.
     #[prost(message, repeated, tag = "16")]
     pub dumps: Vec<DumpInfo>,
+    /// For a docker-volume source: each volume as it was when the copy began.
+    #[prost(message, repeated, tag = "17")]
+    pub volumes: Vec<VolumeInfo>,
+}
+
+/// A Docker volume of a docker-volume snapshot: what a restore needs to make it again.
+#[derive(Clone, PartialEq, Message)]
+pub struct VolumeInfo {
+    /// Its name; its files are under this name at the top of the snapshot's tree.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub driver: String,
+    #[prost(btree_map = "string, string", tag = "3")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Names of the containers that mounted it.
+    #[prost(string, repeated, tag = "4")]
+    pub containers: Vec<String>,
+    /// live, pause or stop.
+    #[prost(string, tag = "5")]
+    pub mode: String,
+    /// The containers held still during the copy, and for how long.
+    #[prost(message, repeated, tag = "6")]
+    pub held: Vec<ContainerHold>,
+}
+
+/// A container paused or stopped while a volume was copied.
+#[derive(Clone, PartialEq, Message)]
+pub struct ContainerHold {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// pause or stop.
+    #[prost(string, tag = "2")]
+    pub action: String,
+    #[prost(uint64, tag = "3")]
+    pub held_ms: u64,
 }
 
 /// Rows of one table when the dump was taken.
