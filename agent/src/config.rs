@@ -428,22 +428,12 @@ impl AgentConfig {
             if !["db", "blobs", "data", "config"].contains(&role.as_str()) {
                 bail!("source {:?}: role {role:?} must be db, blobs, data or config", s.name);
             }
-            if s.kind == "docker-volume" {
-                out.push(Source {
-                    name: s.name.clone(),
-                    kind: s.kind.clone(),
-                    role,
-                    category: s.category.clone(),
-                    roots: Vec::new(),
-                    exclude: GlobSet::empty(),
-                    one_file_system: true,
-                    dump: None,
-                    volume: Some(volume_spec(s)?),
-                    restore_root: None,
-                });
-                continue;
-            }
             if s.kind != "path" {
+                // Read through a session: a database's dumps, or Docker volumes held still.
+                let (dump, volume) = match s.kind.as_str() {
+                    "docker-volume" => (None, Some(volume_spec(s)?)),
+                    _ => (Some(crate::dump::DumpSpec::from_config(s)?), None),
+                };
                 out.push(Source {
                     name: s.name.clone(),
                     kind: s.kind.clone(),
@@ -452,8 +442,8 @@ impl AgentConfig {
                     roots: Vec::new(),
                     exclude: GlobSet::empty(),
                     one_file_system: true,
-                    dump: Some(crate::dump::DumpSpec::from_config(s)?),
-                    volume: None,
+                    dump,
+                    volume,
                     restore_root: restore_root(s)?,
                 });
                 continue;

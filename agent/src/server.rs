@@ -622,6 +622,10 @@ impl AgentService {
                 self.holds.clone().lock_owned().await
             }
         };
+        if tx.is_closed() {
+            // The collector left while it waited: hold nothing for nobody.
+            return Ok(());
+        }
         let spec = src.volume.as_ref().expect("a docker-volume source");
         // The Docker calls block: the hold lives on a thread of its own, told by a channel when
         // to let go.

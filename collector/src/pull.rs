@@ -266,7 +266,7 @@ fn check_dump_sizes(
     bail!("{}: if that is expected, pull again with --accept-small-dumps (or lower dump_min_ratio)", trouble.join("; "))
 }
 
-/// The repository's record of a dump (the wire's message, field by field).
+/// The repository's record of a volume (the wire's message, field by field).
 fn volume_info(v: &magpie_proto::v1::VolumeInfo) -> repo_format::repofile::snapshot::VolumeInfo {
     repo_format::repofile::snapshot::VolumeInfo {
         name: v.name.clone(),
@@ -278,6 +278,7 @@ fn volume_info(v: &magpie_proto::v1::VolumeInfo) -> repo_format::repofile::snaps
     }
 }
 
+/// The repository's record of a dump (the wire's message, field by field).
 fn dump_info(d: &magpie_proto::v1::DumpInfo) -> DumpInfo {
     DumpInfo {
         path: d.path.clone(),
