@@ -32,6 +32,9 @@ pub struct Volume {
     pub mountpoint: String,
     #[serde(default, deserialize_with = "null_as_default")]
     pub labels: BTreeMap<String, String>,
+    /// Driver options (`type=nfs`, `o=bind`…): such a volume is mounted only while in use.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub options: BTreeMap<String, String>,
 }
 
 /// A container that mounts a volume.

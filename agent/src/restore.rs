@@ -532,6 +532,10 @@ fn volume_readiness(
     if req.volumes.is_empty() {
         out.problems.push("the snapshot records no Docker volume to restore".into());
     }
+    if let Some(v) = req.volumes.iter().find(|v| !spec.declares(&v.name)) {
+        out.problems.push(format!("docker volume {} is not one this source declares (agent.toml `volume`)", v.name));
+        return;
+    }
     let mut free = u64::MAX;
     for v in &req.volumes {
         let existing = match spec.docker.volume(&v.name) {

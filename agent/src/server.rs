@@ -395,15 +395,19 @@ impl AgentService {
         };
         // A docker-volume source: its volumes made when missing, the containers that mount them
         // stopped while they are written and started again after (also on every error path).
+        let mut _one_hold = None;
         let mut volume_hold = None;
         let mut w = match &src.volume {
             Some(spec) => {
                 if start.volumes.is_empty() {
                     return Err(Status::invalid_argument("the snapshot records no Docker volume to restore"));
                 }
+                // Never beside a volume copy: the two would stop, pause and resume the same
+                // containers under each other.
+                _one_hold = Some(self.holds.blocking_lock());
                 let refused =
                     |e: anyhow::Error| Status::failed_precondition(format!("restore of source {}: {e:#}", src.name));
-                let (volumes, made) = crate::volume::prepare_restore(&spec.docker, &start.volumes).map_err(refused)?;
+                let (volumes, made) = crate::volume::prepare_restore(spec, &start.volumes).map_err(refused)?;
                 made.into_iter().for_each(&report);
                 let hold =
                     crate::volume::Hold::take(&spec.docker, &self.hold_record, crate::volume::Mode::Stop, &volumes)

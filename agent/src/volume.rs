@@ -100,10 +100,36 @@ impl VolumeSpec {
                     .volume(&name)?
                     .with_context(|| format!("docker volume {name}: no such volume (docker volume ls)"))?;
                 let mountpoint = local_mountpoint(&volume)?;
+                if !volume.options.is_empty() {
+                    // Docker mounts such a volume on its mountpoint only while a container uses
+                    // it: stopped (or unused), the copy would read the empty folder beneath.
+                    if self.mode == Mode::Stop {
+                        bail!(
+                            "docker volume {name}: it has driver options and is unmounted when its containers stop; use consistency = \"pause\""
+                        );
+                    }
+                    if !is_mount_point(&mountpoint) {
+                        bail!("docker volume {name}: it has driver options and no container has it mounted now; start one, then pull");
+                    }
+                }
                 let containers = self.docker.containers_using(&name)?;
                 Ok(Resolved { volume, mountpoint, containers })
             })
             .collect()
+    }
+
+    /// Whether `name` is one of the volumes this source declares (restores write only those).
+    pub fn declares(&self, name: &str) -> bool {
+        self.patterns.iter().any(|p| p == name || (is_glob(p) && glob::Pattern::new(p).is_ok_and(|g| g.matches(name))))
+    }
+}
+
+/// A directory on another device than its parent: something is mounted on it.
+fn is_mount_point(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(p), p.parent().map(std::fs::metadata)) {
+        (Ok(m), Some(Ok(parent))) => m.dev() != parent.dev(),
+        _ => false,
     }
 }
 
@@ -260,8 +286,15 @@ impl<'a> Hold<'a> {
             record.update(|all| all.push(entry))?;
             let started = Instant::now();
             if let Err(e) = docker.act(action, &c.id, &c.name()) {
-                let _ = record.update(|all| all.retain(|r| r.id != c.id));
-                return Err(e); // `hold` drops here and resumes the others
+                // A call that timed out or lost its connection may still have taken effect.
+                let now = docker.state(&c.id).ok().flatten();
+                let took = matches!((action, now.as_deref()), ("pause", Some("paused")) | ("stop", Some("exited")));
+                if took {
+                    hold.held.push((c.clone(), action, started));
+                } else {
+                    let _ = record.update(|all| all.retain(|r| r.id != c.id));
+                }
+                return Err(e); // `hold` drops here and resumes what it holds
             }
             tracing::info!("container {} {}", c.name(), if action == "stop" { "stopped" } else { "paused" });
             hold.held.push((c.clone(), action, started));
@@ -312,9 +345,13 @@ impl Drop for Hold<'_> {
 
 /// The volumes a restore writes: each recorded one, made with its recorded driver and labels
 /// when missing. Returns the volumes with their containers, and notes of what was created.
-pub fn prepare_restore(docker: &Docker, volumes: &[VolumeInfo]) -> Result<(Vec<Resolved>, Vec<String>)> {
+pub fn prepare_restore(spec: &VolumeSpec, volumes: &[VolumeInfo]) -> Result<(Vec<Resolved>, Vec<String>)> {
+    let docker = &spec.docker;
     let mut out = Vec::new();
     let mut notes = Vec::new();
+    if let Some(v) = volumes.iter().find(|v| !spec.declares(&v.name)) {
+        bail!("docker volume {} is not one this source declares (agent.toml `volume`); refused", v.name);
+    }
     for v in volumes {
         let volume = match docker.volume(&v.name)? {
             Some(existing) => existing,

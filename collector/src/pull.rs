@@ -458,7 +458,9 @@ fn pull_source(
         let (entries_ref, delta_prev_ref) = (&entries, &delta_prev);
         let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>)> {
             let mut w = Writer::new(repo_ref, 0);
-            let mut st = Ingest::new(repo_ref.chunker(info.dump)?, threshold, cache);
+            // Dump files get the dump chunker; a Docker volume, read through a session too, holds files.
+            let dumps = info.dump && info.kind != "docker-volume";
+            let mut st = Ingest::new(repo_ref.chunker(dumps)?, threshold, cache);
             let mut patch: Option<Patch<'_>> = None;
             while let Some(msg) = rx.blocking_recv() {
                 match msg {

@@ -268,5 +268,27 @@ fn a_removed_volume_is_recreated_by_restore_with_its_labels_and_content() {
     assert!(report.contains("stopped during the restore, then started: user2"), "{report}");
     assert_eq!(fs::read_to_string(s.docker.mountpoint("blobs").join("notes.txt")).unwrap(), "kept\n");
     assert_eq!(s.docker.state("user2"), "running");
-    let _ = &s.pki;
+
+    // A restore writes only volumes its source declares: with `blobs` no longer declared, the
+    // snapshot's volume is refused before anything is stopped or written.
+    let mut s = s;
+    s.agent.kill();
+    let config = format!(
+        "[[source]]\nname = \"blobs\"\nkind = \"docker-volume\"\nvolume = \"other\"\nconsistency = \"stop\"\ndocker_socket = {:?}\n[spool]\ndir = {:?}\n",
+        s.docker.socket(),
+        s.tmp.path().join("spool")
+    );
+    let port = s.agent.port;
+    s.agent = Agent::start_full(
+        &s.tmp.path().join("agent"),
+        &s.pki,
+        &[s.pki.fingerprint("collector")],
+        "allow_restore = true",
+        &config,
+        port,
+    );
+    let o = s.collector.run(&["restore", "--source", "blobs", "--to-agent"]);
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success() && out.contains("docker volume blobs is not one this source declares"), "{out}");
+    assert_eq!(s.docker.state("user2"), "running");
 }
