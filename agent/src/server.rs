@@ -666,9 +666,7 @@ impl AgentService {
             }
             Err(_) => return Err(Status::internal("the volume hold task failed")),
         };
-        let mut raw = [0u8; 12];
-        getrandom::fill(&mut raw).map_err(|e| Status::internal(format!("no randomness for a session name: {e}")))?;
-        let id = hex::encode(raw);
+        let id = crate::spool::session_id().map_err(|e| Status::internal(format!("{e:#}")))?;
         tracing::info!(
             "volume copy of source {} ({}) started, consistency {}",
             src.name,

@@ -54,9 +54,7 @@ impl Spool {
 
     /// A new, empty session directory.
     pub fn session(&self) -> Result<SessionDir> {
-        let mut raw = [0u8; 12];
-        getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness for a session name: {e}"))?;
-        let id = hex::encode(raw);
+        let id = session_id()?;
         let path = self.dir.join(format!("{PREFIX}{id}"));
         fs::DirBuilder::new()
             .mode(0o700)
@@ -86,6 +84,13 @@ fn remove(p: &Path) {
     {
         tracing::warn!("cannot remove dump spool {}: {e}", p.display());
     }
+}
+
+/// A new session's name: 12 random bytes in hex (dump spools and volume holds alike).
+pub fn session_id() -> Result<String> {
+    let mut raw = [0u8; 12];
+    getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness for a session name: {e}"))?;
+    Ok(hex::encode(raw))
 }
 
 /// One session's directory; removed on drop.
