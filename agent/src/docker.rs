@@ -169,6 +169,22 @@ impl Docker {
         }
     }
 
+    /// Whether the container was started with `--rm` (Docker deletes it once it stops).
+    pub fn auto_remove(&self, id: &str) -> Result<bool> {
+        #[derive(Deserialize)]
+        struct Inspect {
+            #[serde(rename = "HostConfig")]
+            host: Host,
+        }
+        #[derive(Deserialize)]
+        struct Host {
+            #[serde(rename = "AutoRemove", default)]
+            auto_remove: bool,
+        }
+        let body = self.expect("GET", &format!("/containers/{}/json", encode(id)), None, &format!("container {id}"))?;
+        Ok(serde_json::from_slice::<Inspect>(&body).context("docker: container settings")?.host.auto_remove)
+    }
+
     /// pause, unpause, stop or start.
     pub fn act(&self, action: &str, id: &str, name: &str) -> Result<()> {
         self.expect(

@@ -2,7 +2,9 @@
 //!
 //! Each Dump call gets its own directory `magpie-dump-<random>` below the configured spool
 //! directory, removed when the call ends however it ends (the `SessionDir` guard), and at start
-//! for any left by an agent that died. All sessions together stay under `max_bytes`: the dump
+//! for any left by an agent that died. A session holds a `flock` on its directory while it lives,
+//! so the start of another agent process on the same spool (a second SSH connection's) leaves it
+//! alone. All sessions together stay under `max_bytes`: the dump
 //! runner measures the whole spool while a dump grows and stops the dump that crosses it.
 
 use std::fs;
@@ -11,6 +13,8 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use rustix::fs::{FlockOperation, Mode, OFlags};
+use std::os::fd::OwnedFd;
 
 const PREFIX: &str = "magpie-dump-";
 
@@ -44,7 +48,7 @@ impl Spool {
         let spool = Spool { dir: dir.to_path_buf(), max_bytes };
         for e in fs::read_dir(dir).with_context(|| format!("spool.dir = {}: cannot read it", dir.display()))? {
             let e = e?;
-            if e.file_name().to_string_lossy().starts_with(PREFIX) {
+            if e.file_name().to_string_lossy().starts_with(PREFIX) && !in_use(&e.path()) {
                 tracing::info!("removing a dump spool left by an earlier run: {}", e.path().display());
                 remove(&e.path());
             }
@@ -60,7 +64,9 @@ impl Spool {
             .mode(0o700)
             .create(&path)
             .with_context(|| format!("cannot create a dump spool in {}", self.dir.display()))?;
-        Ok(SessionDir { id, path })
+        let lock = lock_dir(&path, FlockOperation::LockExclusive)
+            .with_context(|| format!("cannot lock the dump spool {}", path.display()))?;
+        Ok(SessionDir { id, path, _lock: lock })
     }
 
     /// Bytes the spool holds now (allocated blocks, so sparse files count as what they cost).
@@ -93,15 +99,51 @@ pub fn session_id() -> Result<String> {
     Ok(hex::encode(raw))
 }
 
-/// One session's directory; removed on drop.
+fn lock_dir(p: &Path, op: FlockOperation) -> rustix::io::Result<OwnedFd> {
+    let fd =
+        rustix::fs::open(p, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    rustix::fs::flock(&fd, op)?;
+    Ok(fd)
+}
+
+/// Whether a live session (of this or another agent process) holds the directory's lock.
+fn in_use(p: &Path) -> bool {
+    matches!(lock_dir(p, FlockOperation::NonBlockingLockExclusive), Err(rustix::io::Errno::WOULDBLOCK))
+}
+
+/// One session's directory, locked while it lives; removed on drop.
 #[derive(Debug)]
 pub struct SessionDir {
     pub id: String,
     pub path: PathBuf,
+    _lock: OwnedFd,
 }
 
 impl Drop for SessionDir {
     fn drop(&mut self) {
         remove(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_removes_left_over_sessions_but_not_live_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("spool");
+        let spool = Spool::open(&dir, u64::MAX).unwrap();
+        let live = spool.session().unwrap();
+        // A session whose agent died: its directory, with no lock on it.
+        let dead = dir.join(format!("{PREFIX}dead"));
+        fs::create_dir(&dead).unwrap();
+        // Another agent process starting on the same spool (a second open takes its own lock).
+        Spool::open(&dir, u64::MAX).unwrap();
+        assert!(live.path.is_dir(), "a live session was removed");
+        assert!(!dead.exists(), "a left-over session was kept");
+        let path = live.path.clone();
+        drop(live);
+        assert!(!path.exists());
     }
 }

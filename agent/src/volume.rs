@@ -3,13 +3,16 @@
 //! collector copies (`pause` or `stop`), and resumed on every way out.
 //!
 //! Before a container is paused or stopped it is written to the hold record (a JSON file in the
-//! spool directory, fsynced); it leaves the record once resumed. An agent that died holding
-//! containers finds them there when it starts again and resumes them before serving.
+//! spool directory, fsynced); it leaves the record once resumed. A hold keeps an exclusive
+//! `flock` on `held-containers.lock` from before its first pause to after its last resume, so
+//! whoever gets that lock knows every entry in the record is a left-over of an agent that died:
+//! the agent resumes them at start (unless another agent process, such as a second SSH
+//! connection's, holds the lock now) and again before each new hold.
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -176,16 +179,35 @@ struct Recorded {
     since_unix_ms: u64,
 }
 
-/// The hold record: containers this agent paused or stopped and has not yet resumed.
+/// The hold record: containers this agent paused or stopped and has not yet resumed. Read and
+/// written only under the hold lock.
 #[derive(Debug)]
 pub struct HoldRecord {
     path: PathBuf,
-    lock: Mutex<()>,
+    lock_path: PathBuf,
 }
 
 impl HoldRecord {
     pub fn new(spool_dir: &Path) -> HoldRecord {
-        HoldRecord { path: spool_dir.join("held-containers.json"), lock: Mutex::new(()) }
+        HoldRecord { path: spool_dir.join("held-containers.json"), lock_path: spool_dir.join("held-containers.lock") }
+    }
+
+    /// The hold lock, across every agent process on this spool; None when `wait` is false and
+    /// another process holds it.
+    fn exclusive(&self, wait: bool) -> Result<Option<OwnedFd>> {
+        use rustix::fs::{FlockOperation, Mode, OFlags};
+        let fd = rustix::fs::open(
+            &self.lock_path,
+            OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .with_context(|| format!("hold lock {}", self.lock_path.display()))?;
+        let op = if wait { FlockOperation::LockExclusive } else { FlockOperation::NonBlockingLockExclusive };
+        match rustix::fs::flock(&fd, op) {
+            Ok(()) => Ok(Some(fd)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("hold lock {}", self.lock_path.display())),
+        }
     }
 
     fn read(&self) -> Result<Vec<Recorded>> {
@@ -215,14 +237,24 @@ impl HoldRecord {
     }
 
     fn update(&self, f: impl FnOnce(&mut Vec<Recorded>)) -> Result<()> {
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut all = self.read()?;
         f(&mut all);
         self.write(&all)
     }
 
-    /// At start: resume every container an earlier run held, then forget them.
+    /// At start: resume every container an agent that died held, then forget them.
     pub fn resume_left_over(&self) -> Result<()> {
+        match self.exclusive(false)? {
+            Some(_lock) => self.resume_recorded(),
+            None => {
+                tracing::info!("another agent process is holding containers now; it resumes its own");
+                Ok(())
+            }
+        }
+    }
+
+    /// Resume what the record names; only under the hold lock, where every entry is a left-over.
+    fn resume_recorded(&self) -> Result<()> {
         let left = self.read()?;
         let mut kept = Vec::new();
         for r in left {
@@ -245,7 +277,6 @@ impl HoldRecord {
                 }
             }
         }
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.write(&kept)
     }
 }
@@ -257,22 +288,34 @@ pub struct Hold<'a> {
     record: &'a HoldRecord,
     held: Vec<(Container, &'static str, Instant)>,
     released: bool,
+    /// The hold lock, released (by being dropped) after the resume in `Drop`.
+    _lock: Option<OwnedFd>,
 }
 
 impl<'a> Hold<'a> {
     /// Hold every running container of `volumes` (each once) as `mode` says. On a failure,
     /// what was already held is resumed before the error returns.
     pub fn take(docker: &'a Docker, record: &'a HoldRecord, mode: Mode, volumes: &[Resolved]) -> Result<Hold<'a>> {
-        let mut hold = Hold { docker, record, held: Vec::new(), released: false };
         let action = match mode {
-            Mode::Live => return Ok(hold),
+            Mode::Live => return Ok(Hold { docker, record, held: Vec::new(), released: false, _lock: None }),
             Mode::Pause => "pause",
             Mode::Stop => "stop",
         };
+        let lock = record.exclusive(true)?;
+        // Under the lock nobody else holds anything: what the record names was left by an agent
+        // that died (or a resume that failed); resume it before holding anew.
+        record.resume_recorded()?;
+        let mut hold = Hold { docker, record, held: Vec::new(), released: false, _lock: lock };
         let mut seen = std::collections::HashSet::new();
         for c in volumes.iter().flat_map(|v| &v.containers) {
             if c.state != "running" || !seen.insert(c.id.clone()) {
                 continue;
+            }
+            if mode == Mode::Stop && docker.auto_remove(&c.id)? {
+                bail!(
+                    "container {} was started with --rm: Docker would delete it when stopped, so it could not be started again; use consistency = \"pause\"",
+                    c.name()
+                );
             }
             let since_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
             let entry = Recorded {

@@ -1,8 +1,8 @@
 //! Docker volumes as sources, against a real Docker engine (Debian's docker.io) started here with
 //! its own socket and data root: a copy in `pause` mode is one instant of a volume being written,
 //! `stop` mode stops and starts every container sharing a volume (also when the pull dies half
-//! way, and when the agent dies holding them), and a removed volume comes back from a restore
-//! with its labels and content.
+//! way, and when the agent dies holding them; a second agent process leaves a live hold alone),
+//! and a removed volume comes back from a restore with its labels and content.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -184,7 +184,9 @@ fn stop_mode_stops_both_containers_of_a_shared_volume_and_starts_them_also_when_
     let started = |c: &str| s.docker.run(&["inspect", "-f", "{{.State.StartedAt}}", c]);
     assert!(started(names[0]) <= started(names[1]), "{} then {}", started(names[0]), started(names[1]));
 
-    // A pull killed half way: both come back all the same.
+    // A pull killed half way (new content, so that it has something to copy): both come back
+    // all the same.
+    fs::write(mount.join("bulk"), magpie_tests::noise(160 << 20, 6)).unwrap();
     let mut pull = s.pull_in_background("shared");
     wait_until("both containers are stopped", Duration::from_secs(30), || both("exited"));
     pull.kill().unwrap();
@@ -204,6 +206,18 @@ fn an_agent_killed_while_holding_containers_resumes_them_when_it_starts_again() 
     s.container("app", "app-data", IDLE);
     let mut pull = s.pull_in_background("app");
     wait_until("the container is paused", Duration::from_secs(30), || s.docker.state("app") == "paused");
+    // A second agent process on the same spool (as a second SSH connection starts one) leaves a
+    // live hold alone.
+    let second_dir = s.tmp.path().join("agent2");
+    fs::create_dir_all(&second_dir).unwrap();
+    let second_port = magpie_tests::free_port();
+    let config = fs::read_to_string(s.tmp.path().join("agent/agent.toml")).unwrap();
+    let config = config.replace(&format!("127.0.0.1:{}", s.agent.port), &format!("127.0.0.1:{second_port}"));
+    fs::write(second_dir.join("agent.toml"), config).unwrap();
+    let second = Agent::restart(&second_dir, second_port);
+    assert!(second.log().contains("another agent process is holding containers"), "{}", second.log());
+    assert_eq!(s.docker.state("app"), "paused", "the second agent resumed the first one's hold");
+    drop(second);
     s.agent.kill();
     let _ = pull.wait();
     assert_eq!(s.docker.state("app"), "paused", "nothing else resumes it");
