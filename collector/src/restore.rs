@@ -144,6 +144,9 @@ pub fn run(mut repo: Repository, cfg: Option<&CollectorConfig>, a: &RestoreArgs)
     }
     let filter = path_filter(&a.paths)?;
     let (mut plan, skipped) = select(&repo, a, &order)?;
+    for item in &mut plan {
+        narrow_volumes(&repo, item, &filter)?;
+    }
     if plan.is_empty() {
         return Err(crate::commands::UsageError(format!(
             "nothing to restore: the selected snapshots' roles ({}) are not in --order {}",
@@ -263,6 +266,24 @@ pub fn run(mut repo: Repository, cfg: Option<&CollectorConfig>, a: &RestoreArgs)
 
 fn now_secs() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// With --path, a docker-volume snapshot's restore touches only the volumes holding a matching
+/// path: the others are neither created nor have their containers stopped.
+fn narrow_volumes(repo: &Repository, item: &mut PlanItem, filter: &Option<GlobSet>) -> Result<()> {
+    if filter.is_none() || item.snap.volumes.is_empty() {
+        return Ok(());
+    }
+    let root = Id::from_slice(&item.snap.tree).context("snapshot has no root tree")?;
+    let mut touched = std::collections::HashSet::new();
+    repo_format::fs::walk(repo, &root, &mut |path, _| {
+        if matches(filter, path) {
+            touched.insert(path.split(|&b| b == b'/').next().unwrap_or_default().to_vec());
+        }
+        Ok(())
+    })?;
+    item.snap.volumes.retain(|v| touched.contains(v.name.as_bytes()));
+    Ok(())
 }
 
 fn path_filter(globs: &[String]) -> Result<Option<GlobSet>> {

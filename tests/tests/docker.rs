@@ -306,3 +306,31 @@ fn a_removed_volume_is_recreated_by_restore_with_its_labels_and_content() {
     assert!(!o.status.success() && out.contains("docker volume blobs is not one this source declares"), "{out}");
     assert_eq!(s.docker.state("user2"), "running");
 }
+
+#[test]
+fn a_restore_of_some_paths_touches_only_their_volumes() {
+    let s = Setup::new(
+        "allow_restore = true",
+        "[[source]]\nname = \"multi\"\nkind = \"docker-volume\"\nvolume = \"multi-*\"\nconsistency = \"stop\"\ndocker_socket = \"SOCKET\"\n",
+    );
+    for v in ["multi-a", "multi-b"] {
+        s.docker.run(&["volume", "create", v]);
+        fs::write(s.docker.mountpoint(v).join("f.txt"), format!("{v} as backed up\n")).unwrap();
+    }
+    s.container("ca", "multi-a", IDLE);
+    s.container("cb", "multi-b", IDLE);
+    s.collector.pull();
+    for v in ["multi-a", "multi-b"] {
+        fs::write(s.docker.mountpoint(v).join("f.txt"), "changed\n").unwrap();
+    }
+    let started = |c: &str| s.docker.run(&["inspect", "-f", "{{.State.StartedAt}}", c]);
+    let cb_started = started("cb");
+    let o = s.collector.run(&["restore", "--to-agent", "--path", "multi-a/**"]);
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("stopped during the restore, then started: ca"), "{out}");
+    assert_eq!(fs::read_to_string(s.docker.mountpoint("multi-a").join("f.txt")).unwrap(), "multi-a as backed up\n");
+    assert_eq!(fs::read_to_string(s.docker.mountpoint("multi-b").join("f.txt")).unwrap(), "changed\n");
+    assert_eq!(started("cb"), cb_started, "the container of a volume not restored was stopped");
+    assert_eq!((s.docker.state("ca").as_str(), s.docker.state("cb").as_str()), ("running", "running"));
+}
