@@ -14,6 +14,9 @@ use repo_format::{Id, Repository};
 pub const DELTA_MIN: u64 = 1 << 20;
 /// Largest window an agent diffs at once (it uses 4 MiB).
 const MAX_WINDOW: u64 = 16 << 20;
+/// Old chunks kept while a delta is applied: a window's copies point near the same offset, and
+/// file chunks reach 4 MiB each.
+const CACHED_BLOBS: usize = 4;
 /// MD4 bytes per block in the signature; BLAKE3 verifies the result anyway.
 const CRYPTO_HASH_SIZE: u32 = 8;
 
@@ -54,7 +57,7 @@ impl<'r> OldContent<'r> {
             return Ok(b.clone());
         }
         let b = Arc::new(self.repo.read_blob(id)?);
-        if self.cache.len() >= 8 {
+        if self.cache.len() >= CACHED_BLOBS {
             self.cache.pop_front();
         }
         self.cache.push_back((*id, b.clone()));

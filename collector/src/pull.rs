@@ -454,7 +454,8 @@ fn pull_source(
     let threshold = repo.config().small_file_threshold as u64;
     let repo_ref: &Repository = repo;
     let (root_id, stats, index, stale) = std::thread::scope(|s| -> Result<_> {
-        let (tx, mut rx) = mpsc::channel::<Msg>(8);
+        // Each message can hold a window's delta (up to 4 MiB): a short queue bounds the memory.
+        let (tx, mut rx) = mpsc::channel::<Msg>(4);
         let (entries_ref, delta_prev_ref) = (&entries, &delta_prev);
         let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>)> {
             let mut w = Writer::new(repo_ref, 0);
