@@ -244,6 +244,10 @@ impl HoldRecord {
 
     /// At start: resume every container an agent that died held, then forget them.
     pub fn resume_left_over(&self) -> Result<()> {
+        if !self.path.exists() {
+            // Nothing recorded (the common case): no lock file made for agents without holds.
+            return Ok(());
+        }
         match self.exclusive(false)? {
             Some(_lock) => self.resume_recorded(),
             None => {
