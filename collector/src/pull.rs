@@ -369,46 +369,18 @@ fn pull_source(
     }
     let remote = Remote { name: &info.name, session: dump.as_ref().map_or("", |d| d.ready.session.as_str()) };
 
-    // 1. The listing.
-    let entries: Vec<Entry> = rt.block_on(async {
-        let mut stream = client
-            .list(ListRequest { source: info.name.clone(), session: remote.session.to_string() })
-            .await
-            .map_err(|s| anyhow!("agent {}: listing {}: {}", agent.name, info.name, s.message()))?
-            .into_inner();
-        let mut all = Vec::new();
-        let mut complete = false;
-        while let Some(batch) = stream
-            .message()
-            .await
-            .map_err(|s| anyhow!("agent {}: listing {} broke off: {}", agent.name, info.name, s.message()))?
-        {
-            all.extend(batch.entries);
-            complete = batch.complete;
-        }
-        if !complete {
-            bail!("agent {}: the listing of {} ended before it was complete", agent.name, info.name);
-        }
-        Ok::<_, anyhow::Error>(all)
-    })?;
+    // 1. The listing, streaming in while 2. the files cache (the previous snapshot of this source)
+    // is read: the agent's walk and the collector's tree reads overlap.
+    let listing =
+        rt.spawn(list_entries(client.clone(), agent.name.clone(), info.name.clone(), remote.session.to_string()));
+    let prev_files = match &previous {
+        Some((_, s)) => previous_files(repo, s),
+        None => Ok(HashMap::new()),
+    };
+    let entries = rt.block_on(listing).map_err(|e| anyhow!("the listing task failed: {e}"))??;
+    let mut prev_files = prev_files?;
     let mut warnings = Vec::new();
     let tree = DirTree::from_entries(&entries, &mut warnings);
-
-    // 2. The files cache: the previous snapshot of this source.
-    let prev_files: HashMap<Vec<u8>, Node> = match &previous {
-        Some((_, s)) => {
-            let mut m = HashMap::new();
-            let root = Id::from_slice(&s.tree).context("previous snapshot has no tree")?;
-            repo_format::fs::walk(repo, &root, &mut |p, n| {
-                if matches!(n.node_kind(), NodeKind::File | NodeKind::Hardlink) && !n.blake3.is_empty() {
-                    m.insert(p.to_vec(), n.clone());
-                }
-                Ok(())
-            })?;
-            m
-        }
-        None => HashMap::new(),
-    };
 
     // 3. The plan, in restore order (so the first name of a hard link comes first).
     let mut plans: HashMap<usize, Plan> = HashMap::new();
@@ -432,7 +404,9 @@ fn pull_source(
         });
         if unchanged {
             summary.files_unchanged += 1;
-            plans.insert(i, Plan::Reuse(Box::new(prev.expect("checked").clone())));
+            // Moved, not cloned: on an unchanged tree a copy would double the largest structure of the pull.
+            let node = prev_files.remove(&e.path).expect("checked");
+            plans.insert(i, Plan::Reuse(Box::new(node)));
         } else {
             plans.insert(i, Plan::Fetch { had_previous: prev.is_some() });
             match prev {
@@ -1163,6 +1137,45 @@ fn remember_signature(cache: &SignatureCache, content: &FileContent, sig: Option
     if let Some((bs, sig)) = sig.and_then(|s| s.finish(content.size)) {
         cache.put(&content.blake3, bs, &sig);
     }
+}
+
+/// Every entry of a source, in the agent's order.
+async fn list_entries(
+    mut client: AgentClient<Channel>,
+    agent: String,
+    source: String,
+    session: String,
+) -> Result<Vec<Entry>> {
+    let mut stream = client
+        .list(ListRequest { source: source.clone(), session })
+        .await
+        .map_err(|s| anyhow!("agent {agent}: listing {source}: {}", s.message()))?
+        .into_inner();
+    let mut all = Vec::new();
+    let mut complete = false;
+    while let Some(batch) =
+        stream.message().await.map_err(|s| anyhow!("agent {agent}: listing {source} broke off: {}", s.message()))?
+    {
+        all.extend(batch.entries);
+        complete = batch.complete;
+    }
+    if !complete {
+        bail!("agent {agent}: the listing of {source} ended before it was complete");
+    }
+    Ok(all)
+}
+
+/// The files of a snapshot with content, by path: what an unchanged file reuses.
+fn previous_files(repo: &Repository, snapshot: &Snapshot) -> Result<HashMap<Vec<u8>, Node>> {
+    let mut m = HashMap::new();
+    let root = Id::from_slice(&snapshot.tree).context("previous snapshot has no tree")?;
+    repo_format::fs::walk(repo, &root, &mut |p, n| {
+        if matches!(n.node_kind(), NodeKind::File | NodeKind::Hardlink) && !n.blake3.is_empty() {
+            m.insert(p.to_vec(), n.clone());
+        }
+        Ok(())
+    })?;
+    Ok(m)
 }
 
 /// The newest snapshot of (agent, source).
