@@ -10,12 +10,12 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use magpie_proto::v1::{Entry, EntryKind, Xattr};
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Statx, StatxFlags};
 
 use crate::config::Source;
 
@@ -44,49 +44,56 @@ fn excluded_or_below(src: &Source, rel: &[u8]) -> bool {
     (0..rel.len()).filter(|&i| rel[i] == b'/').any(|i| excluded(src, &rel[..i])) || excluded(src, rel)
 }
 
-/// Metadata of one entry as the protocol carries it. `xattr_path` is where its extended
-/// attributes are read (followed), `link_target` the target of a symlink.
-pub fn entry(rel: Vec<u8>, m: &fs::Metadata, xattr_path: Option<&Path>, link_target: Vec<u8>) -> Entry {
-    let ft = m.file_type();
-    let kind = if ft.is_file() {
-        EntryKind::File
-    } else if ft.is_dir() {
-        EntryKind::Dir
-    } else if ft.is_symlink() {
-        EntryKind::Symlink
-    } else if ft.is_char_device() {
-        EntryKind::CharDevice
-    } else if ft.is_block_device() {
-        EntryKind::BlockDevice
-    } else if ft.is_fifo() {
-        EntryKind::Fifo
-    } else {
-        EntryKind::Socket
+/// Metadata of one entry as the protocol carries it. `path` reaches the entry itself (its final
+/// component is not followed) to read its extended attributes (files and directories only);
+/// `link_target` is the target of a symlink.
+fn entry(rel: Vec<u8>, m: &Statx, path: &Path, link_target: Vec<u8>) -> Entry {
+    let kind = match FileType::from_raw_mode(m.stx_mode.into()) {
+        FileType::RegularFile => EntryKind::File,
+        FileType::Directory => EntryKind::Dir,
+        FileType::Symlink => EntryKind::Symlink,
+        FileType::CharacterDevice => EntryKind::CharDevice,
+        FileType::BlockDevice => EntryKind::BlockDevice,
+        FileType::Fifo => EntryKind::Fifo,
+        _ => EntryKind::Socket,
     };
-    let mut xattrs: Vec<Xattr> = xattr_path
-        .and_then(|p| xattr::list_deref(p).ok())
+    let with_xattrs = matches!(kind, EntryKind::File | EntryKind::Dir);
+    let mut xattrs: Vec<Xattr> = with_xattrs
+        .then(|| xattr::list(path).ok())
+        .flatten()
         .into_iter()
         .flatten()
-        .filter_map(|n| Some(Xattr { value: xattr::get_deref(xattr_path?, &n).ok()??, name: n.as_bytes().to_vec() }))
+        .filter_map(|n| Some(Xattr { value: xattr::get(path, &n).ok()??, name: n.as_bytes().to_vec() }))
         .collect();
     xattrs.sort_by(|a, b| a.name.cmp(&b.name));
+    let time = |t: rustix::fs::StatxTimestamp| nanos(t.tv_sec, t.tv_nsec.into());
     Entry {
         path: rel,
         kind: kind as i32,
-        mode: m.mode() & 0o7777,
-        uid: m.uid(),
-        gid: m.gid(),
-        mtime_ns: nanos(m.mtime(), m.mtime_nsec()),
-        ctime_ns: nanos(m.ctime(), m.ctime_nsec()),
-        size: if ft.is_file() { m.len() } else { 0 },
-        inode: m.ino(),
-        device: m.dev(),
-        nlink: m.nlink() as u32,
+        mode: u32::from(m.stx_mode) & 0o7777,
+        uid: m.stx_uid,
+        gid: m.stx_gid,
+        mtime_ns: time(m.stx_mtime),
+        ctime_ns: time(m.stx_ctime),
+        size: if kind == EntryKind::File { m.stx_size } else { 0 },
+        inode: m.stx_ino,
+        device: device_of(m),
+        nlink: m.stx_nlink,
         link_target,
-        rdev: m.rdev(),
+        rdev: rustix::fs::makedev(m.stx_rdev_major, m.stx_rdev_minor),
         xattrs,
         ..Default::default()
     }
+}
+
+fn device_of(m: &Statx) -> u64 {
+    rustix::fs::makedev(m.stx_dev_major, m.stx_dev_minor)
+}
+
+/// `statx` of `name` in `dir` (or of `dir` itself for an empty name), never following a final symlink.
+fn statx_at(dir: impl std::os::fd::AsFd, name: &[u8]) -> io::Result<Statx> {
+    let flags = if name.is_empty() { AtFlags::EMPTY_PATH } else { AtFlags::SYMLINK_NOFOLLOW };
+    Ok(rustix::fs::statx(dir, std::ffi::OsStr::from_bytes(name), flags, StatxFlags::BASIC_STATS)?)
 }
 
 fn error_entry(rel: Vec<u8>, e: &io::Error) -> Entry {
@@ -96,7 +103,7 @@ fn error_entry(rel: Vec<u8>, e: &io::Error) -> Entry {
 /// Every entry of a source. `emit` returns false to stop (the collector went away).
 ///
 /// The walk goes from a handle on each root opened through no symlink, directory handle to directory handle
-/// (`openat` with `O_NOFOLLOW`, `fstat` of an `O_PATH` handle): a path component swapped for a
+/// (`openat` with `O_NOFOLLOW`, `statx` relative to the directory's handle): a path component swapped for a
 /// symlink while we walk cannot lead the listing outside the root.
 pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
     let mut emitted_parents: HashSet<Vec<u8>> = HashSet::new();
@@ -115,8 +122,8 @@ pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
             // The last component is the root itself, which need not be where its name says (a
             // Docker volume is listed under its name, its files come from its mountpoint).
             let at = if i + 1 == comps.len() { &root.path } else { &prefix };
-            let e = match fs::symlink_metadata(at) {
-                Ok(m) => entry(rel, &m, Some(at), Vec::new()),
+            let e = match statx_at(rustix::fs::CWD, at.as_os_str().as_bytes()) {
+                Ok(m) => entry(rel, &m, at, Vec::new()),
                 Err(err) => error_entry(rel, &err),
             };
             if !emit(e) {
@@ -132,53 +139,124 @@ pub fn list(src: &Source, emit: &mut dyn FnMut(Entry) -> bool) {
                 continue;
             }
         };
-        let root_dev = stat_at(&root_handle, b".").map(|(m, _, _)| m.dev()).unwrap_or(0);
-        // (parent handle, name, relative path) of directories still to read; the root is ".".
-        let mut stack: Vec<(Arc<OwnedFd>, Vec<u8>, Vec<u8>)> = vec![(root_handle, b".".to_vec(), rel_root)];
-        while let Some((parent, name, rel)) = stack.pop() {
-            let listing = open_dir(&parent, &name).and_then(|d| Ok((read_names(&d)?, Arc::new(d))));
-            let (mut names, dir) = match listing {
-                Ok(x) => x,
-                Err(e) => {
-                    if !emit(error_entry(rel, &e)) {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            names.sort();
-            for name in names {
-                let child_rel = join(&rel, &name);
-                if excluded(src, &child_rel) {
-                    continue;
-                }
-                let (m, xattr_path, _handle) = match stat_at(&dir, &name) {
-                    Ok(x) => x,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        if !emit(error_entry(child_rel, &e)) {
-                            return;
-                        }
-                        continue;
-                    }
-                };
-                let link = if m.file_type().is_symlink() {
-                    rustix::fs::readlinkat(&*dir, std::ffi::OsStr::from_bytes(&name), Vec::new())
-                        .map(|t| t.into_bytes())
-                        .unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
-                let descend = m.is_dir() && !(src.one_file_system && m.dev() != root_dev);
-                if !emit(entry(child_rel.clone(), &m, xattr_path.as_deref(), link)) {
-                    return;
-                }
-                if descend {
-                    stack.push((dir.clone(), name, child_rel));
-                }
-            }
+        let root_dev = statx_at(&*root_handle, b"").map(|m| device_of(&m)).unwrap_or(0);
+        if !walk(src, root_handle, rel_root, root_dev, emit) {
+            return;
         }
     }
+}
+
+/// Directories read at once: on a cold cache a listing waits on the disk for every inode, and a
+/// few requests in flight instead of one shorten that wait.
+const WALKERS: usize = 4;
+
+/// A directory still to read: its parent's handle, its name there, its path in the snapshot.
+type DirJob = (Arc<OwnedFd>, Vec<u8>, Vec<u8>);
+
+/// Directories to read, and how many are being read (the walk is over when both are none).
+struct WalkState {
+    todo: Vec<DirJob>,
+    reading: usize,
+}
+
+/// List everything below a root with [`WALKERS`] threads, handing each directory's entries to
+/// `emit` on the calling thread. Returns false when `emit` asked to stop.
+fn walk(
+    src: &Source,
+    root: Arc<OwnedFd>,
+    rel_root: Vec<u8>,
+    root_dev: u64,
+    emit: &mut dyn FnMut(Entry) -> bool,
+) -> bool {
+    let state = std::sync::Mutex::new(WalkState { todo: vec![(root, b".".to_vec(), rel_root)], reading: 0 });
+    let changed = std::sync::Condvar::new();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(WALKERS * 2);
+    std::thread::scope(|s| {
+        for _ in 0..WALKERS {
+            let tx = tx.clone();
+            let (state, changed, stop) = (&state, &changed, &stop);
+            s.spawn(move || {
+                loop {
+                    // Last in, first out: the walk stays depth first, so few directories hold open handles.
+                    let job = {
+                        let mut st = state.lock().expect("walk state");
+                        loop {
+                            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                return;
+                            }
+                            if let Some(job) = st.todo.pop() {
+                                st.reading += 1;
+                                break job;
+                            }
+                            if st.reading == 0 {
+                                return;
+                            }
+                            st = changed.wait(st).expect("walk state");
+                        }
+                    };
+                    let (entries, subdirs) = read_dir(src, job, root_dev);
+                    {
+                        let mut st = state.lock().expect("walk state");
+                        st.todo.extend(subdirs.into_iter().rev());
+                        st.reading -= 1;
+                    }
+                    changed.notify_all();
+                    if !entries.is_empty() && tx.send(entries).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let whole = rx.iter().flatten().all(emit);
+        if !whole {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            changed.notify_all();
+        }
+        // Dropping the receiver ends any walker waiting to hand over a directory.
+        drop(rx);
+        whole
+    })
+}
+
+/// The entries of one directory, and its sub-directories to read (in name order).
+fn read_dir(src: &Source, (parent, name, rel): DirJob, root_dev: u64) -> (Vec<Entry>, Vec<DirJob>) {
+    let listing = open_dir(&parent, &name).and_then(|d| Ok((read_names(&d)?, Arc::new(d))));
+    let (mut names, dir) = match listing {
+        Ok(x) => x,
+        Err(e) => return (vec![error_entry(rel, &e)], Vec::new()),
+    };
+    names.sort();
+    let (mut entries, mut subdirs) = (Vec::with_capacity(names.len()), Vec::new());
+    for name in names {
+        let child_rel = join(&rel, &name);
+        if excluded(src, &child_rel) {
+            continue;
+        }
+        let m = match statx_at(&*dir, &name) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                entries.push(error_entry(child_rel, &e));
+                continue;
+            }
+        };
+        let kind = FileType::from_raw_mode(m.stx_mode.into());
+        let link = if kind == FileType::Symlink {
+            rustix::fs::readlinkat(&*dir, std::ffi::OsStr::from_bytes(&name), Vec::new())
+                .map(|t| t.into_bytes())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let descend = kind == FileType::Directory && !(src.one_file_system && device_of(&m) != root_dev);
+        entries.push(entry(child_rel.clone(), &m, &proc_path(&dir, &name), link));
+        if descend {
+            subdirs.push((dir.clone(), name, child_rel));
+        }
+    }
+    (entries, subdirs)
 }
 
 /// Open a directory beneath `parent` for reading, never through a symlink.
@@ -203,20 +281,13 @@ fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
-/// Metadata of `name` in `dir` (not following a symlink) through an `O_PATH` handle, and the
-/// `/proc/self/fd` path that reaches that very inode for its extended attributes (files and
-/// directories only; the returned handle must stay open while the path is used).
-fn stat_at(dir: &OwnedFd, name: &[u8]) -> io::Result<(fs::Metadata, Option<PathBuf>, File)> {
-    let fd = rustix::fs::openat(
-        dir,
-        std::ffi::OsStr::from_bytes(name),
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let f = File::from(fd);
-    let m = f.metadata()?;
-    let xattr_path = (m.is_file() || m.is_dir()).then(|| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())));
-    Ok((m, xattr_path, f))
+/// `name` inside the open directory `dir`, as a path for the calls that take only paths (extended
+/// attributes): the directory is reached through its handle, so a path component swapped for a
+/// symlink cannot redirect it, and the l-variants used on it do not follow `name` itself.
+fn proc_path(dir: &OwnedFd, name: &[u8]) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    p.push(std::ffi::OsStr::from_bytes(name));
+    p
 }
 
 /// Open a file of a source for reading, confined to its root.
