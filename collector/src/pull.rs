@@ -434,8 +434,8 @@ fn pull_source(
         let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>)> {
             let mut w = Writer::new(repo_ref, 0);
             // Dump files get the dump chunker; a Docker volume, read through a session too, holds files.
-            let dumps = info.dump && info.kind != "docker-volume";
-            let mut st = Ingest::new(repo_ref.chunker(dumps)?, threshold, cache);
+            let chunkers = Chunkers::new(repo_ref, info.dump && info.kind != "docker-volume")?;
+            let mut st = Ingest::new(chunkers, threshold, cache);
             let mut patch: Option<Patch<'_>> = None;
             while let Some(msg) = rx.blocking_recv() {
                 match msg {
@@ -455,7 +455,7 @@ fn pull_source(
                                 idx,
                                 repo_ref,
                                 &delta_prev_ref[&idx],
-                                &st.chunker,
+                                &st.chunkers,
                                 entries_ref[idx].size,
                             )),
                         };
@@ -464,7 +464,7 @@ fn pull_source(
                     Msg::DeltaEnd(idx, f, reply) => {
                         let p = match patch.take() {
                             Some(p) if p.idx == idx => p,
-                            _ => Patch::new(idx, repo_ref, &delta_prev_ref[&idx], &st.chunker, entries_ref[idx].size),
+                            _ => Patch::new(idx, repo_ref, &delta_prev_ref[&idx], &st.chunkers, entries_ref[idx].size),
                         };
                         let ok = match p.finish(&mut w, &f, cache)? {
                             Some(content) => {
@@ -701,11 +701,33 @@ async fn pull_delta(
     )
 }
 
+/// The chunkers of a source: database content (by its first bytes) gets the dump chunker even in
+/// a path source; everything in a dump source does.
+#[derive(Clone)]
+struct Chunkers {
+    files: repo_format::chunker::Chunker,
+    dumps: repo_format::chunker::Chunker,
+}
+
+impl Chunkers {
+    fn new(repo: &Repository, dump_source: bool) -> Result<Chunkers> {
+        Ok(Chunkers { files: repo.chunker(dump_source)?, dumps: repo.chunker(true)? })
+    }
+
+    /// A file's content, starting with `head`.
+    fn content(&self, head: &[u8]) -> ChunkedContent {
+        let database = repo_format::chunker::is_database_content(head);
+        ChunkedContent::new(if database { self.dumps.clone() } else { self.files.clone() })
+    }
+}
+
 /// A file being rebuilt from its previous version and the agent's window deltas.
 struct Patch<'r> {
     idx: usize,
     old: OldContent<'r>,
-    content: ChunkedContent,
+    chunkers: Chunkers,
+    /// Started with the first window (its bytes choose the chunker).
+    content: Option<ChunkedContent>,
     buf: Vec<u8>,
     /// Why the delta cannot be used (a bad delta is not an error of the pull: the file is
     /// fetched whole instead).
@@ -714,17 +736,12 @@ struct Patch<'r> {
 }
 
 impl<'r> Patch<'r> {
-    fn new(
-        idx: usize,
-        repo: &'r Repository,
-        prev: &Node,
-        chunker: &repo_format::chunker::Chunker,
-        size: u64,
-    ) -> Patch<'r> {
+    fn new(idx: usize, repo: &'r Repository, prev: &Node, chunkers: &Chunkers, size: u64) -> Patch<'r> {
         Patch {
             idx,
             old: OldContent::new(repo, prev),
-            content: ChunkedContent::new(chunker.clone()),
+            chunkers: chunkers.clone(),
+            content: None,
             buf: Vec::new(),
             failed: None,
             sig: SignatureBuilder::new(size),
@@ -736,8 +753,10 @@ impl<'r> Patch<'r> {
             return;
         }
         self.buf.clear();
-        let r =
-            self.old.apply(&f.delta, f.window_len, &mut self.buf).and_then(|_| Ok(self.content.push(w, &self.buf)?));
+        let r = self.old.apply(&f.delta, f.window_len, &mut self.buf).and_then(|_| {
+            let content = self.content.get_or_insert_with(|| self.chunkers.content(&self.buf));
+            Ok(content.push(w, &self.buf)?)
+        });
         match r {
             Ok(()) => self.sig.push(&self.buf),
             Err(e) => self.failed = Some(format!("{e:#}")),
@@ -753,7 +772,7 @@ impl<'r> Patch<'r> {
             );
             return Ok(None);
         }
-        let content = self.content.finish(w)?;
+        let content = self.content.unwrap_or_else(|| self.chunkers.content(&[])).finish(w)?;
         if content.blake3.as_slice() != end.blake3.as_slice() {
             return Ok(None);
         }
@@ -824,7 +843,7 @@ enum Current {
 /// The ingest side: file frames in, content in the repository out.
 struct Ingest<'c> {
     cache: &'c SignatureCache,
-    chunker: repo_format::chunker::Chunker,
+    chunkers: Chunkers,
     threshold: u64,
     current: Option<(usize, Current)>,
     small: SmallFiles,
@@ -839,11 +858,11 @@ fn parent_of(path: &[u8]) -> &[u8] {
 }
 
 impl<'c> Ingest<'c> {
-    fn new(chunker: repo_format::chunker::Chunker, threshold: u64, cache: &'c SignatureCache) -> Ingest<'c> {
+    fn new(chunkers: Chunkers, threshold: u64, cache: &'c SignatureCache) -> Ingest<'c> {
         Ingest {
             cache,
-            small: SmallFiles::new(chunker.clone()),
-            chunker,
+            small: SmallFiles::new(chunkers.files.clone()),
+            chunkers,
             threshold,
             current: None,
             small_dir: Vec::new(),
@@ -858,7 +877,7 @@ impl<'c> Ingest<'c> {
                 Current::Small(Vec::new())
             } else {
                 Current::Large(
-                    Box::new(ChunkedContent::new(self.chunker.clone())),
+                    Box::new(self.chunkers.content(&f.data)),
                     (entries[idx].size >= delta::DELTA_MIN).then(|| SignatureBuilder::new(entries[idx].size)),
                 )
             };
@@ -870,7 +889,7 @@ impl<'c> Ingest<'c> {
             if let Current::Small(buf) = cur
                 && (buf.len() + f.data.len()) as u64 > self.threshold
             {
-                let mut c = Box::new(ChunkedContent::new(self.chunker.clone()));
+                let mut c = Box::new(self.chunkers.content(buf));
                 c.push(w, buf)?;
                 *cur = Current::Large(c, None);
             }

@@ -59,6 +59,25 @@ impl ChunkerParams {
     }
 }
 
+/// Whether a file's first bytes are those of a database dump or a database file: such content
+/// changes in scattered places from one backup to the next, so it deserves the dump chunker even
+/// where it is found among ordinary files (a nightly `pg_dump` into a backed-up folder).
+///
+/// Recognised: PostgreSQL plain (`-- PostgreSQL database dump`) and custom/tar (`PGDMP`) dumps,
+/// MySQL and MariaDB dumps (`-- MySQL dump`, `-- MariaDB dump` within the first 512 bytes, after
+/// the sandbox-mode line newer `mariadb-dump` writes first), SQLite databases
+/// (`SQLite format 3\0`) and Redis RDB files (`REDIS` and four digits). See FORMAT.md §12.
+pub fn is_database_content(head: &[u8]) -> bool {
+    let within = &head[..head.len().min(512)];
+    let contains = |needle: &[u8]| within.windows(needle.len()).any(|w| w == needle);
+    head.starts_with(b"PGDMP")
+        || head.starts_with(b"SQLite format 3\0")
+        || (head.len() >= 9 && head.starts_with(b"REDIS") && head[5..9].iter().all(u8::is_ascii_digit))
+        || (within.starts_with(b"--") && contains(b"-- PostgreSQL database dump"))
+        || contains(b"-- MySQL dump ")
+        || contains(b"-- MariaDB dump ")
+}
+
 /// A keyed FastCDC 2020 cut-point finder.
 #[derive(Clone, Debug)]
 pub struct Chunker {
@@ -157,6 +176,31 @@ mod tests {
         let a2: Vec<_> = Chunker::new(ChunkerParams::DUMPS, 1).unwrap().split(&data).iter().map(|c| c.len()).collect();
         assert_eq!(a, a2.len());
         assert_ne!(a2, b);
+    }
+
+    #[test]
+    fn database_content_is_recognised_by_its_first_bytes() {
+        let pg = b"--\n-- PostgreSQL database dump\n--\n\n-- Dumped from database version 15.8\n";
+        let maria = b"/*M!999999\\- enable the sandbox mode */ \n-- MariaDB dump 10.19-11.4.3-MariaDB, for Linux\n";
+        for head in [
+            &pg[..],
+            b"PGDMP\x01\x0e\x00",
+            &maria[..],
+            b"-- MySQL dump 10.13  Distrib 8.0.36\n",
+            b"SQLite format 3\0\x10\x00",
+            b"REDIS0011\xfa",
+        ] {
+            assert!(is_database_content(head), "{}", String::from_utf8_lossy(head));
+        }
+        for head in [
+            &b"-- a shell comment about PGDMP\n"[..],
+            b"REDISTRIBUTE.txt",
+            b"#!/bin/sh\n",
+            b"",
+            b"COPY public.posts (id) FROM stdin;\n",
+        ] {
+            assert!(!is_database_content(head), "{}", String::from_utf8_lossy(head));
+        }
     }
 
     #[test]

@@ -55,13 +55,16 @@ def copytree_budget(src, dst, limit):
 used = 0
 for src, share in [("/usr/share", 0.30), ("/usr/lib/x86_64-linux-gnu", 0.15), ("/usr/bin", 0.05)]:
     used += copytree_budget(src, os.path.join(root, src.strip("/").replace("/", "_")), int(budget * share))
-# A database dump: rows of text, about 30% of the budget.
+# A database dump as pg_dump writes it (header, DDL, COPY rows), about 30% of the budget.
 words = open("/usr/share/common-licenses/GPL-3").read().split()
 rows = []
 target = int(budget * 0.30)
 n = 0
 with open(os.path.join(root, "app-db.sql"), "w") as f:
-    f.write("COPY public.posts (id, author, body) FROM stdin;\n")
+    f.write("--\n-- PostgreSQL database dump\n--\n\n-- Dumped from database version 15.14\n"
+            "-- Dumped by pg_dump version 15.14\n\nSET statement_timeout = 0;\nSET client_encoding = 'UTF8';\n\n"
+            "CREATE TABLE public.posts (\n    id integer NOT NULL,\n    author text,\n    body text\n);\n\n"
+            "COPY public.posts (id, author, body) FROM stdin;\n")
     while f.tell() < target:
         n += 1
         body = " ".join(rnd.choice(words) for _ in range(rnd.randint(10, 80)))
@@ -87,7 +90,8 @@ rnd = random.Random(7)
 # The dump: 2% of rows updated (moved to the end, as PostgreSQL does), 1% new rows.
 p = os.path.join(root, "app-db.sql")
 lines = open(p).read().split("\n")
-head, body, tail = lines[0], [l for l in lines[1:] if l and l != "\\."], "\\."
+copy = next(i for i, l in enumerate(lines) if l.startswith("COPY "))
+head, body, tail = "\n".join(lines[:copy + 1]), [l for l in lines[copy + 1:] if l and l != "\\."], "\\."
 moved = [l + " edited" for l in body if rnd.random() < 0.02]
 kept = [l for l in body if not l.endswith(" edited") and rnd.random() >= 0.02]
 new = [f"{len(body) + i}\tnew{i}\tfresh row {i}" for i in range(len(body) // 100)]

@@ -333,6 +333,76 @@ fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
     assert_eq!(state(&src), state(&inside(&out, &src)));
 }
 
+/// Rows of a table as `COPY` writes them: id, author, a body of words.
+fn table_rows(n: usize, seed: u64) -> Vec<String> {
+    const WORDS: [&str; 12] =
+        ["the", "backup", "server", "pulls", "every", "night", "and", "keeps", "what", "changed", "only", "once"];
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let words = 10 + next() % 50;
+            let body: Vec<&str> = (0..words).map(|_| WORDS[(next() % 12) as usize]).collect();
+            format!("{i}\tuser{}\t{}", next() % 5000, body.join(" "))
+        })
+        .collect()
+}
+
+/// A day's change as PostgreSQL makes it: every 500th row updated, moved to the end of the table.
+fn update_rows(rows: &mut Vec<String>) {
+    let mut moved = Vec::new();
+    let mut i = 0;
+    rows.retain(|r| {
+        i += 1;
+        let keep = i % 500 != 0;
+        if !keep {
+            moved.push(format!("{r} edited"));
+        }
+        keep
+    });
+    rows.extend(moved);
+}
+
+#[test]
+fn a_database_dump_among_files_is_chunked_as_a_dump() {
+    let (tmp, pki, src) = setup("src");
+    let header = "--\n-- PostgreSQL database dump\n--\n\nCOPY public.posts (id, author, body) FROM stdin;\n";
+    let write = |name: &str, head: &str, rows: &[String]| {
+        fs::write(src.join(name), format!("{head}{}\n\\.\n", rows.join("\n"))).unwrap();
+    };
+    let (mut dump, mut plain) = (table_rows(80_000, 1), table_rows(80_000, 2));
+    write("app.sql", header, &dump);
+    // The same kind of rows without a dump's header: an ordinary file to the collector.
+    write("rows.txt", "", &plain);
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", true);
+    c.pull();
+    let size = fs::metadata(src.join("app.sql")).unwrap().len();
+
+    update_rows(&mut dump);
+    write("app.sql", header, &dump);
+    let s = c.pull();
+    assert_eq!(s["files_delta"], 1, "{s}");
+    let added = s["bytes_added"].as_u64().unwrap();
+    assert!(added < size * 2 / 5, "the dump's update stored {added} of its {size} bytes: {s}");
+
+    // The premise: with the file chunker the same change re-stores nearly the whole file.
+    update_rows(&mut plain);
+    write("rows.txt", "", &plain);
+    let s = c.pull();
+    let added = s["bytes_added"].as_u64().unwrap();
+    assert!(added > size * 4 / 5, "the plain file's update stored only {added} of about {size} bytes: {s}");
+
+    let out = tmp.path().join("out");
+    restore(&c, &out);
+    assert_eq!(state(&src), state(&inside(&out, &src)));
+}
+
 #[test]
 fn excluded_subtrees_and_forged_signatures_are_refused() {
     let (tmp, pki, src) = setup("src");
