@@ -102,39 +102,45 @@ const MAX_FRAME: usize = 24 << 20;
 const MAX_PENDING: usize = 2 * MAX_FRAME;
 
 /// Turns the segments of a ReadFiles or Delta stream back into frames.
-pub struct FrameReader {
-    zstd: Option<zstd::stream::write::Decoder<'static, Vec<u8>>>,
-    plain: Vec<u8>,
+pub enum FrameReader {
+    /// The decoder writes straight into the buffer frames are parsed from: one buffer, one copy.
+    Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
+    Plain(Vec<u8>),
 }
 
 impl FrameReader {
     pub fn new(compressed: bool) -> Result<FrameReader> {
-        Ok(FrameReader {
-            zstd: if compressed { Some(zstd::stream::write::Decoder::new(Vec::new())?) } else { None },
-            plain: Vec::new(),
+        Ok(if compressed {
+            FrameReader::Zstd(zstd::stream::write::Decoder::new(Vec::new())?)
+        } else {
+            FrameReader::Plain(Vec::new())
         })
     }
 
     /// Feed one segment; returns the frames it completed.
     pub fn push<M: Message + Default>(&mut self, segment: &[u8]) -> Result<Vec<M>> {
-        match &mut self.zstd {
-            Some(d) => {
+        let plain = match self {
+            FrameReader::Zstd(d) => {
                 use std::io::Write;
                 d.write_all(segment).context("corrupt zstd stream from the agent")?;
                 d.flush()?;
-                self.plain.append(d.get_mut());
-                if self.plain.len() > MAX_PENDING {
+                let plain = d.get_mut();
+                if plain.len() > MAX_PENDING {
                     bail!(
                         "the agent's stream decompresses to more than {MAX_PENDING} bytes without completing a frame"
                     );
                 }
+                plain
             }
-            None => self.plain.extend_from_slice(segment),
-        }
+            FrameReader::Plain(plain) => {
+                plain.extend_from_slice(segment);
+                plain
+            }
+        };
         let mut frames = Vec::new();
         let mut pos = 0;
         loop {
-            let mut rest = &self.plain[pos..];
+            let mut rest = &plain[pos..];
             let before = rest.len();
             let Ok(len) = prost::decode_length_delimiter(&mut rest) else { break };
             let header = before - rest.len();
@@ -147,7 +153,7 @@ impl FrameReader {
             frames.push(M::decode(&rest[..len]).context("malformed frame from the agent")?);
             pos += header + len;
         }
-        self.plain.drain(..pos);
+        plain.drain(..pos);
         Ok(frames)
     }
 }

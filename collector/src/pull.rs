@@ -406,7 +406,7 @@ fn pull_source(
             summary.files_unchanged += 1;
             // Moved, not cloned: on an unchanged tree a copy would double the largest structure of the pull.
             let node = prev_files.remove(&e.path).expect("checked");
-            plans.insert(i, Plan::Reuse(Box::new(node)));
+            plans.insert(i, Plan::Reuse(node));
         } else {
             plans.insert(i, Plan::Fetch { had_previous: prev.is_some() });
             match prev {
@@ -417,7 +417,7 @@ fn pull_source(
                         && p.size <= e.size * 2 =>
                 {
                     deltas.push(i);
-                    delta_prev.insert(i, p.clone());
+                    delta_prev.insert(i, Node::clone(p));
                 }
                 _ => fetch.push(i),
             }
@@ -1184,13 +1184,14 @@ async fn list_entries(
     Ok(all)
 }
 
-/// The files of a snapshot with content, by path: what an unchanged file reuses.
-fn previous_files(repo: &Repository, snapshot: &Snapshot) -> Result<HashMap<Vec<u8>, Node>> {
+/// The files of a snapshot with content, by path: what an unchanged file reuses. Boxed: a table of
+/// whole nodes would stay at its full size after the unchanged files move out of it.
+fn previous_files(repo: &Repository, snapshot: &Snapshot) -> Result<HashMap<Vec<u8>, Box<Node>>> {
     let mut m = HashMap::new();
     let root = Id::from_slice(&snapshot.tree).context("previous snapshot has no tree")?;
     repo_format::fs::walk(repo, &root, &mut |p, n| {
         if matches!(n.node_kind(), NodeKind::File | NodeKind::Hardlink) && !n.blake3.is_empty() {
-            m.insert(p.to_vec(), n.clone());
+            m.insert(p.to_vec(), Box::new(n.clone()));
         }
         Ok(())
     })?;

@@ -26,8 +26,11 @@ pub struct FileContent {
     pub blake3: [u8; 32],
 }
 
+/// How much of a piece [`ChunkedContent::push`] buffers before cutting.
+const PART: usize = 1 << 20;
+
 /// Content arriving in pieces (from a file or the network), chunked as it comes: memory stays at
-/// one maximum chunk plus one piece, whatever the total length.
+/// one maximum chunk plus 1 MiB, whatever the total length and the size of the pieces.
 pub struct ChunkedContent {
     chunker: Chunker,
     buf: Vec<u8>,
@@ -44,8 +47,13 @@ impl ChunkedContent {
     /// Add the next piece.
     pub fn push(&mut self, w: &mut Writer<'_>, piece: &[u8]) -> Result<()> {
         self.hasher.update(piece);
-        self.buf.extend_from_slice(piece);
-        self.cut(w, false)
+        // A large piece (a delta window) is cut a part at a time, so that the buffer holds at most
+        // one maximum chunk and one part rather than growing to twice the piece.
+        for part in piece.chunks(PART) {
+            self.buf.extend_from_slice(part);
+            self.cut(w, false)?;
+        }
+        Ok(())
     }
 
     fn cut(&mut self, w: &mut Writer<'_>, at_end: bool) -> Result<()> {
