@@ -92,8 +92,9 @@ p = os.path.join(root, "app-db.sql")
 lines = open(p).read().split("\n")
 copy = next(i for i, l in enumerate(lines) if l.startswith("COPY "))
 head, body, tail = "\n".join(lines[:copy + 1]), [l for l in lines[copy + 1:] if l and l != "\\."], "\\."
-moved = [l + " edited" for l in body if rnd.random() < 0.02]
-kept = [l for l in body if not l.endswith(" edited") and rnd.random() >= 0.02]
+updated = {i for i in range(len(body)) if rnd.random() < 0.02}
+moved = [body[i] + " edited" for i in sorted(updated)]
+kept = [l for i, l in enumerate(body) if i not in updated]
 new = [f"{len(body) + i}\tnew{i}\tfresh row {i}" for i in range(len(body) // 100)]
 open(p, "w").write("\n".join([head] + kept + moved + new + [tail, ""]))
 # A few blobs added, one rewritten; a few text files edited.
