@@ -6,8 +6,9 @@
 //! plus at worst a `.tmp-*` file that listings ignore.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{Backend, BackendError, ObjectInfo, PutOutcome};
@@ -70,18 +71,20 @@ impl Backend for LocalBackend {
                 f.read_to_end(&mut buf).map_err(|e| BackendError::io(name, e))?;
             }
             Some(r) => {
-                f.seek(SeekFrom::Start(r.start)).map_err(|e| BackendError::io(name, e))?;
-                let len = r.end.saturating_sub(r.start);
-                f.take(len).read_to_end(&mut buf).map_err(|e| BackendError::io(name, e))?;
-                if (buf.len() as u64) < len {
-                    return Err(BackendError::io(
-                        name,
-                        std::io::Error::new(
+                // One pread of the exact size: a restore or a delta reads thousands of small blobs.
+                let len = usize::try_from(r.end.saturating_sub(r.start))
+                    .map_err(|_| BackendError::io(name, std::io::Error::other("range too large")))?;
+                buf.resize(len, 0);
+                f.read_exact_at(&mut buf, r.start).map_err(|e| {
+                    let e = match e.kind() {
+                        ErrorKind::UnexpectedEof => std::io::Error::new(
                             ErrorKind::UnexpectedEof,
                             format!("object is shorter than the range {}..{}", r.start, r.end),
                         ),
-                    ));
-                }
+                        _ => e,
+                    };
+                    BackendError::io(name, e)
+                })?;
             }
         }
         Ok(buf)

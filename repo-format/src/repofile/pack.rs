@@ -105,8 +105,9 @@ pub fn decode_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<
     }
     let raw = match *flag {
         magic::COMPRESSION_NONE => payload.to_vec(),
-        magic::COMPRESSION_ZSTD => zstd::bulk::decompress(payload, entry.raw_len as usize)
-            .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?,
+        magic::COMPRESSION_ZSTD => {
+            decompress(payload, entry.raw_len as usize).map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?
+        }
         other => {
             return Err(Error::corrupt(what(), format!("unknown compression {other}")));
         }
@@ -115,6 +116,22 @@ pub fn decode_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<
         return Err(Error::corrupt(what(), "content does not match its id"));
     }
     Ok(raw)
+}
+
+/// Decompress with this thread's zstd context: making one per blob cost more than decompressing
+/// a small dump chunk (1% of a pull rebuilding a 600 MB dump from 8 KiB chunks).
+fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static CONTEXT: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CONTEXT.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Decompressor::new()?);
+        }
+        c.as_mut().expect("just set").decompress(payload, capacity)
+    })
 }
 
 /// Builds one pack in memory.
