@@ -125,17 +125,19 @@ restic init -q -r "$work/restic" >/dev/null
 results=$work/results.tsv
 : > "$results"
 
-# measure NAME DAY command… : wall seconds and peak RSS (KiB) of the command
+# measure NAME DAY command… : wall seconds, peak RSS (KiB) and CPU seconds (user + system) of the command
 measure() {
     local name=$1 day=$2
     shift 2
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-    /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" > "$work/$name-$day.out" 2>&1
-    read -r secs kib < "$work/time.out"
-    echo -e "$name\t$day\t$secs\t$kib" >> "$results"
+    /usr/bin/time -f "%e %M %U %S" -o "$work/time.out" "$@" > "$work/$name-$day.out" 2>&1
+    read -r secs kib user sys < "$work/time.out"
+    echo -e "$name\t$day\t$secs\t$kib\t$(python3 -c "print($user + $sys)")" >> "$results"
 }
 
 agent_rss() { grep VmHWM "/proc/$1/status" | awk '{print $2}'; }
+# CPU seconds the agent has used so far (it serves every day, so each day is a difference).
+agent_cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
 
 # rsync daemon for wire bytes with -z and deltas, as a pull over the network would have them.
 cat > "$work/rsyncd.conf" <<T
@@ -152,7 +154,9 @@ trap 'kill $agent_pid $rsync_pid 2>/dev/null || true' EXIT
 
 for day in day1 day2 day2-again; do
     [ "$day" = day2 ] && day2
+    cpu0=$(agent_cpu $agent_pid)
     measure magpie "$day" "$bin/collector" --config "$m/collector.toml" pull --json
+    echo -e "agent-cpu\t$day\t$(python3 -c "print($(agent_cpu $agent_pid) - $cpu0)")" >> "$results"
     measure borg "$day" borg create --compression zstd,3 "$work/borg::$day" "$corpus"
     measure restic "$day" restic -r "$work/restic" backup -q "$corpus"
     rsync -az --no-whole-file --stats "rsync://127.0.0.1:$rport/corpus/" "$work/rsync-copy/" > "$work/rsync-$day.out"
@@ -175,10 +179,11 @@ def line(label, f):
     print(f"{label:12}" + "".join(f"{f(d):>34}" for d in days))
 for tool in ["magpie", "borg", "restic"]:
     line(f"{tool} s/RSS", lambda d: f"{float(t[tool][d][0]):.1f} s, {int(t[tool][d][1])//1024} MiB")
+line("CPU s", lambda d: f"{float(t['magpie'][d][2]):.1f}+{float(t['agent-cpu'][d][0]):.1f} / {float(t['borg'][d][2]):.1f} / {float(t['restic'][d][2]):.1f}")
 line("time ratio", lambda d: f"borg {float(t['borg'][d][0])/float(t['magpie'][d][0]):.2f}x, restic {float(t['restic'][d][0])/float(t['magpie'][d][0]):.2f}x")
 line("repo bytes", lambda d: "/".join(f"{int(x)/1e6:.0f}" for x in t['size'][d]) + " MB")
 line("size ratio", lambda d: f"borg {int(t['size'][d][0])/int(t['size'][d][1]):.2f}, restic {int(t['size'][d][0])/int(t['size'][d][2]):.2f}")
 line("wire m/rsync", lambda d: f"{int(t['wire'][d][0])/1e6:.1f}/{int(t['wire'][d][1] or 0)/1e6:.1f} MB")
 print(f"agent peak RSS {int(t['agent-rss']['all'][0])//1024} MiB (magpie s/RSS above is the collector)")
-print("(ratios: peer time / magpie time, magpie size / peer size)")
+print("(ratios: peer time / magpie time, magpie size / peer size; CPU s: magpie collector+agent / borg / restic)")
 PY
