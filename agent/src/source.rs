@@ -12,7 +12,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use magpie_proto::v1::{Entry, EntryKind, Xattr};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Statx, StatxFlags};
@@ -90,9 +92,11 @@ fn device_of(m: &Statx) -> u64 {
     rustix::fs::makedev(m.stx_dev_major, m.stx_dev_minor)
 }
 
-/// `statx` of `name` in `dir` (or of `dir` itself for an empty name), never following a final symlink.
+/// `statx` of `name` in `dir` (or of `dir` itself for an empty name), never following a final
+/// symlink and never triggering an automount (`stat` adds that flag itself; `statx` does not, and
+/// mounting every autofs point of `/home` or `/net` while listing would be the agent's doing).
 fn statx_at(dir: impl std::os::fd::AsFd, name: &[u8]) -> io::Result<Statx> {
-    let flags = if name.is_empty() { AtFlags::EMPTY_PATH } else { AtFlags::SYMLINK_NOFOLLOW };
+    let flags = AtFlags::NO_AUTOMOUNT | if name.is_empty() { AtFlags::EMPTY_PATH } else { AtFlags::SYMLINK_NOFOLLOW };
     Ok(rustix::fs::statx(dir, std::ffi::OsStr::from_bytes(name), flags, StatxFlags::BASIC_STATS)?)
 }
 
@@ -159,8 +163,30 @@ struct WalkState {
     reading: usize,
 }
 
-/// List everything below a root with [`WALKERS`] threads, handing each directory's entries to
-/// `emit` on the calling thread. Returns false when `emit` asked to stop.
+/// Entries handed over at once: a directory of millions of files travels in pieces.
+const DIR_BATCH: usize = 1024;
+
+/// A directory being read. Counted in [`WalkState::reading`] until its reader is done with it or
+/// unwinds, so a panicking walker ends the walk (and the panic surfaces) instead of leaving the
+/// others waiting for it forever.
+struct Reading<'a> {
+    state: &'a Mutex<WalkState>,
+    changed: &'a Condvar,
+    subdirs: Vec<DirJob>,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.todo.extend(self.subdirs.drain(..).rev());
+        st.reading -= 1;
+        drop(st);
+        self.changed.notify_all();
+    }
+}
+
+/// List everything below a root with [`WALKERS`] threads, handing the entries to `emit` on the
+/// calling thread. Returns false when `emit` asked to stop.
 fn walk(
     src: &Source,
     root: Arc<OwnedFd>,
@@ -168,9 +194,9 @@ fn walk(
     root_dev: u64,
     emit: &mut dyn FnMut(Entry) -> bool,
 ) -> bool {
-    let state = std::sync::Mutex::new(WalkState { todo: vec![(root, b".".to_vec(), rel_root)], reading: 0 });
-    let changed = std::sync::Condvar::new();
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let state = Mutex::new(WalkState { todo: vec![(root, b".".to_vec(), rel_root)], reading: 0 });
+    let changed = Condvar::new();
+    let stop = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(WALKERS * 2);
     std::thread::scope(|s| {
         for _ in 0..WALKERS {
@@ -182,7 +208,7 @@ fn walk(
                     let job = {
                         let mut st = state.lock().expect("walk state");
                         loop {
-                            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            if stop.load(Ordering::Relaxed) {
                                 return;
                             }
                             if let Some(job) = st.todo.pop() {
@@ -195,15 +221,10 @@ fn walk(
                             st = changed.wait(st).expect("walk state");
                         }
                     };
-                    let (entries, subdirs) = read_dir(src, job, root_dev);
-                    {
-                        let mut st = state.lock().expect("walk state");
-                        st.todo.extend(subdirs.into_iter().rev());
-                        st.reading -= 1;
-                    }
-                    changed.notify_all();
-                    if !entries.is_empty() && tx.send(entries).is_err() {
-                        return;
+                    let mut reading = Reading { state, changed, subdirs: Vec::new() };
+                    match read_dir(src, job, root_dev, &tx) {
+                        Some(subdirs) => reading.subdirs = subdirs,
+                        None => return,
                     }
                 }
             });
@@ -211,25 +232,34 @@ fn walk(
         drop(tx);
         let whole = rx.iter().flatten().all(emit);
         if !whole {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            stop.store(true, Ordering::Relaxed);
             changed.notify_all();
         }
-        // Dropping the receiver ends any walker waiting to hand over a directory.
+        // Dropping the receiver ends any walker waiting to hand over entries.
         drop(rx);
         whole
     })
 }
 
-/// The entries of one directory, and its sub-directories to read (in name order).
-fn read_dir(src: &Source, (parent, name, rel): DirJob, root_dev: u64) -> (Vec<Entry>, Vec<DirJob>) {
+/// Read one directory, handing its entries to `tx` in batches of [`DIR_BATCH`]. Returns its
+/// sub-directories to read (in name order), or None when the receiver went away.
+fn read_dir(
+    src: &Source,
+    (parent, name, rel): DirJob,
+    root_dev: u64,
+    tx: &SyncSender<Vec<Entry>>,
+) -> Option<Vec<DirJob>> {
     let listing = open_dir(&parent, &name).and_then(|d| Ok((read_names(&d)?, Arc::new(d))));
     let (mut names, dir) = match listing {
         Ok(x) => x,
-        Err(e) => return (vec![error_entry(rel, &e)], Vec::new()),
+        Err(e) => return tx.send(vec![error_entry(rel, &e)]).ok().map(|()| Vec::new()),
     };
     names.sort();
-    let (mut entries, mut subdirs) = (Vec::with_capacity(names.len()), Vec::new());
+    let (mut entries, mut subdirs) = (Vec::new(), Vec::new());
     for name in names {
+        if entries.len() == DIR_BATCH {
+            tx.send(std::mem::take(&mut entries)).ok()?;
+        }
         let child_rel = join(&rel, &name);
         if excluded(src, &child_rel) {
             continue;
@@ -256,7 +286,10 @@ fn read_dir(src: &Source, (parent, name, rel): DirJob, root_dev: u64) -> (Vec<En
             subdirs.push((dir.clone(), name, child_rel));
         }
     }
-    (entries, subdirs)
+    if !entries.is_empty() {
+        tx.send(entries).ok()?;
+    }
+    Some(subdirs)
 }
 
 /// Open a directory beneath `parent` for reading, never through a symlink.

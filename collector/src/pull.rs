@@ -714,10 +714,12 @@ impl Chunkers {
         Ok(Chunkers { files: repo.chunker(dump_source)?, dumps: repo.chunker(true)? })
     }
 
-    /// A file's content, starting with `head`.
-    fn content(&self, head: &[u8]) -> ChunkedContent {
-        let database = repo_format::chunker::is_database_content(head);
-        ChunkedContent::new(if database { self.dumps.clone() } else { self.files.clone() })
+    /// A file's content, starting with `first` then `then` (only their first bytes are looked at).
+    fn content(&self, first: &[u8], then: &[u8]) -> ChunkedContent {
+        use repo_format::chunker::{DATABASE_HEAD, is_database_content};
+        let mut head = first[..first.len().min(DATABASE_HEAD)].to_vec();
+        head.extend_from_slice(&then[..then.len().min(DATABASE_HEAD - head.len())]);
+        ChunkedContent::new(if is_database_content(&head) { self.dumps.clone() } else { self.files.clone() })
     }
 }
 
@@ -754,7 +756,7 @@ impl<'r> Patch<'r> {
         }
         self.buf.clear();
         let r = self.old.apply(&f.delta, f.window_len, &mut self.buf).and_then(|_| {
-            let content = self.content.get_or_insert_with(|| self.chunkers.content(&self.buf));
+            let content = self.content.get_or_insert_with(|| self.chunkers.content(&self.buf, &[]));
             Ok(content.push(w, &self.buf)?)
         });
         match r {
@@ -772,7 +774,7 @@ impl<'r> Patch<'r> {
             );
             return Ok(None);
         }
-        let content = self.content.unwrap_or_else(|| self.chunkers.content(&[])).finish(w)?;
+        let content = self.content.unwrap_or_else(|| self.chunkers.content(&[], &[])).finish(w)?;
         if content.blake3.as_slice() != end.blake3.as_slice() {
             return Ok(None);
         }
@@ -872,14 +874,16 @@ impl<'c> Ingest<'c> {
     }
 
     fn frame(&mut self, w: &mut Writer<'_>, entries: &[Entry], idx: usize, f: FileFrame) -> Result<()> {
+        let size = entries[idx].size;
+        let signature = || (size >= delta::DELTA_MIN).then(|| SignatureBuilder::new(size));
         if self.current.as_ref().is_none_or(|(i, _)| *i != idx) {
-            let cur = if entries[idx].size < self.threshold {
+            // The chunker is chosen by the first bytes: a large file whose first frame is shorter
+            // than that (a short read) starts in the small buffer, and moves on with the next frame.
+            let short = f.data.len() < repo_format::chunker::DATABASE_HEAD && !f.end;
+            let cur = if size < self.threshold || short {
                 Current::Small(Vec::new())
             } else {
-                Current::Large(
-                    Box::new(self.chunkers.content(&f.data)),
-                    (entries[idx].size >= delta::DELTA_MIN).then(|| SignatureBuilder::new(entries[idx].size)),
-                )
+                Current::Large(Box::new(self.chunkers.content(&f.data, &[])), signature())
             };
             self.current = Some((idx, cur));
         }
@@ -889,9 +893,13 @@ impl<'c> Ingest<'c> {
             if let Current::Small(buf) = cur
                 && (buf.len() + f.data.len()) as u64 > self.threshold
             {
-                let mut c = Box::new(self.chunkers.content(buf));
+                let mut c = Box::new(self.chunkers.content(buf, &f.data));
                 c.push(w, buf)?;
-                *cur = Current::Large(c, None);
+                let mut sig = signature();
+                if let Some(sig) = &mut sig {
+                    sig.push(buf);
+                }
+                *cur = Current::Large(c, sig);
             }
             match cur {
                 Current::Small(buf) => buf.extend_from_slice(&f.data),

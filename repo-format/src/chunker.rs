@@ -59,23 +59,43 @@ impl ChunkerParams {
     }
 }
 
+/// How many first bytes of a file [`is_database_content`] looks at.
+pub const DATABASE_HEAD: usize = 512;
+
 /// Whether a file's first bytes are those of a database dump or a database file: such content
 /// changes in scattered places from one backup to the next, so it deserves the dump chunker even
 /// where it is found among ordinary files (a nightly `pg_dump` into a backed-up folder).
 ///
-/// Recognised: PostgreSQL plain (`-- PostgreSQL database dump`) and custom/tar (`PGDMP`) dumps,
-/// MySQL and MariaDB dumps (`-- MySQL dump`, `-- MariaDB dump` within the first 512 bytes, after
-/// the sandbox-mode line newer `mariadb-dump` writes first), SQLite databases
-/// (`SQLite format 3\0`) and Redis RDB files (`REDIS` and four digits). See FORMAT.md §12.
+/// Recognised: PostgreSQL plain dumps (`-- PostgreSQL database dump`, and `pg_dumpall`'s
+/// `-- PostgreSQL database cluster dump`), PostgreSQL custom-format dumps (`PGDMP`) whose data is
+/// not compressed, MySQL and MariaDB dumps (`-- MySQL dump`, `-- MariaDB dump` within the first
+/// [`DATABASE_HEAD`] bytes, after the sandbox-mode line newer `mariadb-dump` writes first), SQLite
+/// databases (`SQLite format 3\0`) and Redis RDB files (`REDIS` and four digits). See FORMAT.md §12.
 pub fn is_database_content(head: &[u8]) -> bool {
-    let within = &head[..head.len().min(512)];
+    let within = &head[..head.len().min(DATABASE_HEAD)];
     let contains = |needle: &[u8]| within.windows(needle.len()).any(|w| w == needle);
-    head.starts_with(b"PGDMP")
+    (head.starts_with(b"PGDMP") && pg_custom_uncompressed(head))
         || head.starts_with(b"SQLite format 3\0")
         || (head.len() >= 9 && head.starts_with(b"REDIS") && head[5..9].iter().all(u8::is_ascii_digit))
-        || (within.starts_with(b"--") && contains(b"-- PostgreSQL database dump"))
+        || (within.starts_with(b"--")
+            && (contains(b"-- PostgreSQL database dump") || contains(b"-- PostgreSQL database cluster dump")))
         || contains(b"-- MySQL dump ")
         || contains(b"-- MariaDB dump ")
+}
+
+/// Whether a PostgreSQL custom-format header says its data is stored uncompressed (`pg_dump -Fc
+/// -Z0`). The default, compressed, changes throughout a table from its first changed row on, so
+/// small chunks would only multiply the index. Header: `PGDMP`, version major, minor, revision,
+/// int size, offset size, format; then from version 1.15 a compression algorithm byte (0: none),
+/// before it a compression level as a sign byte and an int of `int size` bytes (0: none).
+fn pg_custom_uncompressed(head: &[u8]) -> bool {
+    let (Some(&major), Some(&minor), Some(&int_size)) = (head.get(5), head.get(6), head.get(8)) else {
+        return false;
+    };
+    if (major, minor) >= (1, 15) {
+        return head.get(11) == Some(&0);
+    }
+    head.get(11..12 + int_size as usize).is_some_and(|level| level.iter().all(|&b| b == 0))
 }
 
 /// A keyed FastCDC 2020 cut-point finder.
@@ -182,9 +202,19 @@ mod tests {
     fn database_content_is_recognised_by_its_first_bytes() {
         let pg = b"--\n-- PostgreSQL database dump\n--\n\n-- Dumped from database version 15.8\n";
         let maria = b"/*M!999999\\- enable the sandbox mode */ \n-- MariaDB dump 10.19-11.4.3-MariaDB, for Linux\n";
+        // Custom-format headers as pg_dump 15 (archive 1.14: sign byte and 4-byte level) and 16
+        // (archive 1.15: algorithm byte) write them, with -Z0 and by default.
+        let (pg15_z0, pg15_default) = (
+            b"PGDMP\x01\x0e\x00\x04\x08\x01\x00\x00\x00\x00\x00\x00",
+            b"PGDMP\x01\x0e\x00\x04\x08\x01\x01\x01\x00\x00\x00\x00",
+        );
+        let (pg16_none, pg16_gzip) =
+            (b"PGDMP\x01\x0f\x00\x04\x08\x01\x00\x00", b"PGDMP\x01\x0f\x00\x04\x08\x01\x01\x00");
         for head in [
             &pg[..],
-            b"PGDMP\x01\x0e\x00",
+            b"--\n-- PostgreSQL database cluster dump\n--\n",
+            pg15_z0,
+            pg16_none,
             &maria[..],
             b"-- MySQL dump 10.13  Distrib 8.0.36\n",
             b"SQLite format 3\0\x10\x00",
@@ -194,6 +224,9 @@ mod tests {
         }
         for head in [
             &b"-- a shell comment about PGDMP\n"[..],
+            pg15_default,
+            pg16_gzip,
+            b"PGDMP",
             b"REDISTRIBUTE.txt",
             b"#!/bin/sh\n",
             b"",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end benchmark: magpie (agent + collector over mTLS on loopback) against borg and restic
 # (Debian's packages) on the same corpus, day 1, day 2 (a few percent changed), and day 2 again
-# unchanged; rsync's wire bytes as the reference for day 2. Prints wall time, peak RSS of every
-# process, repository size and wire bytes, with magpie/peer ratios.
+# unchanged; rsync's wire bytes as the reference for day 2. Prints wall time, peak RSS and CPU
+# seconds of every process, repository size and wire bytes, with magpie/peer ratios.
 #
 #   bash tests/bench/pull-bench.sh [SIZE_MB]        (default 2000; work in $BENCH_DIR or /tmp)
 #
@@ -137,7 +137,8 @@ measure() {
 
 agent_rss() { grep VmHWM "/proc/$1/status" | awk '{print $2}'; }
 # CPU seconds the agent has used so far (it serves every day, so each day is a difference).
-agent_cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+# Fields 14 and 15 of /proc/PID/stat, counted after the ")" that ends the command name.
+agent_cpu() { sed 's/.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" '{print ($12 + $13) / hz}'; }
 
 # rsync daemon for wire bytes with -z and deltas, as a pull over the network would have them.
 cat > "$work/rsyncd.conf" <<T
