@@ -326,9 +326,27 @@ impl Drop for Agent {
     }
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1 for a child to listen on.
+///
+/// Taken below the kernel's ephemeral range (32768 and up by default), not from `bind(0)`: a port
+/// from that range can become the source port of any test's outgoing connection before the child
+/// binds it, and the child's readiness check would then reach someone else. Ports are handed out
+/// in turn from a random start, so tests of one process never get the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // std's hasher keys are random per process: a random start without a dependency.
+    let start = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+    let _ = NEXT.compare_exchange(u32::MAX, (start % COUNT as u64) as u32, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// A collector setup: repository, passphrase and collector.toml pointing at one agent.
