@@ -203,24 +203,7 @@ fn walk(
             let tx = tx.clone();
             let (state, changed, stop) = (&state, &changed, &stop);
             s.spawn(move || {
-                loop {
-                    // Last in, first out: the walk stays depth first, so few directories hold open handles.
-                    let job = {
-                        let mut st = state.lock().expect("walk state");
-                        loop {
-                            if stop.load(Ordering::Relaxed) {
-                                return;
-                            }
-                            if let Some(job) = st.todo.pop() {
-                                st.reading += 1;
-                                break job;
-                            }
-                            if st.reading == 0 {
-                                return;
-                            }
-                            st = changed.wait(st).expect("walk state");
-                        }
-                    };
+                while let Some(job) = next_dir(state, changed, stop) {
                     let mut reading = Reading { state, changed, subdirs: Vec::new() };
                     match read_dir(src, job, root_dev, &tx) {
                         Some(subdirs) => reading.subdirs = subdirs,
@@ -239,6 +222,25 @@ fn walk(
         drop(rx);
         whole
     })
+}
+
+/// The next directory to read, counted as being read; None once the walk is over or stopped.
+fn next_dir(state: &Mutex<WalkState>, changed: &Condvar, stop: &AtomicBool) -> Option<DirJob> {
+    let mut st = state.lock().expect("walk state");
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        // Last in, first out: the walk stays depth first, so few directories hold open handles.
+        if let Some(job) = st.todo.pop() {
+            st.reading += 1;
+            return Some(job);
+        }
+        if st.reading == 0 {
+            return None;
+        }
+        st = changed.wait(st).expect("walk state");
+    }
 }
 
 /// Read one directory, handing its entries to `tx` in batches of [`DIR_BATCH`]. Returns its
