@@ -59,26 +59,27 @@ pub fn backend_at(location: &str, endpoint: Option<&str>) -> Arc<dyn Backend> {
 
 /// Deterministic pseudo-random bytes.
 pub fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut next = xorshift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    (0..n).map(|_| next() as u8).collect()
+}
+
+/// A xorshift64 generator from a non-zero `state`: repeatable data without a dependency.
+pub fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
 }
 
 /// Compressible, text-like bytes.
 pub fn text(n: usize, seed: u64) -> Vec<u8> {
     let words = ["backup", "restore", "magpie", "collector", "agent", "snapshot", "the", "of", "and"];
     let mut out = Vec::with_capacity(n + 16);
-    let mut x = seed | 1;
+    let mut next = xorshift(seed | 1);
     while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = next();
         out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
         out.push(if x.is_multiple_of(7) { b'\n' } else { b' ' });
     }

@@ -337,13 +337,7 @@ fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
 fn table_rows(n: usize, seed: u64) -> Vec<String> {
     const WORDS: [&str; 12] =
         ["the", "backup", "server", "pulls", "every", "night", "and", "keeps", "what", "changed", "only", "once"];
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = magpie_tests::xorshift(seed | 1);
     (0..n)
         .map(|i| {
             let words = 10 + next() % 50;
