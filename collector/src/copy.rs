@@ -61,7 +61,9 @@ pub fn copy(
         if let Some((iid, f)) = index {
             target.add_index(iid, &f);
         }
-        let copied = repo_format::Snapshot { tree: new_root.0.to_vec(), parent: Vec::new(), ..snap };
+        // Blobs are compressed anew in the target, without the source repository's dictionary.
+        let copied =
+            repo_format::Snapshot { tree: new_root.0.to_vec(), parent: Vec::new(), dictionary: Vec::new(), ..snap };
         target_lock.ensure_held()?;
         let new_id = target.save_snapshot(&copied)?;
         report.blobs_added += stats.blobs;

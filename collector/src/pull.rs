@@ -427,12 +427,18 @@ fn pull_source(
     // 4. Fetch and store on an ingest thread; 5. build the trees.
     let threshold = repo.config().small_file_threshold as u64;
     let repo_ref: &Repository = repo;
-    let (root_id, stats, index, stale) = std::thread::scope(|s| -> Result<_> {
+    let (root_id, stats, index, stale, dictionary) = std::thread::scope(|s| -> Result<_> {
         // Each message can hold a window's delta (up to 4 MiB): a short queue bounds the memory.
         let (tx, mut rx) = mpsc::channel::<Msg>(4);
         let (entries_ref, delta_prev_ref) = (&entries, &delta_prev);
-        let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>)> {
+        let dictionary = previous.as_ref().and_then(|(_, p)| Id::from_slice(&p.dictionary));
+        let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>, Option<String>)> {
             let mut w = Writer::new(repo_ref, 0);
+            // The source's dictionary again: one per source, not one per pull. Without it (damaged
+            // or deleted) the pull trains a new one; blobs that needed it are check's to report.
+            let dictionary_lost = dictionary.and_then(|d| {
+                w.use_dictionary(&d).err().map(|e| format!("dump dictionary {}: {e}; a new one is trained", d.short()))
+            });
             // Dump files get the dump chunker; a Docker volume, read through a session too, holds files.
             let chunkers = Chunkers::new(repo_ref, info.dump && info.kind != "docker-volume")?;
             let mut st = Ingest::new(chunkers, threshold, cache);
@@ -478,7 +484,7 @@ fn pull_source(
                 }
             }
             st.finish_dir(&mut w)?;
-            Ok((st.results, w))
+            Ok((st.results, w, dictionary_lost))
         });
         let progress =
             progress_bar(&agent.name, &info.name, deltas.iter().chain(&fetch).map(|&i| entries[i].size).sum());
@@ -511,7 +517,8 @@ fn pull_source(
         });
         let ingested = ingest.join().map_err(|_| anyhow!("the ingest thread panicked"))?;
         progress.finish_and_clear();
-        let (results, mut w) = ingested?;
+        let (results, mut w, dictionary_lost) = ingested?;
+        warnings.extend(dictionary_lost);
         let (wire, read, delta_done) = net?;
         (summary.wire_bytes, summary.bytes_read, summary.files_delta) = (wire, read, delta_done);
         if let Some(&missing) = fetch.iter().chain(&deltas).find(|i| !results.contains_key(i)) {
@@ -549,7 +556,7 @@ fn pull_source(
                 (old.blake3 != new.blake3).then(|| (old.blake3.clone(), old.size))
             })
             .collect();
-        Ok((root, stats, index, stale))
+        Ok((root, stats, index, stale, ws.dictionary))
     })?;
 
     // 6. The session ends (held containers resume); the dumps' and volumes' metadata goes into
@@ -607,6 +614,7 @@ fn pull_source(
         program_version: env!("CARGO_PKG_VERSION").into(),
         dumps,
         volumes,
+        dictionary: dictionary.map(|d| d.0.to_vec()).unwrap_or_default(),
         ..Default::default()
     };
     lock.ensure_held()?;
@@ -701,25 +709,33 @@ async fn pull_delta(
     )
 }
 
-/// The chunkers of a source: database content (by its first bytes) gets the dump chunker even in
-/// a path source; everything in a dump source does.
+/// The chunkers of a source: database content (by its first bytes) gets the dump chunker and
+/// the dump dictionary even in a path source; everything in a dump source does.
 #[derive(Clone)]
 struct Chunkers {
     files: repo_format::chunker::Chunker,
     dumps: repo_format::chunker::Chunker,
+    dump_source: bool,
 }
 
 impl Chunkers {
     fn new(repo: &Repository, dump_source: bool) -> Result<Chunkers> {
-        Ok(Chunkers { files: repo.chunker(dump_source)?, dumps: repo.chunker(true)? })
+        Ok(Chunkers { files: repo.chunker(dump_source)?, dumps: repo.chunker(true)?, dump_source })
     }
 
     /// A file's content, starting with `first` then `then` (only their first bytes are looked at).
     fn content(&self, first: &[u8], then: &[u8]) -> ChunkedContent {
         use repo_format::chunker::{DATABASE_HEAD, is_database_content};
+        if self.dump_source {
+            return ChunkedContent::dump(self.dumps.clone());
+        }
         let mut head = first[..first.len().min(DATABASE_HEAD)].to_vec();
         head.extend_from_slice(&then[..then.len().min(DATABASE_HEAD - head.len())]);
-        ChunkedContent::new(if is_database_content(&head) { self.dumps.clone() } else { self.files.clone() })
+        if is_database_content(&head) {
+            ChunkedContent::dump(self.dumps.clone())
+        } else {
+            ChunkedContent::new(self.files.clone())
+        }
     }
 }
 

@@ -33,6 +33,8 @@ const PART: usize = 1 << 20;
 /// one maximum chunk plus 1 MiB, whatever the total length and the size of the pieces.
 pub struct ChunkedContent {
     chunker: Chunker,
+    /// Database dump content: stored with [`Writer::add_dump`].
+    dump: bool,
     buf: Vec<u8>,
     hasher: blake3::Hasher,
     out: FileContent,
@@ -41,7 +43,18 @@ pub struct ChunkedContent {
 impl ChunkedContent {
     /// Start a new content with `chunker`'s sizes.
     pub fn new(chunker: Chunker) -> ChunkedContent {
-        ChunkedContent { chunker, buf: Vec::new(), hasher: blake3::Hasher::new(), out: FileContent::default() }
+        ChunkedContent {
+            chunker,
+            dump: false,
+            buf: Vec::new(),
+            hasher: blake3::Hasher::new(),
+            out: FileContent::default(),
+        }
+    }
+
+    /// Start a new database dump content: its chunks are compressed with the dump dictionary.
+    pub fn dump(chunker: Chunker) -> ChunkedContent {
+        ChunkedContent { dump: true, ..ChunkedContent::new(chunker) }
     }
 
     /// Add the next piece.
@@ -59,7 +72,8 @@ impl ChunkedContent {
     fn cut(&mut self, w: &mut Writer<'_>, at_end: bool) -> Result<()> {
         let mut pos = 0;
         while let Some(n) = self.chunker.next_cut(&self.buf[pos..], at_end) {
-            let id = w.add(BlobKind::Data, self.buf[pos..pos + n].to_vec())?;
+            let chunk = self.buf[pos..pos + n].to_vec();
+            let id = if self.dump { w.add_dump(chunk)? } else { w.add(BlobKind::Data, chunk)? };
             self.out.chunks.push(ChunkRef { id: id.0.to_vec(), offset: 0, length: n as u32 });
             self.out.size += n as u64;
             pos += n;

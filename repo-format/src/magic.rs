@@ -35,6 +35,8 @@ pub enum Domain {
     Snapshot = 7,
     /// A lock.
     Lock = 8,
+    /// A compression dictionary.
+    Dictionary = 9,
 }
 
 /// BLAKE3 `derive_key` contexts for the sub-keys of the master secret.
@@ -51,6 +53,8 @@ pub const CTX_CHUNKER_SEED: &str = "magpie 2026-11 chunker seed v1";
 pub const COMPRESSION_NONE: u8 = 0;
 /// zstd frame follows.
 pub const COMPRESSION_ZSTD: u8 = 1;
+/// zstd frame compressed with a dictionary from `dicts/` follows.
+pub const COMPRESSION_ZSTD_DICTIONARY: u8 = 2;
 
 /// Cipher identifiers in `config`.
 pub const CIPHER_NONE: u8 = 0;

@@ -13,6 +13,7 @@ use crate::id::Id;
 use crate::index::{Location, MasterIndex};
 use crate::magic::{self, Domain};
 use crate::repofile::config::{self, RepoConfig};
+use crate::repofile::dictionary::Dictionaries;
 use crate::repofile::index::IndexFile;
 use crate::repofile::pack::{self, BlobKind};
 use crate::repofile::snapshot::Snapshot;
@@ -73,6 +74,8 @@ pub struct Repository {
     index: MasterIndex,
     /// Index files read by the last [`Repository::load_index`] (not superseded).
     index_files: Vec<Id>,
+    /// Shared with [`Repository::session`] handles.
+    dictionaries: Arc<Dictionaries>,
 }
 
 impl Repository {
@@ -109,7 +112,7 @@ impl Repository {
         if backend.put_if_absent(rf::CONFIG_NAME, &config::encode(&cfg, &keys))? == PutOutcome::AlreadyExists {
             return Err(Error::AlreadyInitialised { location: backend.location() });
         }
-        Ok(Repository { backend, keys, config: cfg, index: MasterIndex::new(), index_files: Vec::new() })
+        Ok(Repository::new(backend, keys, cfg))
     }
 
     /// Open a repository; the passphrase is needed unless it is unencrypted.
@@ -144,7 +147,12 @@ impl Repository {
                 supported: magic::REPO_VERSION,
             });
         }
-        Ok(Repository { backend, keys, config, index: MasterIndex::new(), index_files: Vec::new() })
+        Ok(Repository::new(backend, keys, config))
+    }
+
+    fn new(backend: Arc<dyn Backend>, keys: Keys, config: RepoConfig) -> Repository {
+        let dictionaries = Arc::new(Dictionaries::new(backend.clone(), keys.clone(), config.compression_level));
+        Repository { backend, keys, config, index: MasterIndex::new(), index_files: Vec::new(), dictionaries }
     }
 
     fn unlock_keys(backend: &dyn Backend, pass: &[u8]) -> Result<Keys> {
@@ -174,6 +182,7 @@ impl Repository {
             config: self.config.clone(),
             index: MasterIndex::new(),
             index_files: Vec::new(),
+            dictionaries: self.dictionaries.clone(),
         }
     }
 
@@ -195,6 +204,11 @@ impl Repository {
     /// The resident index (load it first).
     pub fn index(&self) -> &MasterIndex {
         &self.index
+    }
+
+    /// The compression dictionaries.
+    pub fn dictionaries(&self) -> &Dictionaries {
+        &self.dictionaries
     }
 
     /// Index files behind the resident index.
@@ -288,7 +302,7 @@ impl Repository {
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
         let loc = self.locate(id)?;
         let stored = self.backend.get(&rf::pack_name(&loc.pack), Some(loc.entry.range()))?;
-        pack::decode_blob(&self.keys, &loc.entry, &stored).map_err(|e| match e {
+        pack::decode_blob(&self.keys, &self.dictionaries, &loc.entry, &stored).map_err(|e| match e {
             Error::Corrupt { object, reason } => {
                 Error::Corrupt { object: format!("{object} in pack {}", loc.pack), reason }
             }
@@ -353,10 +367,10 @@ impl Repository {
         Ok(out)
     }
 
-    /// Stored bytes of every object (packs, index files, snapshots, keys).
+    /// Stored bytes of every object (packs, index files, snapshots, keys, dictionaries).
     pub fn stored_bytes(&self) -> Result<u64> {
         let mut total = 0;
-        for dir in [rf::DATA_DIR, rf::INDEX_DIR, rf::SNAPSHOT_DIR, rf::KEY_DIR] {
+        for dir in [rf::DATA_DIR, rf::INDEX_DIR, rf::SNAPSHOT_DIR, rf::KEY_DIR, rf::DICT_DIR] {
             total += self.backend.list(dir)?.iter().map(|o| o.size).sum::<u64>();
         }
         Ok(total)

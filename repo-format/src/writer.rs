@@ -2,8 +2,12 @@
 //! threads compress, seal and append to a shared pack; full packs are written by the worker that
 //! filled them; [`Writer::finish`] writes the last pack, then one index file naming them all.
 //!
-//! Memory is bounded by the queue (`2 × threads` blobs of at most one maximum chunk each) and at
-//! most `threads + 1` packs in flight, whatever the size of the input.
+//! Dump blobs ([`Writer::add_dump`]) are compressed with a dictionary: the one given, or one
+//! trained on the session's first [`TRAIN_BYTES`] of them, which wait until then.
+//!
+//! Memory is bounded by the queue (`2 × threads` blobs of at most one maximum chunk each), the
+//! dump blobs waiting for a dictionary and at most `threads + 1` packs in flight, whatever the
+//! size of the input.
 
 use std::collections::HashSet;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -15,8 +19,9 @@ use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::magic::Domain;
+use crate::repofile::dictionary::{self, Dictionary, TRAIN_BYTES};
 use crate::repofile::index::IndexFile;
-use crate::repofile::pack::{self, BlobKind, PackBuilder, PackEntry};
+use crate::repofile::pack::{self, BlobCompressor, BlobKind, PackBuilder, PackEntry};
 use crate::repofile::{self as rf};
 use crate::repository::{Repository, put_named};
 
@@ -31,12 +36,23 @@ pub struct WriteStats {
     pub stored_bytes: u64,
     /// Packs written.
     pub packs: u64,
+    /// The dictionary dump blobs were compressed with (storage id), if any.
+    pub dictionary: Option<Id>,
 }
 
 struct Job {
     kind: BlobKind,
     id: Id,
     data: Vec<u8>,
+    dictionary: Option<Arc<Dictionary>>,
+}
+
+/// How this session compresses dump blobs.
+enum DumpCompression {
+    /// No dictionary yet: dump blobs wait here until there are enough of them to train one.
+    Training { pending: Vec<Job>, bytes: usize },
+    /// With this dictionary, or without one.
+    Decided(Option<Arc<Dictionary>>),
 }
 
 #[derive(Default)]
@@ -79,6 +95,7 @@ pub struct Writer<'r> {
     workers: Vec<JoinHandle<()>>,
     seen: HashSet<Id>,
     failed: bool,
+    dumps: DumpCompression,
 }
 
 impl<'r> Writer<'r> {
@@ -102,7 +119,8 @@ impl<'r> Writer<'r> {
                 std::thread::spawn(move || worker(&ctx, &rx, level))
             })
             .collect();
-        Writer { repo, ctx, tx: Some(tx), workers, seen: HashSet::new(), failed: false }
+        let dumps = DumpCompression::Training { pending: Vec::new(), bytes: 0 };
+        Writer { repo, ctx, tx: Some(tx), workers, seen: HashSet::new(), failed: false, dumps }
     }
 
     /// The repository written to.
@@ -112,17 +130,80 @@ impl<'r> Writer<'r> {
 
     /// Store a blob unless the repository (or this session) has it; returns its id.
     pub fn add(&mut self, kind: BlobKind, data: Vec<u8>) -> Result<Id> {
-        let id = self.repo.keys().blob_id(kind, &data);
-        if self.repo.index().contains(&id) || !self.seen.insert(id) {
+        let (id, new) = self.id_of(kind, &data);
+        if new {
+            self.send(Job { kind, id, data, dictionary: None })?;
+        }
+        Ok(id)
+    }
+
+    /// Store a data blob of database dump content, like [`Writer::add`] but compressed with the
+    /// session's dump dictionary.
+    pub fn add_dump(&mut self, data: Vec<u8>) -> Result<Id> {
+        let (id, new) = self.id_of(BlobKind::Data, &data);
+        if !new {
             return Ok(id);
         }
+        match &mut self.dumps {
+            DumpCompression::Decided(d) => {
+                let dictionary = d.clone();
+                self.send(Job { kind: BlobKind::Data, id, data, dictionary })?;
+            }
+            DumpCompression::Training { pending, bytes } => {
+                *bytes += data.len();
+                let enough = *bytes >= TRAIN_BYTES;
+                pending.push(Job { kind: BlobKind::Data, id, data, dictionary: None });
+                if enough {
+                    self.decide_dictionary()?;
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    /// Compress dump blobs with the stored dictionary `id` (the one the source's previous
+    /// snapshot used) instead of training one. Call it before the first [`Writer::add_dump`].
+    pub fn use_dictionary(&mut self, id: &Id) -> Result<()> {
+        let d = self.repo.dictionaries().load(id)?;
+        self.dumps = DumpCompression::Decided(Some(d));
+        Ok(())
+    }
+
+    /// A blob's id, and whether this session must store it (neither the repository nor the
+    /// session has it yet).
+    fn id_of(&mut self, kind: BlobKind, data: &[u8]) -> (Id, bool) {
+        let id = self.repo.keys().blob_id(kind, data);
+        (id, !self.repo.index().contains(&id) && self.seen.insert(id))
+    }
+
+    fn send(&mut self, job: Job) -> Result<()> {
         self.check_error()?;
         let tx = self.tx.as_ref().expect("writer used after finish");
-        if tx.send(Job { kind, id, data }).is_err() {
+        if tx.send(job).is_err() {
             self.check_error()?;
             return Err(Error::Invalid("write workers stopped".into()));
         }
-        Ok(id)
+        Ok(())
+    }
+
+    /// Train the dump dictionary on the waiting dump blobs (none when they are too few), store
+    /// it before any blob compressed with it, then send them.
+    fn decide_dictionary(&mut self) -> Result<()> {
+        let pending = match &mut self.dumps {
+            DumpCompression::Training { pending, .. } => std::mem::take(pending),
+            DumpCompression::Decided(_) => return Ok(()),
+        };
+        let sizes: Vec<usize> = pending.iter().map(|j| j.data.len()).collect();
+        let samples = pending.iter().map(|j| j.data.as_slice()).collect::<Vec<_>>().concat();
+        let dictionary = match dictionary::train(&samples, &sizes) {
+            Some(raw) => Some(self.repo.dictionaries().store(raw)?),
+            None => None,
+        };
+        self.dumps = DumpCompression::Decided(dictionary.clone());
+        for job in pending {
+            self.send(Job { dictionary: dictionary.clone(), ..job })?;
+        }
+        Ok(())
     }
 
     /// The first worker error, once; afterwards every call fails, so that a session that lost
@@ -143,6 +224,7 @@ impl<'r> Writer<'r> {
     /// Write the last pack and the index file; the blobs are then durable and indexed, and a
     /// snapshot referencing them may be committed. Returns the index file's id and content.
     pub fn finish(mut self) -> Result<(Option<(Id, IndexFile)>, WriteStats)> {
+        self.decide_dictionary()?;
         drop(self.tx.take());
         for w in self.workers.drain(..) {
             if w.join().is_err() {
@@ -155,7 +237,10 @@ impl<'r> Writer<'r> {
             self.ctx.write_pack(last)?;
         }
         let packs = std::mem::take(&mut *self.ctx.shared.written.lock().expect("written"));
-        let stats = *self.ctx.shared.stats.lock().expect("stats");
+        let mut stats = *self.ctx.shared.stats.lock().expect("stats");
+        if let DumpCompression::Decided(Some(d)) = &self.dumps {
+            stats.dictionary = Some(d.id());
+        }
         if packs.is_empty() {
             return Ok((None, stats));
         }
@@ -175,16 +260,17 @@ impl Drop for Writer<'_> {
 }
 
 fn worker(ctx: &Ctx, rx: &Mutex<Receiver<Job>>, level: i32) {
-    let mut compressor = match zstd::bulk::Compressor::new(level) {
+    let mut compressor = match BlobCompressor::new(level) {
         Ok(c) => c,
-        Err(e) => return ctx.fail(Error::Invalid(format!("zstd level {level}: {e}"))),
+        Err(e) => return ctx.fail(e),
     };
     loop {
         let job = match rx.lock().expect("job queue").recv() {
             Ok(j) => j,
             Err(_) => return,
         };
-        let sealed = pack::encode_blob(&ctx.keys, job.kind, &job.data, Some(&mut compressor));
+        let sealed =
+            pack::encode_blob(&ctx.keys, job.kind, &job.data, Some(&mut compressor), job.dictionary.as_deref());
         let full = {
             let mut p = ctx.shared.packer.lock().expect("packer");
             p.add(job.kind, job.id, &sealed, job.data.len() as u32);

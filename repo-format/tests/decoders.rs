@@ -3,7 +3,9 @@
 
 use proptest::prelude::*;
 use prost::Message;
+use repo_format::backend::MemoryBackend;
 use repo_format::crypto::Keys;
+use repo_format::repofile::dictionary::Dictionaries;
 use repo_format::repofile::index::IndexFile;
 use repo_format::repofile::pack::{self, BlobKind, PackBuilder, PackEntry};
 use repo_format::repofile::{config, tree::Tree};
@@ -48,10 +50,11 @@ proptest! {
     #[test]
     fn mutated_pack_never_panics(pos in any::<prop::sample::Index>(), val in any::<u8>()) {
         let keys = plain_keys();
+        let dictionaries = Dictionaries::new(std::sync::Arc::new(MemoryBackend::new()), keys.clone(), 3);
         let mut pb = PackBuilder::new();
         for i in 0..3u8 {
             let data = vec![i; 100];
-            let sealed = pack::encode_blob(&keys, BlobKind::Data, &data, None);
+            let sealed = pack::encode_blob(&keys, BlobKind::Data, &data, None, None);
             pb.add(BlobKind::Data, keys.blob_id(BlobKind::Data, &data), &sealed, 100);
         }
         let (mut bytes, _, _) = pb.finish(&keys);
@@ -60,7 +63,7 @@ proptest! {
         if let Ok(entries) = pack::header_from_bytes(&keys, "p", &bytes) {
             for e in entries {
                 if let Some(blob) = bytes.get(e.range().start as usize..e.range().end as usize) {
-                    let _ = pack::decode_blob(&keys, &e, blob);
+                    let _ = pack::decode_blob(&keys, &dictionaries, &e, blob);
                 }
             }
         }

@@ -377,6 +377,12 @@ fn a_database_dump_among_files_is_chunked_as_a_dump() {
     let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", true);
     c.pull();
     let size = fs::metadata(src.join("app.sql")).unwrap().len();
+    // The dump's chunks were compressed with a dictionary trained on them, which its snapshot names.
+    let dictionaries = || fs::read_dir(c.dir.join("repo/dicts")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(dictionaries(), 1);
+    let named = || c.repo().snapshots().unwrap().last().unwrap().1.dictionary.clone();
+    let first = named();
+    assert_eq!(first.len(), 32);
 
     update_rows(&mut dump);
     write("app.sql", header, &dump);
@@ -384,6 +390,9 @@ fn a_database_dump_among_files_is_chunked_as_a_dump() {
     assert_eq!(s["files_delta"], 1, "{s}");
     let added = s["bytes_added"].as_u64().unwrap();
     assert!(added < size * 2 / 5, "the dump's update stored {added} of its {size} bytes: {s}");
+    // The next pull of the source used the same dictionary again.
+    assert_eq!(dictionaries(), 1);
+    assert_eq!(named(), first);
 
     // The premise: with the file chunker the same change re-stores nearly the whole file.
     update_rows(&mut plain);

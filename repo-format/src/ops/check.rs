@@ -100,6 +100,15 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
     repo.install_index(&files);
     report.blobs = repo.index().len();
 
+    // Compression dictionaries: a damaged one makes every blob compressed with it unreadable.
+    let dictionaries: HashSet<Id> = repo.dictionaries().list()?.into_iter().collect();
+    for id in &dictionaries {
+        if let Err(e) = repo.dictionaries().load(id) {
+            let (o, m) = split_corrupt(e);
+            report.problem(o, m);
+        }
+    }
+
     // Packs.
     let stored: HashMap<Id, u64> = repo
         .backend()
@@ -148,6 +157,10 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
             report.problem(format!("snapshot {id}"), "has no root tree");
             continue;
         };
+        if let Some(d) = Id::from_slice(&snap.dictionary).filter(|d| !dictionaries.contains(d)) {
+            report
+                .problem(format!("snapshot {id}"), format!("its dump content needs dictionary {d}, which is missing"));
+        }
         check_tree(repo, &id, root, String::new(), &mut seen_trees, &mut report);
     }
 
@@ -246,7 +259,7 @@ fn check_pack(
                 return out;
             }
         };
-        pack::verify_whole(repo.keys(), &id, &bytes).map(|v| {
+        pack::verify_whole(repo.keys(), repo.dictionaries(), &id, &bytes).map(|v| {
             if !v.intact {
                 problem("content does not match its name (BLAKE3)".into());
             }

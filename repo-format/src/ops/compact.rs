@@ -99,7 +99,7 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
             let sealed =
                 pack::blob_bytes(&bytes, e).ok_or_else(|| Error::corrupt(&name, "shorter than its index says"))?;
             // Never carry damage into a new pack unnoticed.
-            pack::decode_blob(repo.keys(), e, sealed)?;
+            pack::decode_blob(repo.keys(), repo.dictionaries(), e, sealed)?;
             repacker.add(e, sealed)?;
         }
         delete.push(*pack);

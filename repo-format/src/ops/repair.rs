@@ -62,7 +62,7 @@ pub fn repair(repo: &mut Repository, verify_data: bool) -> Result<RepairReport> 
             continue;
         }
         let bytes = repo.backend().get(&o.name, None)?;
-        let v = match pack::verify_whole(repo.keys(), &id, &bytes) {
+        let v = match pack::verify_whole(repo.keys(), repo.dictionaries(), &id, &bytes) {
             Ok(v) => v,
             Err(e @ Error::UnsupportedVersion { .. }) => return Err(e),
             Err(e) => {

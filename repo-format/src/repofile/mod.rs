@@ -9,8 +9,10 @@
 //! | [`snapshot`] | `snapshots/<storage id>` | sealed protobuf |
 //! | [`tree`] | a tree blob in a pack | protobuf |
 //! | [`lock`] | `locks/<storage id>` | sealed protobuf |
+//! | [`dictionary`] | `dicts/<storage id>` | a sealed zstd dictionary |
 
 pub mod config;
+pub mod dictionary;
 pub mod index;
 pub mod key;
 pub mod lock;
@@ -30,6 +32,8 @@ pub const SNAPSHOT_DIR: &str = "snapshots/";
 pub const KEY_DIR: &str = "keys/";
 /// Folder of locks.
 pub const LOCK_DIR: &str = "locks/";
+/// Folder of compression dictionaries.
+pub const DICT_DIR: &str = "dicts/";
 /// The config object.
 pub const CONFIG_NAME: &str = "config";
 

@@ -5,7 +5,7 @@
 //! pack   = blob_1 || … || blob_n || sealed(header) || header_len (u32 LE, length of sealed(header))
 //! header = version (u8 = 1) || entry_1 || … || entry_n
 //! entry  = kind (u8) || id (32) || stored_len (u32 LE) || raw_len (u32 LE)      (41 bytes)
-//! blob   = sealed(compression (u8) || payload)
+//! blob   = sealed(compression (u8) || payload)     (0 raw, 1 zstd, 2 zstd with a dictionary)
 //! ```
 //! Offsets are implicit: blob i starts where blob i-1 ends, the first at 0.
 
@@ -16,6 +16,7 @@ use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::magic::{self, Domain};
+use crate::repofile::dictionary::{Dictionaries, Dictionary};
 
 /// What a blob holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,20 +71,48 @@ const ENTRY_LEN: usize = 41;
 /// Largest plaintext a blob may have (a tree of a directory with millions of entries fits).
 pub const MAX_BLOB_SIZE: u32 = 512 * 1024 * 1024;
 
-/// Compress (when it pays) and seal one blob.
+/// A write worker's zstd contexts: one for plain frames, one for frames with a dictionary.
+pub struct BlobCompressor {
+    plain: zstd::bulk::Compressor<'static>,
+    with_dictionary: zstd::zstd_safe::CCtx<'static>,
+}
+
+impl BlobCompressor {
+    /// Contexts for `level` (a dictionary brings its own level, the repository's).
+    pub fn new(level: i32) -> Result<BlobCompressor> {
+        let plain =
+            zstd::bulk::Compressor::new(level).map_err(|e| Error::Invalid(format!("zstd level {level}: {e}")))?;
+        Ok(BlobCompressor { plain, with_dictionary: zstd::zstd_safe::CCtx::create() })
+    }
+
+    /// The compression flag and the zstd frame, or `None` when zstd fails.
+    fn compress(&mut self, raw: &[u8], dictionary: Option<&Dictionary>) -> Option<(u8, Vec<u8>)> {
+        match dictionary {
+            None => self.plain.compress(raw).ok().map(|z| (magic::COMPRESSION_ZSTD, z)),
+            Some(d) => {
+                let mut z = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
+                let cdict = d.encoder().as_cdict();
+                self.with_dictionary.compress_using_cdict(&mut z, raw, cdict).ok()?;
+                Some((magic::COMPRESSION_ZSTD_DICTIONARY, z))
+            }
+        }
+    }
+}
+
+/// Compress (when it pays, with `dictionary` if given) and seal one blob.
 pub fn encode_blob(
     keys: &Keys,
     kind: BlobKind,
     raw: &[u8],
-    compressor: Option<&mut zstd::bulk::Compressor<'_>>,
+    compressor: Option<&mut BlobCompressor>,
+    dictionary: Option<&Dictionary>,
 ) -> Vec<u8> {
     let mut plain = Vec::with_capacity(raw.len() + 1);
-    let compressed = compressor.and_then(|c| c.compress(raw).ok());
-    match compressed {
+    match compressor.and_then(|c| c.compress(raw, dictionary)) {
         // Store raw when compression saves less than 1/64 of the size: decompressing would cost
         // read-back time for nothing.
-        Some(z) if z.len() + raw.len() / 64 < raw.len() => {
-            plain.push(magic::COMPRESSION_ZSTD);
+        Some((flag, z)) if z.len() + raw.len() / 64 < raw.len() => {
+            plain.push(flag);
             plain.extend_from_slice(&z);
         }
         _ => {
@@ -94,8 +123,8 @@ pub fn encode_blob(
     keys.seal(kind.domain(), &plain)
 }
 
-/// Open, decompress and verify one blob against its id.
-pub fn decode_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
+/// Open, decompress and verify one blob against its id; `dictionaries` are the repository's.
+pub fn decode_blob(keys: &Keys, dictionaries: &Dictionaries, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
     let what = || format!("blob {} ({:?})", entry.id, entry.kind);
     let plain =
         keys.open(entry.kind.domain(), stored).ok_or_else(|| Error::corrupt(what(), "authentication failed"))?;
@@ -103,35 +132,68 @@ pub fn decode_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<
     if entry.raw_len > MAX_BLOB_SIZE {
         return Err(Error::corrupt(what(), format!("claims {} bytes, more than any blob may hold", entry.raw_len)));
     }
+    let len = entry.raw_len as usize;
+    let matches = |raw: &[u8]| raw.len() == len && keys.blob_id(entry.kind, raw) == entry.id;
+    let zstd_error = |e: std::io::Error| Error::corrupt(what(), format!("zstd: {e}"));
     let raw = match *flag {
         magic::COMPRESSION_NONE => payload.to_vec(),
-        magic::COMPRESSION_ZSTD => {
-            decompress(payload, entry.raw_len as usize).map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?
+        magic::COMPRESSION_ZSTD => decompress(payload, len, None).map_err(zstd_error)?,
+        magic::COMPRESSION_ZSTD_DICTIONARY => {
+            let zstd_id = zstd::zstd_safe::get_dict_id_from_frame(payload)
+                .ok_or_else(|| Error::corrupt(what(), "a dictionary frame that names no dictionary"))?;
+            let candidates = dictionaries.with_zstd_id(zstd_id.get())?;
+            if candidates.is_empty() {
+                return Err(Error::corrupt(
+                    what(),
+                    format!("compressed with dictionary {zstd_id:08x}, which no object in dicts/ holds"),
+                ));
+            }
+            // Several only when two dictionaries drew the same 32-bit id: the blob id decides.
+            let mut last = Ok(Vec::new());
+            for d in candidates {
+                last = decompress(payload, len, Some(&d));
+                if last.as_deref().is_ok_and(matches) {
+                    break;
+                }
+            }
+            last.map_err(zstd_error)?
         }
         other => {
             return Err(Error::corrupt(what(), format!("unknown compression {other}")));
         }
     };
-    if raw.len() != entry.raw_len as usize || keys.blob_id(entry.kind, &raw) != entry.id {
+    if !matches(&raw) {
         return Err(Error::corrupt(what(), "content does not match its id"));
     }
     Ok(raw)
 }
 
-/// Decompress with this thread's zstd context: making one per blob cost more than decompressing
+/// Decompress with this thread's zstd contexts: making one per blob cost more than decompressing
 /// a small dump chunk (1% of a pull rebuilding a 600 MB dump from 8 KiB chunks).
-fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+fn decompress(payload: &[u8], capacity: usize, dictionary: Option<&Dictionary>) -> std::io::Result<Vec<u8>> {
     thread_local! {
-        static CONTEXT: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        static PLAIN: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+        static WITH_DICTIONARY: std::cell::RefCell<Option<zstd::zstd_safe::DCtx<'static>>> =
             const { std::cell::RefCell::new(None) };
     }
-    CONTEXT.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.is_none() {
-            *c = Some(zstd::bulk::Decompressor::new()?);
-        }
-        c.as_mut().expect("just set").decompress(payload, capacity)
-    })
+    match dictionary {
+        None => PLAIN.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.is_none() {
+                *c = Some(zstd::bulk::Decompressor::new()?);
+            }
+            c.as_mut().expect("just set").decompress(payload, capacity)
+        }),
+        Some(d) => WITH_DICTIONARY.with(|c| {
+            let mut c = c.borrow_mut();
+            let ctx = c.get_or_insert_with(zstd::zstd_safe::DCtx::create);
+            let mut out = Vec::with_capacity(capacity);
+            ctx.decompress_using_ddict(&mut out, payload, d.decoder().as_ddict())
+                .map_err(|code| std::io::Error::other(zstd::zstd_safe::get_error_name(code)))?;
+            Ok(out)
+        }),
+    }
 }
 
 /// Builds one pack in memory.
@@ -276,7 +338,7 @@ pub fn blob_bytes<'a>(pack: &'a [u8], e: &PackEntry) -> Option<&'a [u8]> {
 
 /// Decode the header of the pack `id` held whole in `bytes` and verify every blob; an error
 /// means the header itself cannot be read.
-pub fn verify_whole(keys: &Keys, id: &Id, bytes: &[u8]) -> Result<VerifiedPack> {
+pub fn verify_whole(keys: &Keys, dictionaries: &Dictionaries, id: &Id, bytes: &[u8]) -> Result<VerifiedPack> {
     let name = crate::repofile::pack_name(id);
     let entries = header_from_bytes(keys, &name, bytes)?;
     let damaged = entries
@@ -284,7 +346,7 @@ pub fn verify_whole(keys: &Keys, id: &Id, bytes: &[u8]) -> Result<VerifiedPack> 
         .filter_map(|e| {
             // The header's offsets were checked against the pack's length.
             let blob = blob_bytes(bytes, e).expect("entry within the pack");
-            decode_blob(keys, e, blob).err().map(|err| (*e, err))
+            decode_blob(keys, dictionaries, e, blob).err().map(|err| (*e, err))
         })
         .collect();
     Ok(VerifiedPack { intact: Id::of_stored(bytes) == *id, entries, damaged })

@@ -85,6 +85,10 @@ pub struct Snapshot {
     /// For a docker-volume source: each volume as it was when the copy began.
     #[prost(message, repeated, tag = "17")]
     pub volumes: Vec<VolumeInfo>,
+    /// Storage id of the dictionary the source's dump content is compressed with (empty: none),
+    /// so that the next backup of the source uses it again.
+    #[prost(bytes = "vec", tag = "18")]
+    pub dictionary: Vec<u8>,
 }
 
 /// A Docker volume of a docker-volume snapshot: what a restore needs to make it again.
