@@ -404,15 +404,14 @@ pub struct ReadResult {
 }
 
 /// Read a file in pieces of `piece` bytes, handing each to `sink` (false = stop).
-pub fn read(f: File, piece: usize, sink: &mut dyn FnMut(&[u8]) -> bool) -> io::Result<ReadResult> {
+pub fn read(f: File, buf: &mut [u8], sink: &mut dyn FnMut(&[u8]) -> bool) -> io::Result<ReadResult> {
     let before = f.metadata()?;
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; piece];
     // Read what the file held when opened: one that keeps growing must not stream forever
     // (growth shows as `changed`).
     let mut f = f.take(before.len());
     loop {
-        let n = match f.read(&mut buf) {
+        let n = match f.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

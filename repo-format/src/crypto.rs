@@ -6,7 +6,7 @@
 //! reveal nothing about content to whoever holds the storage but not the key). The master secret
 //! is stored wrapped by a key derived from a passphrase with Argon2id (see [`crate::repofile::key`]).
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use zeroize::Zeroizing;
 
@@ -93,9 +93,31 @@ impl Keys {
 
     /// Seal `plaintext` as `nonce || ciphertext || tag`, or return it as is in unencrypted mode.
     pub fn seal(&self, domain: Domain, plaintext: &[u8]) -> Vec<u8> {
-        match &self.cipher {
-            None => plaintext.to_vec(),
-            Some(c) => seal_with(c, domain, plaintext),
+        let mut buf = Vec::with_capacity(self.seal_room() + plaintext.len() + TAG_LEN);
+        buf.resize(self.seal_room(), 0);
+        buf.extend_from_slice(plaintext);
+        self.seal_in_place(domain, &mut buf);
+        buf
+    }
+
+    /// Bytes a buffer for [`Keys::seal_in_place`] leaves free before the plaintext: the nonce's
+    /// room, none when unencrypted.
+    pub fn seal_room(&self) -> usize {
+        if self.cipher.is_some() { NONCE_LEN } else { 0 }
+    }
+
+    /// Seal `buf[seal_room()..]` where it lies, with the same result as [`Keys::seal`]: a blob
+    /// written straight into its buffer is then neither copied nor allocated again (`TAG_LEN`
+    /// bytes of spare capacity avoid the one reallocation).
+    pub fn seal_in_place(&self, domain: Domain, buf: &mut Vec<u8>) {
+        if let Some(c) = &self.cipher {
+            let mut nonce = [0u8; NONCE_LEN];
+            fill_random(&mut nonce);
+            let tag = c
+                .encrypt_in_place_detached(XNonce::from_slice(&nonce), &[domain as u8], &mut buf[NONCE_LEN..])
+                .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
+            buf[..NONCE_LEN].copy_from_slice(&nonce);
+            buf.extend_from_slice(&tag);
         }
     }
 
@@ -115,10 +137,7 @@ pub(crate) fn seal_with(c: &XChaCha20Poly1305, domain: Domain, plaintext: &[u8])
     let ct = c
         .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: &aad })
         .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
-    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
-    out
+    [nonce.as_slice(), &ct].concat()
 }
 
 pub(crate) fn open_with(c: &XChaCha20Poly1305, domain: Domain, sealed: &[u8]) -> Option<Vec<u8>> {

@@ -85,21 +85,30 @@ impl BlobCompressor {
         Ok(BlobCompressor { plain, with_dictionary: zstd::zstd_safe::CCtx::create() })
     }
 
-    /// The compression flag and the zstd frame, or `None` when zstd fails.
-    fn compress(&mut self, raw: &[u8], dictionary: Option<&Dictionary>) -> Option<(u8, Vec<u8>)> {
-        match dictionary {
-            None => self.plain.compress(raw).ok().map(|z| (magic::COMPRESSION_ZSTD, z)),
-            Some(d) => {
-                let mut z = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
-                let cdict = d.encoder().as_cdict();
-                self.with_dictionary.compress_using_cdict(&mut z, raw, cdict).ok()?;
-                Some((magic::COMPRESSION_ZSTD_DICTIONARY, z))
-            }
+    /// Append the compression flag and the zstd frame of `raw` to `out`; `false`, with `out`
+    /// unchanged, when zstd fails or saves less than 1/64 of the size (decompressing would then
+    /// cost read-back time for nothing).
+    fn compress_into(&mut self, raw: &[u8], dictionary: Option<&Dictionary>, out: &mut Vec<u8>) -> bool {
+        let start = out.len();
+        out.reserve(1 + zstd::zstd_safe::compress_bound(raw.len()));
+        out.push(if dictionary.is_some() { magic::COMPRESSION_ZSTD_DICTIONARY } else { magic::COMPRESSION_ZSTD });
+        // The frame goes straight after the flag, into the spare capacity.
+        let mut at = std::io::Cursor::new(&mut *out);
+        at.set_position(start as u64 + 1);
+        let written = match dictionary {
+            None => self.plain.compress_to_buffer(raw, &mut at).ok(),
+            Some(d) => self.with_dictionary.compress_using_cdict(&mut at, raw, d.encoder().as_cdict()).ok(),
+        };
+        let pays = written.is_some_and(|n| n + raw.len() / 64 < raw.len());
+        if !pays {
+            out.truncate(start);
         }
+        pays
     }
 }
 
-/// Compress (when it pays, with `dictionary` if given) and seal one blob.
+/// Compress (when it pays, with `dictionary` if given) and seal one blob, written straight into
+/// the buffer it is sealed in: a blob is allocated once, not once per step.
 pub fn encode_blob(
     keys: &Keys,
     kind: BlobKind,
@@ -107,20 +116,15 @@ pub fn encode_blob(
     compressor: Option<&mut BlobCompressor>,
     dictionary: Option<&Dictionary>,
 ) -> Vec<u8> {
-    let mut plain = Vec::with_capacity(raw.len() + 1);
-    match compressor.and_then(|c| c.compress(raw, dictionary)) {
-        // Store raw when compression saves less than 1/64 of the size: decompressing would cost
-        // read-back time for nothing.
-        Some((flag, z)) if z.len() + raw.len() / 64 < raw.len() => {
-            plain.push(flag);
-            plain.extend_from_slice(&z);
-        }
-        _ => {
-            plain.push(magic::COMPRESSION_NONE);
-            plain.extend_from_slice(raw);
-        }
+    let room = keys.seal_room();
+    let mut buf = Vec::with_capacity(room + 1 + zstd::zstd_safe::compress_bound(raw.len()) + crate::crypto::TAG_LEN);
+    buf.resize(room, 0);
+    if !compressor.is_some_and(|c| c.compress_into(raw, dictionary, &mut buf)) {
+        buf.push(magic::COMPRESSION_NONE);
+        buf.extend_from_slice(raw);
     }
-    keys.seal(kind.domain(), &plain)
+    keys.seal_in_place(kind.domain(), &mut buf);
+    buf
 }
 
 /// Open, decompress and verify one blob against its id; `dictionaries` are the repository's.
