@@ -70,6 +70,11 @@ pub fn repair(repo: &mut Repository, verify_data: bool) -> Result<RepairReport> 
                 continue;
             }
         };
+        // A blob unread for storage trouble (loading its dictionary, say) is not damage: stop
+        // rather than drop it.
+        if let Some(i) = v.damaged.iter().position(|(_, e)| !matches!(e, Error::Corrupt { .. })) {
+            return Err(v.damaged.into_iter().nth(i).expect("just found").1);
+        }
         if v.intact && v.damaged.is_empty() {
             good.push((id, v.entries));
         } else {

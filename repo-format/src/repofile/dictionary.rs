@@ -146,8 +146,9 @@ impl Dictionaries {
         Ok(ids)
     }
 
-    /// The dictionaries whose zstd id is `zstd_id` (usually one; none when it is missing). An
-    /// unreadable dictionary is skipped here: the blobs that need it then fail their id check.
+    /// The dictionaries whose zstd id is `zstd_id` (usually one; none when it is missing). A
+    /// damaged dictionary is skipped here (check reports it, and the blobs that need it fail their
+    /// id check); storage trouble is an error, so that no blob is taken for damaged because of it.
     pub(crate) fn with_zstd_id(&self, zstd_id: u32) -> Result<Vec<Arc<Dictionary>>> {
         let known = |l: &Loaded| -> Vec<Arc<Dictionary>> {
             l.by_id.values().filter(|d| d.zstd_id == zstd_id).cloned().collect()
@@ -160,7 +161,10 @@ impl Dictionaries {
             }
         }
         for id in self.list()? {
-            let _ = self.load(&id);
+            match self.load(&id) {
+                Ok(_) | Err(Error::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         let mut l = self.loaded.lock().expect("dictionaries");
         l.listed = true;

@@ -162,8 +162,13 @@ pub fn decode_blob(keys: &Keys, dictionaries: &Dictionaries, entry: &PackEntry, 
             }
             last.map_err(zstd_error)?
         }
+        // Authenticated, so written by a newer magpie, not damaged: repair must not drop it.
         other => {
-            return Err(Error::corrupt(what(), format!("unknown compression {other}")));
+            return Err(Error::UnsupportedVersion {
+                object: format!("{} (compression flag)", what()),
+                found: other as u32,
+                supported: magic::COMPRESSION_ZSTD_DICTIONARY as u32,
+            });
         }
     };
     if !matches(&raw) {
