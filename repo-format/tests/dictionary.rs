@@ -179,3 +179,21 @@ fn a_damaged_dictionary_is_reported_by_check() {
     let report = check::check(&mut common::reopen(place.backend.clone()), Default::default()).unwrap();
     assert!(report.problems.iter().any(|p| p.object == name), "{:?}", report.problems);
 }
+
+#[test]
+fn a_dictionary_zstd_cannot_load_is_an_error_not_a_panic() {
+    let place = Place::local();
+    let repo = common::init(&place.backend);
+    // zstd's dictionary magic and an id, then tables that are not tables.
+    let mut bad = vec![0x37, 0xA4, 0x30, 0xEC, 1, 0, 0, 0];
+    bad.extend(std::iter::repeat_n(0xFF, 300));
+    let err = repo.dictionaries().store(bad).unwrap_err();
+    assert!(matches!(err, repo_format::Error::Corrupt { .. }), "{err}");
+    let stored = rf_id(&dictionaries(&place)[0]);
+    let err = common::reopen(place.backend.clone()).dictionaries().load(&stored).unwrap_err();
+    assert!(err.to_string().contains("zstd cannot load it"), "{err}");
+}
+
+fn rf_id(name: &str) -> Id {
+    repo_format::repofile::id_of_name(name).unwrap()
+}

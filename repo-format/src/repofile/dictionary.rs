@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use zstd::dict::{DecoderDictionary, EncoderDictionary};
+use zstd::zstd_safe::{CDict, DDict};
 
 use crate::backend::Backend;
 use crate::crypto::Keys;
@@ -47,8 +47,8 @@ pub struct Dictionary {
     zstd_id: u32,
     raw: Vec<u8>,
     level: i32,
-    encoder: OnceLock<EncoderDictionary<'static>>,
-    decoder: DecoderDictionary<'static>,
+    encoder: OnceLock<CDict<'static>>,
+    decoder: DDict<'static>,
 }
 
 impl std::fmt::Debug for Dictionary {
@@ -62,7 +62,8 @@ impl Dictionary {
         let zstd_id = zstd::zstd_safe::get_dict_id_from_dict(&raw)
             .ok_or_else(|| Error::corrupt(name(&id), "not a zstd dictionary"))?
             .get();
-        let decoder = DecoderDictionary::copy(&raw);
+        // try_create: a dictionary that zstd cannot load is an error here, not a panic.
+        let decoder = DDict::try_create(&raw).ok_or_else(|| Error::corrupt(name(&id), "zstd cannot load it"))?;
         Ok(Dictionary { id, zstd_id, raw, level, encoder: OnceLock::new(), decoder })
     }
 
@@ -71,11 +72,11 @@ impl Dictionary {
         self.id
     }
 
-    pub(crate) fn encoder(&self) -> &EncoderDictionary<'static> {
-        self.encoder.get_or_init(|| EncoderDictionary::copy(&self.raw, self.level))
+    pub(crate) fn encoder(&self) -> &CDict<'static> {
+        self.encoder.get_or_init(|| CDict::create(&self.raw, self.level))
     }
 
-    pub(crate) fn decoder(&self) -> &DecoderDictionary<'static> {
+    pub(crate) fn decoder(&self) -> &DDict<'static> {
         &self.decoder
     }
 }

@@ -97,7 +97,7 @@ impl BlobCompressor {
         at.set_position(start as u64 + 1);
         let written = match dictionary {
             None => self.plain.compress_to_buffer(raw, &mut at).ok(),
-            Some(d) => self.with_dictionary.compress_using_cdict(&mut at, raw, d.encoder().as_cdict()).ok(),
+            Some(d) => self.with_dictionary.compress_using_cdict(&mut at, raw, d.encoder()).ok(),
         };
         let pays = written.is_some_and(|n| n + raw.len() / 64 < raw.len());
         if !pays {
@@ -198,7 +198,7 @@ fn decompress(payload: &[u8], capacity: usize, dictionary: Option<&Dictionary>) 
             let mut c = c.borrow_mut();
             let ctx = c.get_or_insert_with(zstd::zstd_safe::DCtx::create);
             let mut out = Vec::with_capacity(capacity);
-            ctx.decompress_using_ddict(&mut out, payload, d.decoder().as_ddict())
+            ctx.decompress_using_ddict(&mut out, payload, d.decoder())
                 .map_err(|code| std::io::Error::other(zstd::zstd_safe::get_error_name(code)))?;
             Ok(out)
         }),
