@@ -1,7 +1,8 @@
 //! `collector copy`: copy snapshots into another repository (a local one to S3 for an off-site
 //! copy, say). The two repositories have their own keys, so blob ids differ: every tree and
 //! chunk is read from the source, decrypted, and added to the target under the target's id;
-//! what the target already holds is not stored again. A snapshot is copied once: one with the
+//! what the target already holds is not stored again; dump content is compressed with the
+//! target's own dictionary (FORMAT.md §12). A snapshot is copied once: one with the
 //! same agent, source and time in the target is skipped. Each snapshot is committed as a backup
 //! is (packs, index, snapshot), so an interrupted copy leaves the target consistent.
 
@@ -39,8 +40,14 @@ pub fn copy(
     let target_lock = locking::lock(target, false, "collector copy (target)", Duration::ZERO)?;
     source.load_index()?;
     target.load_index()?;
+    let existing = target.snapshots()?;
     let present: std::collections::HashSet<(String, String, i64)> =
-        target.snapshots()?.into_iter().map(|(_, s)| (s.agent, s.source, s.time_ns)).collect();
+        existing.iter().map(|(_, s)| (s.agent.clone(), s.source.clone(), s.time_ns)).collect();
+    // Dump content stays compressed with a dictionary, the target's own: one per source, trained
+    // on the first copy with dump content (or found in the target's newest snapshot of the
+    // source) and used again for the next.
+    let mut dictionaries: HashMap<(String, String), Id> =
+        existing.into_iter().filter_map(|(_, s)| Some(((s.agent, s.source), Id::from_slice(&s.dictionary)?))).collect();
     let mut snaps = source.snapshots()?;
     snaps.sort_by_key(|(_, s)| s.time_ns);
     let mut report = CopyReport::default();
@@ -54,16 +61,29 @@ pub fn copy(
             continue;
         }
         let root = Id::from_slice(&snap.tree).context("snapshot has no root tree")?;
+        let group = (snap.agent.clone(), snap.source.clone());
         let mut w = Writer::new(target, 0);
+        // A target dictionary that cannot be read is replaced by a new one, as a pull does.
+        if let Some(d) = dictionaries.get(&group)
+            && w.use_dictionary(d).is_err()
+        {
+            dictionaries.remove(&group);
+        }
         let new_root =
             copy_tree(source, &mut w, &root, &mut memo).with_context(|| format!("copying snapshot {}", id.short()))?;
         let (index, stats) = w.finish()?;
         if let Some((iid, f)) = index {
             target.add_index(iid, &f);
         }
-        // Blobs are compressed anew in the target, without the source repository's dictionary.
-        let copied =
-            repo_format::Snapshot { tree: new_root.0.to_vec(), parent: Vec::new(), dictionary: Vec::new(), ..snap };
+        if let Some(d) = stats.dictionary {
+            dictionaries.insert(group, d);
+        }
+        let copied = repo_format::Snapshot {
+            tree: new_root.0.to_vec(),
+            parent: Vec::new(),
+            dictionary: stats.dictionary.map(|d| d.0.to_vec()).unwrap_or_default(),
+            ..snap
+        };
         target_lock.ensure_held()?;
         let new_id = target.save_snapshot(&copied)?;
         report.blobs_added += stats.blobs;
@@ -84,7 +104,10 @@ fn copy_tree(src: &Repository, w: &mut Writer<'_>, id: &Id, memo: &mut Memo) -> 
             let new = match memo.data.get(&old) {
                 Some(n) => *n,
                 None => {
-                    let n = w.add(BlobKind::Data, src.read_blob(&old)?)?;
+                    let n = match src.read_dump_aware(&old)? {
+                        (raw, true) => w.add_dump(raw)?,
+                        (raw, false) => w.add(BlobKind::Data, raw)?,
+                    };
                     memo.data.insert(old, n);
                     n
                 }

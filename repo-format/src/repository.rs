@@ -300,9 +300,19 @@ impl Repository {
 
     /// Read, open, decompress and verify one blob.
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        self.read_blob_flagged(id).map(|(raw, _)| raw)
+    }
+
+    /// [`Repository::read_blob`], and whether the blob was compressed with a dictionary, as
+    /// database dump content is (FORMAT.md §12): a copy into another repository keeps it so.
+    pub fn read_dump_aware(&self, id: &Id) -> Result<(Vec<u8>, bool)> {
+        self.read_blob_flagged(id).map(|(raw, flag)| (raw, flag == magic::COMPRESSION_ZSTD_DICTIONARY))
+    }
+
+    fn read_blob_flagged(&self, id: &Id) -> Result<(Vec<u8>, u8)> {
         let loc = self.locate(id)?;
         let stored = self.backend.get(&rf::pack_name(&loc.pack), Some(loc.entry.range()))?;
-        pack::decode_blob(&self.keys, &self.dictionaries, &loc.entry, &stored).map_err(|e| match e {
+        pack::decode_blob_flagged(&self.keys, &self.dictionaries, &loc.entry, &stored).map_err(|e| match e {
             Error::Corrupt { object, reason } => {
                 Error::Corrupt { object: format!("{object} in pack {}", loc.pack), reason }
             }

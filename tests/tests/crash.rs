@@ -37,7 +37,9 @@ fn sigkill_at_random_points_never_damages_committed_snapshots_on_s3() {
 }
 
 /// `kills` rounds against the repository at `location`; at least `min_per_phase` of them must
-/// land in each of backup, prune and compact.
+/// land in each of backup, prune and compact. Where chance left a phase short, more rounds (at most
+/// `kills` more) aim at it: the child is killed a few milliseconds after it announces that phase
+/// (prune: it kills itself there, as one round in three does anyway).
 fn torture(tmp: &tempfile::TempDir, location: &str, endpoint: Option<&str>, kills: usize, min_per_phase: usize) {
     let backend: Arc<dyn Backend> = magpie_tests::backend_at(location, endpoint);
     Repository::init(backend.clone(), &magpie_tests::test_options()).unwrap();
@@ -48,7 +50,13 @@ fn torture(tmp: &tempfile::TempDir, location: &str, endpoint: Option<&str>, kill
     let mut killed_in: BTreeMap<String, usize> = BTreeMap::new();
     let mut next_seed = 0u64;
     let mut repairs = 0;
-    for round in 0..kills {
+    for round in 0.. {
+        let short = PHASES.into_iter().find(|p| killed_in.get(*p).copied().unwrap_or(0) < min_per_phase);
+        if round >= kills && short.is_none() {
+            break;
+        }
+        assert!(round < 2 * kills, "too few kills during {short:?} after {round} rounds: {killed_in:?}");
+        let aim = short.filter(|_| round >= kills);
         let work = tmp.path().join(format!("work{round}"));
         let mut cmd = Command::new(torture);
         cmd.arg(location).arg(&work).arg(next_seed.to_string()).stdout(Stdio::piped());
@@ -56,26 +64,38 @@ fn torture(tmp: &tempfile::TempDir, location: &str, endpoint: Option<&str>, kill
             cmd.env("TORTURE_S3_ENDPOINT", e);
         }
         // One round in three kills itself inside prune (a window too short for the timer);
-        // the others are killed by the timer wherever they are.
-        let wait_ms = if round % 3 == 1 {
+        // the others are killed by the timer wherever they are, or just after the phase aimed at.
+        let self_kill = if aim.is_some() { aim == Some("prune") } else { round % 3 == 1 };
+        let wait_ms = if self_kill {
             cmd.env("TORTURE_KILL_AT_DELETE", random_below(3).to_string());
             3000
+        } else if aim.is_some() {
+            60_000
         } else {
             20 + random_below(600)
         };
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
-        let reader =
-            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
-        let deadline = std::time::Instant::now() + Duration::from_millis(wait_ms);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
+        let mut lines = Vec::new();
+        let mut deadline = std::time::Instant::now() + Duration::from_millis(wait_ms);
         while std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-            std::thread::sleep(Duration::from_millis(5));
+            for line in rx.try_iter() {
+                if aim.is_some_and(|p| line == format!("phase {p}")) {
+                    deadline = std::time::Instant::now() + Duration::from_millis(random_below(20));
+                }
+                lines.push(line);
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
         let _ = child.kill();
         let status = child.wait().unwrap();
         assert!(status.code().is_none(), "the child stopped by itself: {status}");
+        // The child is gone, so its pipe ends and the reader with it.
+        lines.extend(rx.iter());
         let mut phase = "startup".to_string();
-        for line in reader.join().unwrap() {
+        for line in lines {
             let parts: Vec<&str> = line.split(' ').collect();
             match parts.as_slice() {
                 ["phase", p] => phase = p.to_string(),
@@ -130,10 +150,7 @@ fn torture(tmp: &tempfile::TempDir, location: &str, endpoint: Option<&str>, kill
         committed.retain(|id, _| present.contains(id));
     }
     eprintln!("kills by phase: {killed_in:?}; rounds that needed repair: {repairs}; next seed {next_seed}");
-    for phase in ["backup", "prune", "compact"] {
-        assert!(
-            killed_in.get(phase).copied().unwrap_or(0) >= min_per_phase,
-            "too few kills during {phase}: {killed_in:?}"
-        );
-    }
 }
+
+/// The phases every torture run must kill in.
+const PHASES: [&str; 3] = ["backup", "prune", "compact"];

@@ -404,6 +404,29 @@ fn a_database_dump_among_files_is_chunked_as_a_dump() {
     let out = tmp.path().join("out");
     restore(&c, &out);
     assert_eq!(state(&src), state(&inside(&out, &src)));
+
+    // An off-site copy keeps the dump's chunks compressed with a dictionary: the target's own, one
+    // for the source, named by every copied snapshot.
+    let copy = tmp.path().join("copy");
+    let to = copy.to_str().unwrap();
+    let ok = |args: &[&str]| {
+        let o = c.run(args);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    ok(&["--repo", to, "init", "--kdf-memory-mib", "1", "--kdf-iterations", "1"]);
+    ok(&["copy", "--to", to]);
+    assert_eq!(fs::read_dir(copy.join("dicts")).unwrap().count(), 1);
+    let target = repo_format::Repository::open(
+        std::sync::Arc::new(repo_format::backend::LocalBackend::new(&copy)),
+        Some(b"pull test passphrase"),
+    )
+    .unwrap();
+    let named: Vec<Vec<u8>> = target.snapshots().unwrap().into_iter().map(|(_, s)| s.dictionary).collect();
+    assert_eq!(named.len(), 3);
+    assert!(named.iter().all(|d| d.len() == 32 && *d == named[0]), "{named:?}");
+    let out = tmp.path().join("out-copy");
+    ok(&["--repo", to, "restore", "latest", "--target-dir", out.to_str().unwrap()]);
+    assert_eq!(state(&src), state(&inside(&out, &src)));
 }
 
 #[test]

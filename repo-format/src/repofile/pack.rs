@@ -129,6 +129,16 @@ pub fn encode_blob(
 
 /// Open, decompress and verify one blob against its id; `dictionaries` are the repository's.
 pub fn decode_blob(keys: &Keys, dictionaries: &Dictionaries, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
+    decode_blob_flagged(keys, dictionaries, entry, stored).map(|(raw, _)| raw)
+}
+
+/// [`decode_blob`], with the blob's compression flag.
+pub fn decode_blob_flagged(
+    keys: &Keys,
+    dictionaries: &Dictionaries,
+    entry: &PackEntry,
+    stored: &[u8],
+) -> Result<(Vec<u8>, u8)> {
     let what = || format!("blob {} ({:?})", entry.id, entry.kind);
     let plain =
         keys.open(entry.kind.domain(), stored).ok_or_else(|| Error::corrupt(what(), "authentication failed"))?;
@@ -174,7 +184,7 @@ pub fn decode_blob(keys: &Keys, dictionaries: &Dictionaries, entry: &PackEntry, 
     if !matches(&raw) {
         return Err(Error::corrupt(what(), "content does not match its id"));
     }
-    Ok(raw)
+    Ok((raw, *flag))
 }
 
 /// Decompress with this thread's zstd contexts: making one per blob cost more than decompressing
