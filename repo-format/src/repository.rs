@@ -224,12 +224,7 @@ impl Repository {
 
     /// Read, verify and open a content-addressed object (`dir` + storage id).
     pub fn read_object(&self, name: &str, domain: Domain) -> Result<Vec<u8>> {
-        let bytes = self.backend.get(name, None)?;
-        let want = rf::id_of_name(name).ok_or_else(|| Error::corrupt(name, "name is not a storage id"))?;
-        if Id::of_stored(&bytes) != want {
-            return Err(Error::corrupt(name, "content does not match its name (BLAKE3)"));
-        }
-        self.keys.open(domain, &bytes).ok_or_else(|| Error::corrupt(name, "authentication failed"))
+        read_named(&*self.backend, &self.keys, name, domain)
     }
 
     /// Seal and store an object under `dir/<storage id>`.
@@ -360,10 +355,7 @@ impl Repository {
 
     /// Ids of all snapshots.
     pub fn snapshot_ids(&self) -> Result<Vec<Id>> {
-        let mut ids: Vec<Id> =
-            self.backend.list(rf::SNAPSHOT_DIR)?.iter().filter_map(|o| rf::id_of_name(&o.name)).collect();
-        ids.sort();
-        Ok(ids)
+        ids_in(&*self.backend, rf::SNAPSHOT_DIR)
     }
 
     /// All snapshots, oldest first; fails on the first unreadable one.
@@ -419,6 +411,23 @@ impl Repository {
         }
         Ok(())
     }
+}
+
+/// Read, verify and open `name` (`dir/<storage id>`): its bytes must hash to its name.
+pub(crate) fn read_named(backend: &dyn Backend, keys: &Keys, name: &str, domain: Domain) -> Result<Vec<u8>> {
+    let bytes = backend.get(name, None)?;
+    let want = rf::id_of_name(name).ok_or_else(|| Error::corrupt(name, "name is not a storage id"))?;
+    if Id::of_stored(&bytes) != want {
+        return Err(Error::corrupt(name, "content does not match its name (BLAKE3)"));
+    }
+    keys.open(domain, &bytes).ok_or_else(|| Error::corrupt(name, "authentication failed"))
+}
+
+/// Storage ids of the objects in `dir`, sorted.
+pub(crate) fn ids_in(backend: &dyn Backend, dir: &str) -> Result<Vec<Id>> {
+    let mut ids: Vec<Id> = backend.list(dir)?.iter().filter_map(|o| rf::id_of_name(&o.name)).collect();
+    ids.sort();
+    Ok(ids)
 }
 
 /// Store bytes under `dir/<storage id>`.

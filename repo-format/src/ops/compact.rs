@@ -115,8 +115,7 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
         return Ok(report);
     }
 
-    let old_index: Vec<Id> =
-        repo.backend().list(rf::INDEX_DIR)?.iter().filter_map(|o| rf::id_of_name(&o.name)).collect();
+    let old_index = crate::repository::ids_in(&**repo.backend(), rf::INDEX_DIR)?;
     let written: u64 = repacker.written.iter().flat_map(|(_, e)| e).map(|e| e.stored_len as u64).sum();
     let file = IndexFile { supersedes: old_index.clone(), packs: keep.into_iter().chain(repacker.written).collect() };
     let new_index = write_index(repo, &file)?;

@@ -89,8 +89,7 @@ pub fn repair(repo: &mut Repository, verify_data: bool) -> Result<RepairReport> 
     good.extend(repacker.written);
     report.packs_indexed = good.len();
 
-    let old_index: Vec<Id> =
-        repo.backend().list(rf::INDEX_DIR)?.iter().filter_map(|o| rf::id_of_name(&o.name)).collect();
+    let old_index = crate::repository::ids_in(&**repo.backend(), rf::INDEX_DIR)?;
     let new_index = write_index(repo, &IndexFile { supersedes: old_index.clone(), packs: good })?;
     for id in old_index.iter().filter(|id| **id != new_index) {
         repo.backend().delete(&format!("{}{id}", rf::INDEX_DIR))?;

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::magic::Domain;
 use crate::repofile::{self as rf};
-use crate::repository::put_named;
+use crate::repository::{ids_in, put_named, read_named};
 
 /// Dump bytes a dictionary is trained on. Measured on a 60 MB dump: samples of 2 MB compress its
 /// 8 KiB chunks as well as samples of 10 MB do, and training takes a third of a second.
@@ -119,13 +119,7 @@ impl Dictionaries {
         if let Some(d) = self.loaded.lock().expect("dictionaries").by_id.get(id) {
             return Ok(d.clone());
         }
-        let name = name(id);
-        let bytes = self.backend.get(&name, None)?;
-        if Id::of_stored(&bytes) != *id {
-            return Err(Error::corrupt(&name, "content does not match its name (BLAKE3)"));
-        }
-        let raw =
-            self.keys.open(Domain::Dictionary, &bytes).ok_or_else(|| Error::corrupt(&name, "authentication failed"))?;
+        let raw = read_named(&*self.backend, &self.keys, &name(id), Domain::Dictionary)?;
         let d = Arc::new(Dictionary::new(*id, raw, self.level)?);
         self.loaded.lock().expect("dictionaries").by_id.insert(*id, d.clone());
         Ok(d)
@@ -141,10 +135,7 @@ impl Dictionaries {
 
     /// Storage ids of every dictionary in the repository.
     pub fn list(&self) -> Result<Vec<Id>> {
-        let mut ids: Vec<Id> =
-            self.backend.list(rf::DICT_DIR)?.iter().filter_map(|o| rf::id_of_name(&o.name)).collect();
-        ids.sort();
-        Ok(ids)
+        ids_in(&*self.backend, rf::DICT_DIR)
     }
 
     /// The dictionaries whose zstd id is `zstd_id` (usually one; none when it is missing). A

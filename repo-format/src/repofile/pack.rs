@@ -165,11 +165,12 @@ pub fn decode_blob_flagged(
             // Several only when two dictionaries drew the same 32-bit id: the blob id decides.
             let mut last = Ok(Vec::new());
             for d in candidates {
-                last = decompress(payload, len, Some(&d));
-                if last.as_deref().is_ok_and(matches) {
-                    break;
+                match decompress(payload, len, Some(&d)) {
+                    Ok(raw) if matches(&raw) => return Ok((raw, *flag)),
+                    other => last = other,
                 }
             }
+            // None matched: the check below reports it (or zstd's own error).
             last.map_err(zstd_error)?
         }
         // Authenticated, so written by a newer magpie, not damaged: repair must not drop it.
