@@ -1,6 +1,7 @@
 //! Ingest (chunk → id → compress → seal → pack → store) and read-back on both cores, on
 //! compressible text and on incompressible data, next to the limits of the parts (zstd alone,
-//! keyed BLAKE3 alone, FastCDC alone).
+//! keyed BLAKE3 alone, FastCDC alone); and dump content in 8 KiB chunks with and without its
+//! dictionary (FORMAT.md §12).
 //!
 //! cargo bench -p magpie-repo-format --bench pipeline
 
@@ -10,7 +11,7 @@ use std::sync::Arc;
 mod common;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use repo_format::archive::store_stream;
+use repo_format::archive::{ChunkedContent, store_stream};
 use repo_format::backend::MemoryBackend;
 use repo_format::crypto::KdfParams;
 use repo_format::{Id, InitOptions, Repository, Writer};
@@ -116,5 +117,67 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Store `data` as dump content in 8 KiB chunks: with the stored dictionary `dictionary`, or,
+/// without one, compressed chunk by chunk. Returns the stored bytes.
+fn ingest_dump(repo: &mut Repository, data: &[u8], dictionary: Option<Id>) -> u64 {
+    let chunker = repo.chunker(true).unwrap();
+    let mut w = Writer::new(repo, 0);
+    let mut content = match dictionary {
+        Some(d) => {
+            w.use_dictionary(&d).unwrap();
+            ChunkedContent::dump(chunker)
+        }
+        None => ChunkedContent::new(chunker),
+    };
+    content.push(&mut w, data).unwrap();
+    content.finish(&mut w).unwrap();
+    let (index, stats) = w.finish().unwrap();
+    if let Some((id, f)) = index {
+        repo.add_index(id, &f);
+    }
+    stats.stored_bytes
+}
+
+/// A repository holding a dictionary trained on `sample` (as a first backup of a dump would).
+fn repo_with_dictionary(sample: &[u8]) -> (Arc<MemoryBackend>, Repository, Id) {
+    let (b, r) = new_repo();
+    let mut w = Writer::new(&r, 0);
+    let mut content = ChunkedContent::dump(r.chunker(true).unwrap());
+    content.push(&mut w, sample).unwrap();
+    content.finish(&mut w).unwrap();
+    let dictionary = w.finish().unwrap().1.dictionary.expect("a dictionary");
+    (b, r, dictionary)
+}
+
+fn dump_chunks(c: &mut Criterion) {
+    const DUMP: usize = 32 << 20;
+    // Training sample and measured data come from one stream of the same words, apart, so that
+    // nothing of the sample dedups.
+    let all = text(DUMP + (4 << 20));
+    let (data, sample) = all.split_at(DUMP);
+    let mut g = c.benchmark_group("dump-chunks");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(DUMP as u64));
+    let plain = ingest_dump(&mut new_repo().1, data, None);
+    let (_b, mut r, d) = repo_with_dictionary(sample);
+    let with = ingest_dump(&mut r, data, Some(d));
+    eprintln!(
+        "dump in 8 KiB chunks: {DUMP} bytes stored as {plain} ({:.3}) alone, {with} ({:.3}) with the dictionary",
+        plain as f64 / DUMP as f64,
+        with as f64 / DUMP as f64
+    );
+    g.bench_function("ingest/alone", |bch| {
+        bch.iter_batched(new_repo, |(_b, mut r)| ingest_dump(&mut r, data, None), BatchSize::PerIteration)
+    });
+    g.bench_function("ingest/with-dictionary", |bch| {
+        bch.iter_batched(
+            || repo_with_dictionary(sample),
+            |(_b, mut r, d)| ingest_dump(&mut r, data, Some(d)),
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, dump_chunks);
 criterion_main!(benches);
