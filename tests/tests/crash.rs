@@ -38,7 +38,7 @@ fn sigkill_at_random_points_never_damages_committed_snapshots_on_s3() {
 
 /// `kills` rounds against the repository at `location`; at least `min_per_phase` of them must
 /// land in each of backup, prune and compact. Where chance left a phase short, more rounds (at most
-/// `kills` more) aim at it: the child is killed a few milliseconds after it announces that phase
+/// half as many again) aim at it: the child is killed a few milliseconds after it announces that phase
 /// (prune: it kills itself there, as one round in three does anyway).
 fn torture(tmp: &tempfile::TempDir, location: &str, endpoint: Option<&str>, kills: usize, min_per_phase: usize) {
     let backend: Arc<dyn Backend> = magpie_tests::backend_at(location, endpoint);
@@ -55,7 +55,7 @@ fn torture(tmp: &tempfile::TempDir, location: &str, endpoint: Option<&str>, kill
         if round >= kills && short.is_none() {
             break;
         }
-        assert!(round < 2 * kills, "too few kills during {short:?} after {round} rounds: {killed_in:?}");
+        assert!(round < kills + kills / 2, "too few kills during {short:?} after {round} rounds: {killed_in:?}");
         let aim = short.filter(|_| round >= kills);
         let work = tmp.path().join(format!("work{round}"));
         let mut cmd = Command::new(torture);
@@ -67,7 +67,9 @@ fn torture(tmp: &tempfile::TempDir, location: &str, endpoint: Option<&str>, kill
         // the others are killed by the timer wherever they are, or just after the phase aimed at.
         let self_kill = if aim.is_some() { aim == Some("prune") } else { round % 3 == 1 };
         let wait_ms = if self_kill {
-            cmd.env("TORTURE_KILL_AT_DELETE", random_below(3).to_string());
+            // Aimed: at the first delete, which every prune that deletes reaches.
+            let at = if aim.is_some() { 0 } else { random_below(3) };
+            cmd.env("TORTURE_KILL_AT_DELETE", at.to_string());
             3000
         } else if aim.is_some() {
             60_000
