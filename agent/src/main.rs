@@ -4,6 +4,7 @@
 mod config;
 mod docker;
 mod dump;
+mod readahead;
 mod restore;
 mod server;
 mod source;

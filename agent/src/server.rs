@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Source;
+use crate::readahead::with_read_ahead;
 use crate::source;
 use crate::spool::Spool;
 use crate::wire::FrameWriter;
@@ -163,67 +164,70 @@ impl Agent for AgentService {
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let src = &*src;
-            let send = |data: Vec<u8>| data.is_empty() || tx.blocking_send(Ok(ReadFilesResponse { data })).is_ok();
-            let fail = |e: std::io::Error| {
-                let _ = tx.blocking_send(Err(Status::internal(format!("encoding the file stream: {e}"))));
-            };
-            let mut w = match FrameWriter::new(req.compress) {
-                Ok(w) => w,
-                Err(e) => return fail(e),
-            };
-            // One read buffer for the call: a fresh one per file cost a clear of 256 KiB for each
-            // small file (glibc's calloc on a reused heap block).
-            let mut buf = vec![0u8; PIECE];
-            for (i, path) in req.paths.iter().enumerate() {
-                let index = i as u32;
-                let mut out_err: Option<std::io::Error> = None;
-                let result = source::open(src, path).and_then(|f| {
-                    source::read(f, &mut buf, &mut |piece| match w.push_file_data(index, piece) {
-                        Ok(Some(seg)) => send(seg),
-                        Ok(None) => true,
-                        Err(e) => {
-                            out_err = Some(e);
-                            false
-                        }
-                    })
-                });
-                if let Some(e) = out_err {
-                    return fail(e);
-                }
-                let end = match result {
-                    Ok(r) => FileFrame {
-                        index,
-                        end: true,
-                        blake3: r.blake3.to_vec(),
-                        size: r.size,
-                        mtime_ns: r.mtime_ns,
-                        ctime_ns: r.ctime_ns,
-                        changed: r.changed,
-                        ..Default::default()
-                    },
-                    // The collector went away: stop quietly.
-                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return,
-                    Err(e) => {
-                        tracing::debug!("{}: {e}", String::from_utf8_lossy(path));
-                        FileFrame { index, end: true, error: e.to_string(), ..Default::default() }
-                    }
+            with_read_ahead(src, &req.paths, |ahead| {
+                let send = |data: Vec<u8>| data.is_empty() || tx.blocking_send(Ok(ReadFilesResponse { data })).is_ok();
+                let fail = |e: std::io::Error| {
+                    let _ = tx.blocking_send(Err(Status::internal(format!("encoding the file stream: {e}"))));
                 };
-                match w.push(&end) {
-                    Ok(Some(seg)) => {
-                        if !send(seg) {
-                            return;
-                        }
-                    }
-                    Ok(None) => {}
+                let mut w = match FrameWriter::new(req.compress) {
+                    Ok(w) => w,
                     Err(e) => return fail(e),
+                };
+                // One read buffer for the call: a fresh one per file cost a clear of 256 KiB for each
+                // small file (glibc's calloc on a reused heap block).
+                let mut buf = vec![0u8; PIECE];
+                for (i, path) in req.paths.iter().enumerate() {
+                    ahead.reading(i);
+                    let index = i as u32;
+                    let mut out_err: Option<std::io::Error> = None;
+                    let result = source::open(src, path).and_then(|f| {
+                        source::read(f, &mut buf, &mut |piece| match w.push_file_data(index, piece) {
+                            Ok(Some(seg)) => send(seg),
+                            Ok(None) => true,
+                            Err(e) => {
+                                out_err = Some(e);
+                                false
+                            }
+                        })
+                    });
+                    if let Some(e) = out_err {
+                        return fail(e);
+                    }
+                    let end = match result {
+                        Ok(r) => FileFrame {
+                            index,
+                            end: true,
+                            blake3: r.blake3.to_vec(),
+                            size: r.size,
+                            mtime_ns: r.mtime_ns,
+                            ctime_ns: r.ctime_ns,
+                            changed: r.changed,
+                            ..Default::default()
+                        },
+                        // The collector went away: stop quietly.
+                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return,
+                        Err(e) => {
+                            tracing::debug!("{}: {e}", String::from_utf8_lossy(path));
+                            FileFrame { index, end: true, error: e.to_string(), ..Default::default() }
+                        }
+                    };
+                    match w.push(&end) {
+                        Ok(Some(seg)) => {
+                            if !send(seg) {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => return fail(e),
+                    }
                 }
-            }
-            match w.finish() {
-                Ok(seg) => {
-                    send(seg);
+                match w.finish() {
+                    Ok(seg) => {
+                        send(seg);
+                    }
+                    Err(e) => fail(e),
                 }
-                Err(e) => fail(e),
-            }
+            })
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -403,6 +403,37 @@ pub struct ReadResult {
     pub changed: bool,
 }
 
+/// Keeps the disk busy a few MiB ahead of a sequential read: the kernel's own read-ahead
+/// (128 KiB by default) leaves a virtual disk idle between requests.
+struct ReadAhead {
+    pos: u64,
+    advised: u64,
+    len: u64,
+}
+
+impl ReadAhead {
+    /// Bytes asked for at once, and how far ahead of the reader the request is renewed.
+    const STEP: u64 = 4 << 20;
+
+    fn new(len: u64) -> ReadAhead {
+        ReadAhead { pos: 0, advised: 0, len }
+    }
+
+    fn advise(&mut self, f: &File) {
+        if self.advised >= self.len || self.advised > self.pos + Self::STEP {
+            return;
+        }
+        let n = Self::STEP.min(self.len - self.advised);
+        // Advice only: a refusal costs speed, not correctness.
+        let _ = rustix::fs::fadvise(f, self.advised, std::num::NonZeroU64::new(n), rustix::fs::Advice::WillNeed);
+        self.advised += n;
+    }
+
+    fn read(&mut self, n: usize) {
+        self.pos += n as u64;
+    }
+}
+
 /// Read a file in pieces of `piece` bytes, handing each to `sink` (false = stop).
 pub fn read(f: File, buf: &mut [u8], sink: &mut dyn FnMut(&[u8]) -> bool) -> io::Result<ReadResult> {
     let before = f.metadata()?;
@@ -410,10 +441,15 @@ pub fn read(f: File, buf: &mut [u8], sink: &mut dyn FnMut(&[u8]) -> bool) -> io:
     // Read what the file held when opened: one that keeps growing must not stream forever
     // (growth shows as `changed`).
     let mut f = f.take(before.len());
+    let mut ahead = ReadAhead::new(before.len());
     loop {
+        ahead.advise(f.get_ref());
         let n = match f.read(buf) {
             Ok(0) => break,
-            Ok(n) => n,
+            Ok(n) => {
+                ahead.read(n);
+                n
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
