@@ -406,31 +406,28 @@ pub struct ReadResult {
 /// Keeps the disk busy a few MiB ahead of a sequential read: the kernel's own read-ahead
 /// (128 KiB by default) leaves a virtual disk idle between requests.
 struct ReadAhead {
-    pos: u64,
     advised: u64,
     len: u64,
 }
 
 impl ReadAhead {
-    /// Bytes asked for at once, and how far ahead of the reader the request is renewed.
+    /// Bytes asked for at once; the request is renewed when less than this is left ahead.
     const STEP: u64 = 4 << 20;
 
+    /// For a file of `len` bytes.
     fn new(len: u64) -> ReadAhead {
-        ReadAhead { pos: 0, advised: 0, len }
+        ReadAhead { advised: 0, len }
     }
 
-    fn advise(&mut self, f: &File) {
-        if self.advised >= self.len || self.advised > self.pos + Self::STEP {
-            return;
+    /// The reader is at `pos`: keep at least [`Self::STEP`] bytes past it asked for.
+    fn advise(&mut self, f: &File, pos: u64) {
+        self.advised = self.advised.max(pos);
+        while self.advised < self.len.min(pos + Self::STEP) {
+            let n = Self::STEP.min(self.len - self.advised);
+            // Advice only: a refusal costs speed, not correctness.
+            let _ = rustix::fs::fadvise(f, self.advised, std::num::NonZeroU64::new(n), rustix::fs::Advice::WillNeed);
+            self.advised += n;
         }
-        let n = Self::STEP.min(self.len - self.advised);
-        // Advice only: a refusal costs speed, not correctness.
-        let _ = rustix::fs::fadvise(f, self.advised, std::num::NonZeroU64::new(n), rustix::fs::Advice::WillNeed);
-        self.advised += n;
-    }
-
-    fn read(&mut self, n: usize) {
-        self.pos += n as u64;
     }
 }
 
@@ -442,12 +439,13 @@ pub fn read(f: File, buf: &mut [u8], sink: &mut dyn FnMut(&[u8]) -> bool) -> io:
     // (growth shows as `changed`).
     let mut f = f.take(before.len());
     let mut ahead = ReadAhead::new(before.len());
+    let mut pos = 0u64;
     loop {
-        ahead.advise(f.get_ref());
+        ahead.advise(f.get_ref(), pos);
         let n = match f.read(buf) {
             Ok(0) => break,
             Ok(n) => {
-                ahead.read(n);
+                pos += n as u64;
                 n
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
