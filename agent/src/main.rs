@@ -127,6 +127,12 @@ fn serve(path: &std::path::Path, over_stdio: bool) -> Result<()> {
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .concurrency_limit_per_connection(16)
         .max_concurrent_streams(16)
+        // A restore streams files and dumps to us: h2's 64 KiB windows and 16 KiB frames would
+        // make the collector wait for a window update every 64 KiB (the collector's own side
+        // is set the same way, for pulls).
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(1 << 20)
         .add_service(magpie_proto::v1::agent_server::AgentServer::new(service).max_decoding_message_size(66 << 20));
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     if over_stdio {

@@ -80,7 +80,7 @@ pub async fn connect(agent: &AgentEntry) -> Result<AgentClient<Channel>> {
     };
     let slot = Arc::new(Mutex::new(Some(SshIo { io: tokio::io::join(output, input), _child: child })));
     // One connection over the channel; a reconnect cannot be made from it.
-    let channel = Endpoint::from_static("http://agent.over.ssh")
+    let channel = crate::client::flow_control(Endpoint::from_static("http://agent.over.ssh"))
         .connect_with_connector(tower::service_fn(move |_| {
             let io = slot.lock().expect("ssh slot").take();
             async move {
