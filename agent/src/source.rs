@@ -403,34 +403,6 @@ pub struct ReadResult {
     pub changed: bool,
 }
 
-/// Keeps the disk busy a few MiB ahead of a sequential read: the kernel's own read-ahead
-/// (128 KiB by default) leaves a virtual disk idle between requests.
-struct ReadAhead {
-    advised: u64,
-    len: u64,
-}
-
-impl ReadAhead {
-    /// Bytes asked for at once; the request is renewed when less than this is left ahead.
-    const STEP: u64 = 4 << 20;
-
-    /// For a file of `len` bytes.
-    fn new(len: u64) -> ReadAhead {
-        ReadAhead { advised: 0, len }
-    }
-
-    /// The reader is at `pos`: keep at least [`Self::STEP`] bytes past it asked for.
-    fn advise(&mut self, f: &File, pos: u64) {
-        self.advised = self.advised.max(pos);
-        while self.advised < self.len.min(pos + Self::STEP) {
-            let n = Self::STEP.min(self.len - self.advised);
-            // Advice only: a refusal costs speed, not correctness.
-            let _ = rustix::fs::fadvise(f, self.advised, std::num::NonZeroU64::new(n), rustix::fs::Advice::WillNeed);
-            self.advised += n;
-        }
-    }
-}
-
 /// Read a file in pieces of `piece` bytes, handing each to `sink` (false = stop).
 pub fn read(f: File, buf: &mut [u8], sink: &mut dyn FnMut(&[u8]) -> bool) -> io::Result<ReadResult> {
     let before = f.metadata()?;
@@ -438,7 +410,7 @@ pub fn read(f: File, buf: &mut [u8], sink: &mut dyn FnMut(&[u8]) -> bool) -> io:
     // Read what the file held when opened: one that keeps growing must not stream forever
     // (growth shows as `changed`).
     let mut f = f.take(before.len());
-    let mut ahead = ReadAhead::new(before.len());
+    let mut ahead = crate::readahead::Sequential::new(before.len());
     let mut pos = 0u64;
     loop {
         ahead.advise(f.get_ref(), pos);
