@@ -6,6 +6,7 @@ mod docker;
 mod dump;
 mod readahead;
 mod restore;
+mod rsync;
 mod server;
 mod source;
 mod spool;

@@ -26,7 +26,7 @@ use crate::wire::FrameWriter;
 const LIST_BATCH: usize = 512;
 /// Bytes of file content per FileFrame.
 const PIECE: usize = 256 * 1024;
-/// Window of a file diffed at once: `fast_rsync::diff` needs a slice, so a large file is diffed
+/// Window of a file diffed at once: the diff needs a slice, so a large file is diffed
 /// in windows read with ordinary reads (never mapped: a live file that shrinks would kill us).
 const DELTA_WINDOW: usize = 4 << 20;
 /// Signature limits: the block sizes and MD4 prefix the collector uses, and a length that covers
@@ -63,17 +63,21 @@ pub struct AgentService {
 const MAX_PATHS: usize = 10_000;
 
 /// Accept only signatures of the shape the collector sends.
-fn check_signature(sig: Vec<u8>) -> Result<fast_rsync::Signature, Status> {
+fn check_signature(sig: Vec<u8>) -> Result<Vec<u8>, Status> {
     let bad = |why: &str| Status::invalid_argument(format!("bad signature: {why}"));
     if sig.len() > SIG_MAX_LEN || sig.len() < 12 {
         return Err(bad("length"));
     }
     let word = |i: usize| u32::from_be_bytes(sig[i..i + 4].try_into().expect("4 bytes"));
     let (block, hash) = (word(4), word(8));
+    if word(0) != crate::rsync::SIGNATURE_MAGIC {
+        return Err(bad("not a librsync MD4 signature"));
+    }
     if !SIG_BLOCK.contains(&block) || !(1..=16).contains(&hash) || !(sig.len() - 12).is_multiple_of(4 + hash as usize) {
         return Err(bad("block size, hash size or length out of range"));
     }
-    fast_rsync::Signature::deserialize(sig).map_err(|_| bad("not a fast_rsync MD4 signature"))
+    // The entries are read when the diff indexes them.
+    Ok(sig)
 }
 
 impl AgentService {
@@ -697,7 +701,7 @@ impl AgentService {
 fn delta_frames(
     src: &Source,
     path: &[u8],
-    signature: &fast_rsync::Signature,
+    signature: &[u8],
     emit: &mut dyn FnMut(DeltaFrame) -> bool,
 ) -> std::io::Result<Option<DeltaFrame>> {
     use std::io::Read;
@@ -705,7 +709,8 @@ fn delta_frames(
     let before = f.metadata()?;
     // As for whole reads: what the file held when opened (growth shows as `changed`).
     let mut f = f.take(before.len());
-    let index = signature.index();
+    let index = crate::rsync::Index::new(signature)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad signature: {e}")))?;
     let mut hasher = blake3::Hasher::new();
     let mut window = vec![0u8; DELTA_WINDOW];
     let mut first = true;
@@ -724,7 +729,7 @@ fn delta_frames(
         }
         hasher.update(&window[..n]);
         let mut delta = Vec::new();
-        fast_rsync::diff(&index, &window[..n], &mut delta).map_err(|e| std::io::Error::other(e.to_string()))?;
+        crate::rsync::diff(&index, &window[..n], &mut delta);
         if first && literal_bytes(&delta) as f64 > NO_GAIN * n as f64 {
             return Ok(Some(DeltaFrame { end: true, error: "no-gain".into(), ..Default::default() }));
         }
