@@ -41,8 +41,8 @@ struct Rollsum {
 
 impl Rollsum {
     /// The sums in closed form, s1 = Σ(bᵢ + 31) and s2 = Σ(n − i)(bᵢ + 31), modulo 2¹⁶ like the
-    /// sums themselves: 16-bit lanes vectorize even on baseline x86-64, and a block's sum is
-    /// taken after every match, so over most of a file.
+    /// sums themselves (so lengths and weights may wrap too): 16-bit lanes vectorize even on
+    /// baseline x86-64, and a block's sum is taken after every match, so over most of a file.
     fn of(block: &[u8]) -> Rollsum {
         let n = block.len() as u16;
         let (mut sum, mut weighted) = (0u16, 0u16);
@@ -50,8 +50,9 @@ impl Rollsum {
             sum = sum.wrapping_add(b as u16);
             weighted = weighted.wrapping_add(n.wrapping_sub(i as u16).wrapping_mul(b as u16));
         }
-        // Σ(n − i) over i < n is n(n + 1)/2, taken in 32 bits before the halving.
-        let triangle = ((n as u32 * (n as u32 + 1)) / 2) as u16;
+        // Σ(n − i) over i < n is n(n + 1)/2, taken whole before the halving (n may be 2¹⁶).
+        let len = block.len() as u64;
+        let triangle = (len * (len + 1) / 2) as u16;
         Rollsum {
             s1: sum.wrapping_add(CHAR_OFFSET.wrapping_mul(n)),
             s2: weighted.wrapping_add(CHAR_OFFSET.wrapping_mul(triangle)),
@@ -95,7 +96,7 @@ impl<'s> Index<'s> {
         if magic != SIGNATURE_MAGIC {
             return Err("not an MD4 signature");
         }
-        if !(1..=u16::MAX as u32).contains(&block_len) || !(1..=16).contains(&strong_len) {
+        if !(1..=1 << 16).contains(&block_len) || !(1..=16).contains(&strong_len) {
             return Err("block or hash length out of range");
         }
         let (block_len, strong_len) = (block_len as usize, strong_len as usize);
@@ -279,6 +280,8 @@ mod tests {
             (old[..100].to_vec(), 2048),
             (old[..2048].to_vec(), 2048),
             ([old.as_slice(), old.as_slice()].concat(), 4096),
+            // The largest block the collector uses: its length wraps to 0 in the 16-bit sums.
+            ([&old[..70_000], &noise(5, 1)[..], &old[70_000..]].concat(), 65536),
         ];
         for (new, block_len) in cases {
             let sig = signature(&old, block_len);
@@ -302,9 +305,17 @@ mod tests {
             sum = sum.roll(1000, data[i - 1], data[i + 999]);
             assert_eq!(sum, Rollsum::of(&data[i..i + 1000]));
         }
-        // librsync's value for a block, as the signature stores it.
-        let sig = signature(&data[..1000], 1000);
-        assert_eq!(u32::from_be_bytes(sig[12..16].try_into().unwrap()), Rollsum::of(&data[..1000]).value());
+        // librsync's value for a block, as the signature stores it, at the largest block too.
+        let data = noise(1 << 17, 13);
+        for len in [1000, 1 << 16] {
+            let sig = signature(&data[..len], len as u32);
+            assert_eq!(u32::from_be_bytes(sig[12..16].try_into().unwrap()), Rollsum::of(&data[..len]).value());
+        }
+        let mut sum = Rollsum::of(&data[..1 << 16]);
+        for i in 1..1000 {
+            sum = sum.roll(0, data[i - 1], data[i + (1 << 16) - 1]);
+        }
+        assert_eq!(sum, Rollsum::of(&data[999..999 + (1 << 16)]));
     }
 
     #[test]
