@@ -49,13 +49,13 @@ impl Files {
     }
 
     /// The reader is done (also when it stops early): the helper returns.
-    pub fn done(&self) {
+    fn done(&self) {
         self.position.lock().expect("read-ahead position").done = true;
         self.moved.notify_one();
     }
 
     /// The helper: advise on each of `paths` in turn, waiting while it is far enough ahead.
-    pub fn run(&self, src: &Source, paths: &[Vec<u8>]) {
+    fn run(&self, src: &Source, paths: &[Vec<u8>]) {
         // Files advised and not yet reached by the reader, with the bytes asked for.
         let mut ahead: VecDeque<(usize, u64)> = VecDeque::new();
         let mut bytes = 0u64;
