@@ -144,11 +144,12 @@ impl<'s> Index<'s> {
     }
 }
 
-/// The delta of `data` against the signature, appended to `out`.
-pub fn diff(index: &Index<'_>, data: &[u8], out: &mut Vec<u8>) {
+/// The delta of `data` against the signature, appended to `out`; returns how many of its bytes
+/// are literal (those no block matched).
+pub fn diff(index: &Index<'_>, data: &[u8], out: &mut Vec<u8>) -> usize {
     let block_len = index.block_len;
     out.extend_from_slice(&DELTA_MAGIC.to_be_bytes());
-    let mut delta = Delta { out, copy: None };
+    let mut delta = Delta { out, copy: None, literal: 0 };
     let mut collisions: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
     // Bytes from `literal` to `here` match no block (yet).
     let (mut here, mut literal) = (0usize, 0usize);
@@ -180,12 +181,15 @@ pub fn diff(index: &Index<'_>, data: &[u8], out: &mut Vec<u8>) {
     delta.literal(&data[literal..]);
     delta.flush_copy();
     delta.out.push(OP_END);
+    delta.literal
 }
 
 /// Commands being written; adjacent copies become one.
 struct Delta<'o> {
     out: &'o mut Vec<u8>,
     copy: Option<(u64, u64)>,
+    /// Literal bytes written.
+    literal: usize,
 }
 
 impl Delta<'_> {
@@ -213,6 +217,7 @@ impl Delta<'_> {
             return;
         }
         self.flush_copy();
+        self.literal += bytes.len();
         let len = bytes.len() as u64;
         if len <= 64 {
             self.out.push(len as u8);
@@ -286,7 +291,8 @@ mod tests {
         for (new, block_len) in cases {
             let sig = signature(&old, block_len);
             let mut ours = Vec::new();
-            diff(&Index::new(&sig).unwrap(), &new, &mut ours);
+            let literal = diff(&Index::new(&sig).unwrap(), &new, &mut ours);
+            assert!(literal <= new.len());
             let mut rebuilt = Vec::new();
             fast_rsync::apply(&old, &ours, &mut rebuilt).unwrap();
             assert_eq!(rebuilt, new, "block {block_len}, {} bytes", new.len());
@@ -295,6 +301,16 @@ mod tests {
             fast_rsync::diff(&parsed.index(), &new, &mut theirs).unwrap();
             assert!(ours.len() <= theirs.len() + 16, "{} vs fast_rsync's {}", ours.len(), theirs.len());
         }
+    }
+
+    /// The literal count: all of unrelated data, only the unmatched tail of identical data.
+    #[test]
+    fn literal_bytes_are_counted() {
+        let old = noise(300_000, 7);
+        let sig = signature(&old, 2048);
+        let index = Index::new(&sig).unwrap();
+        assert_eq!(diff(&index, &noise(10_000, 3), &mut Vec::new()), 10_000);
+        assert_eq!(diff(&index, &old, &mut Vec::new()), 300_000 % 2048);
     }
 
     #[test]

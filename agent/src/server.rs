@@ -729,8 +729,8 @@ fn delta_frames(
         }
         hasher.update(&window[..n]);
         let mut delta = Vec::new();
-        crate::rsync::diff(&index, &window[..n], &mut delta);
-        if first && literal_bytes(&delta) as f64 > NO_GAIN * n as f64 {
+        let literal = crate::rsync::diff(&index, &window[..n], &mut delta);
+        if first && literal as f64 > NO_GAIN * n as f64 {
             return Ok(Some(DeltaFrame { end: true, error: "no-gain".into(), ..Default::default() }));
         }
         first = false;
@@ -751,34 +751,4 @@ fn delta_frames(
         changed: r.changed,
         ..Default::default()
     }))
-}
-
-/// Literal bytes in a librsync-format delta (commands: 0 end; 1..=64 literal of that length;
-/// 0x41..=0x44 literal with a 1/2/4/8-byte length; 0x45..=0x54 copy).
-fn literal_bytes(delta: &[u8]) -> usize {
-    let mut pos = 4;
-    let mut total = 0;
-    let int = |b: &[u8]| b.iter().fold(0usize, |a, &x| (a << 8) | x as usize);
-    while let Some(&cmd) = delta.get(pos) {
-        pos += 1;
-        match cmd {
-            0 => break,
-            1..=0x40 => {
-                total += cmd as usize;
-                pos += cmd as usize;
-            }
-            0x41..=0x44 => {
-                let w = 1 << (cmd - 0x41);
-                let n = delta.get(pos..pos + w).map(int).unwrap_or(0);
-                total += n;
-                pos += w + n;
-            }
-            0x45..=0x54 => {
-                let m = cmd - 0x45;
-                pos += (1 << (m / 4)) + (1 << (m % 4));
-            }
-            _ => break,
-        }
-    }
-    total
 }
