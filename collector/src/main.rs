@@ -16,21 +16,25 @@ mod ssh;
 mod state;
 mod status;
 
+/// jemalloc, not glibc's malloc. A pull allocates and frees buffers of 128 KiB to 16 MiB at
+/// hundreds of MB a second (wire segments, decoded frames, chunks, sealed blobs, packs). glibc
+/// either keeps them in per-thread heaps (a 2 GB pull peaked at 200 MB) or, with its mmap
+/// threshold fixed low as the collector had it, maps and unmaps each one: 2.2 million page
+/// faults and 10 s of kernel time on that pull. jemalloc, set up below, reuses freed pages:
+/// 0.5 million faults, 5 s of kernel time, about 15% less wall time, the same peak memory
+/// (tests/bench).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The one place with `unsafe` code in the workspace.
 #[allow(unsafe_code)]
 mod malloc_tuning {
-    /// glibc raises its mmap threshold to the size of each large buffer freed (up to 32 MiB),
-    /// after which 16 MiB pack buffers and 4 MiB chunks come from per-thread heaps and stay
-    /// resident: a 2 GB pull peaked at 200 MB. With the threshold fixed they are mapped and
-    /// unmapped, and the same pull peaks at 117 MB (tests/bench).
-    pub fn fix_mmap_threshold() {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: mallopt only sets an allocator parameter; it is called first thing in main,
-        // before any other thread exists, and takes no pointers.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-        }
-    }
+    /// jemalloc's options, read before `main` (the prefixed `malloc_conf` symbol). One arena and
+    /// no per-thread caches: a pull has a dozen threads, and their caches and arenas only
+    /// multiply the memory kept (with them a day-2 pull peaked at 150-159 MB instead of
+    /// 138-140 MB, and was no faster). Freed pages go back to the system within 100 ms unused.
+    #[unsafe(export_name = "_rjem_malloc_conf")]
+    static MALLOC_CONF: &[u8; 59] = b"narenas:1,tcache:false,dirty_decay_ms:100,muzzy_decay_ms:0\0";
 }
 
 use std::path::PathBuf;
@@ -86,7 +90,6 @@ pub struct Cli {
 }
 
 fn main() -> ExitCode {
-    malloc_tuning::fix_mmap_threshold();
     let cli = Cli::parse();
     // One crypto provider for the whole process (ring), chosen explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();
