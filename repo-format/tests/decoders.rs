@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use prost::Message;
-use repo_format::backend::MemoryBackend;
+use repo_format::backend::{Backend, MemoryBackend};
 use repo_format::crypto::Keys;
 use repo_format::repofile::dictionary::Dictionaries;
 use repo_format::repofile::index::IndexFile;
@@ -57,7 +57,9 @@ proptest! {
             let sealed = pack::encode_blob(&keys, BlobKind::Data, &data, None, None);
             pb.add(BlobKind::Data, keys.blob_id(BlobKind::Data, &data), &sealed, 100);
         }
-        let (mut bytes, _, _) = pb.finish(&keys);
+        let store = MemoryBackend::new();
+        let (id, _) = pb.store(&keys, &store).unwrap();
+        let mut bytes = store.get(&repo_format::repofile::pack_name(&id), None).unwrap();
         let i = pos.index(bytes.len());
         bytes[i] = val;
         if let Ok(entries) = pack::header_from_bytes(&keys, "p", &bytes) {

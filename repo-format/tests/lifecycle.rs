@@ -63,9 +63,7 @@ fn compact_removes_packs_left_by_an_interrupted_writer(place: Place) {
     let data = common::noise(1000, 2);
     let sealed = repo_format::repofile::pack::encode_blob(repo.keys(), repo_format::BlobKind::Data, &data, None, None);
     pb.add(repo_format::BlobKind::Data, repo.keys().blob_id(repo_format::BlobKind::Data, &data), &sealed, 1000);
-    let (bytes, id, _) = pb.finish(repo.keys());
-    repo_format::backend::Backend::put_if_absent(&**repo.backend(), &repo_format::repofile::pack_name(&id), &bytes)
-        .unwrap();
+    let (id, _) = pb.store(repo.keys(), &**repo.backend()).unwrap();
     let c = check::check(&mut repo, Default::default()).unwrap();
     assert!(c.is_clean(), "an unindexed pack is not damage");
     assert!(c.notes.iter().any(|n| n.contains(&id.to_hex())));

@@ -3,7 +3,8 @@
 //! Every write goes: temporary file in the target's folder → fsync → `link(2)` to the final name
 //! (which fails if the name exists, giving create-only semantics without a check-then-act race) →
 //! unlink the temporary → fsync the folder. A crash leaves either no object or the whole object,
-//! plus at worst a `.tmp-*` file that listings ignore.
+//! plus at worst a `.tmp-*` file that listings ignore. A staged object (a pack, named by its
+//! content) is written to its temporary in the parent folder, as it comes, then goes the same way.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -11,7 +12,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{Backend, BackendError, ObjectInfo, PutOutcome};
+use super::{Backend, BackendError, ObjectInfo, PutOutcome, Staged};
 use crate::magic::TEMP_PREFIX;
 
 /// A repository rooted at a local directory.
@@ -34,6 +35,27 @@ impl LocalBackend {
 
     fn sync_dir(dir: &Path) -> std::io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    /// Give the durable temporary `tmp` the name `name` (create-only), then remove it.
+    fn link_into_place(&self, tmp: &Path, name: &str) -> Result<PutOutcome, BackendError> {
+        let path = self.path(name);
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let linked = self.create_dirs(&dir).and_then(|()| match fs::hard_link(tmp, &path) {
+            Ok(()) => Ok(PutOutcome::Created),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(PutOutcome::AlreadyExists),
+            Err(e) => Err(e),
+        });
+        let outcome = match linked {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = fs::remove_file(tmp);
+                return Err(BackendError::io(name, e));
+            }
+        };
+        fs::remove_file(tmp).map_err(|e| BackendError::io(name, e))?;
+        Self::sync_dir(&dir).map_err(|e| BackendError::io(name, e))?;
+        Ok(outcome)
     }
 
     fn create_dirs(&self, dir: &Path) -> std::io::Result<()> {
@@ -99,9 +121,7 @@ impl Backend for LocalBackend {
             Self::sync_dir(&dir).map_err(|e| BackendError::io(name, e))?;
             return Ok(PutOutcome::AlreadyExists);
         }
-        let mut suffix = [0u8; 8];
-        crate::crypto::fill_random(&mut suffix);
-        let tmp = dir.join(format!("{TEMP_PREFIX}{}", hex::encode(suffix)));
+        let tmp = temporary_in(&dir);
         let write = || -> std::io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(data)?;
@@ -111,17 +131,7 @@ impl Backend for LocalBackend {
             let _ = fs::remove_file(&tmp);
             return Err(BackendError::io(name, e));
         }
-        let outcome = match fs::hard_link(&tmp, &path) {
-            Ok(()) => PutOutcome::Created,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(BackendError::io(name, e));
-            }
-        };
-        fs::remove_file(&tmp).map_err(|e| BackendError::io(name, e))?;
-        Self::sync_dir(&dir).map_err(|e| BackendError::io(name, e))?;
-        Ok(outcome)
+        self.link_into_place(&tmp, name)
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
@@ -174,6 +184,57 @@ impl Backend for LocalBackend {
             Err(e) => Err(BackendError::io(name, e)),
         }
     }
+
+    fn stage(&self, folder: &str) -> Result<Option<Box<dyn Staged>>, BackendError> {
+        let dir = self.path(folder);
+        self.create_dirs(&dir).map_err(|e| BackendError::io(folder, e))?;
+        let tmp = temporary_in(&dir);
+        let file =
+            OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| BackendError::io(folder, e))?;
+        Ok(Some(Box::new(LocalStaged { backend: self.clone(), file, tmp, committed: false })))
+    }
+}
+
+/// A fresh temporary name in `dir`.
+fn temporary_in(dir: &Path) -> PathBuf {
+    let mut suffix = [0u8; 8];
+    crate::crypto::fill_random(&mut suffix);
+    dir.join(format!("{TEMP_PREFIX}{}", hex::encode(suffix)))
+}
+
+/// An object being written to its temporary file.
+struct LocalStaged {
+    backend: LocalBackend,
+    file: File,
+    tmp: PathBuf,
+    committed: bool,
+}
+
+impl Write for LocalStaged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Staged for LocalStaged {
+    fn commit(mut self: Box<Self>, name: &str) -> Result<PutOutcome, BackendError> {
+        self.file.sync_all().map_err(|e| BackendError::io(name, e))?;
+        // From here the temporary is link_into_place's to remove, on success or failure.
+        self.committed = true;
+        self.backend.link_into_place(&self.tmp, name)
+    }
+}
+
+impl Drop for LocalStaged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -200,5 +261,29 @@ mod tests {
         assert!(b.list("data/").unwrap().is_empty());
         // No temporary files are left behind.
         assert_eq!(fs::read_dir(dir.path().join("repo/data/ab")).unwrap().count(), 0);
+    }
+
+    /// A staged object is stored whole under the name given at commit, create-only, and neither
+    /// a commit nor an abandoned stage leaves its temporary behind.
+    #[test]
+    fn staged_objects_commit_create_only_and_clean_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path().join("repo"));
+        let mut s = b.stage("data/").unwrap().expect("local storage stages");
+        s.write_all(b"hello ").unwrap();
+        s.write_all(b"world").unwrap();
+        assert_eq!(s.commit("data/cd/cdef").unwrap(), PutOutcome::Created);
+        assert_eq!(b.get("data/cd/cdef", None).unwrap(), b"hello world");
+        let mut again = b.stage("data/").unwrap().unwrap();
+        again.write_all(b"other").unwrap();
+        assert_eq!(again.commit("data/cd/cdef").unwrap(), PutOutcome::AlreadyExists);
+        assert_eq!(b.get("data/cd/cdef", None).unwrap(), b"hello world");
+        let mut abandoned = b.stage("data/").unwrap().unwrap();
+        abandoned.write_all(b"never stored").unwrap();
+        drop(abandoned);
+        let left = |d: &str| {
+            fs::read_dir(dir.path().join(d)).unwrap().filter(|e| e.as_ref().unwrap().path().is_file()).count()
+        };
+        assert_eq!((left("repo/data"), left("repo/data/cd")), (0, 1));
     }
 }

@@ -63,6 +63,15 @@ impl BackendError {
     }
 }
 
+/// An object written as it is produced and named once complete: a pack, whose name is the hash
+/// of its bytes, so that a pack in flight need not be held in memory. Dropped without
+/// [`Staged::commit`], it leaves at most what a crash would (a temporary that listings skip).
+pub trait Staged: std::io::Write + Send {
+    /// Make the bytes written durable and store them as `name`, create-only like
+    /// [`Backend::put_if_absent`].
+    fn commit(self: Box<Self>, name: &str) -> Result<PutOutcome, BackendError>;
+}
+
 /// A place to keep repository objects.
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Human-readable location, for messages.
@@ -79,4 +88,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Remove an object; a missing one is fine.
     fn delete(&self, name: &str) -> Result<(), BackendError>;
+
+    /// Start an object to be stored under `folder` once complete, where the backend can write it
+    /// as it comes (local files); `None`: the caller builds it in memory and puts it.
+    fn stage(&self, _folder: &str) -> Result<Option<Box<dyn Staged>>, BackendError> {
+        Ok(None)
+    }
 }

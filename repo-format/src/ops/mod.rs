@@ -72,8 +72,7 @@ impl<'a> Repacker<'a> {
         if b.is_empty() {
             return Ok(());
         }
-        let (bytes, id, entries) = b.finish(self.repo.keys());
-        self.repo.backend().put_if_absent(&crate::repofile::pack_name(&id), &bytes)?;
+        let (id, entries) = b.store(self.repo.keys(), &**self.repo.backend())?;
         self.written.push((id, entries));
         Ok(())
     }

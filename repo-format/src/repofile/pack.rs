@@ -11,11 +11,12 @@
 
 use std::ops::Range;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError, Staged};
 use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::magic::{self, Domain};
+use crate::repofile as rf;
 use crate::repofile::dictionary::{Dictionaries, Dictionary};
 
 /// What a blob holds.
@@ -216,11 +217,30 @@ fn decompress(payload: &[u8], capacity: usize, dictionary: Option<&Dictionary>) 
     }
 }
 
-/// Builds one pack in memory.
+/// Builds one pack, in memory or, where the backend can take it as it comes, in storage.
 #[derive(Default)]
 pub struct PackBuilder {
-    data: Vec<u8>,
+    body: Body,
+    /// Bytes of blobs so far.
+    len: usize,
     entries: Vec<PackEntry>,
+}
+
+/// Where the bytes of a pack being built go.
+enum Body {
+    Memory(Vec<u8>),
+    /// Written through and hashed as they come; the first write error is kept for `store`.
+    Staged {
+        sink: Box<dyn Staged>,
+        hasher: Box<blake3::Hasher>,
+        error: Option<std::io::Error>,
+    },
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        Body::Memory(Vec::new())
+    }
 }
 
 impl PackBuilder {
@@ -232,12 +252,24 @@ impl PackBuilder {
     /// An empty pack with room for `bytes` of blobs, so that filling it never reallocates (a
     /// doubling past the target size would briefly hold twice the pack in memory).
     pub fn with_capacity(bytes: usize) -> PackBuilder {
-        PackBuilder { data: Vec::with_capacity(bytes), entries: Vec::new() }
+        PackBuilder { body: Body::Memory(Vec::with_capacity(bytes)), ..PackBuilder::default() }
+    }
+
+    /// An empty pack written to `backend` as blobs are added, when the backend can stage it
+    /// (else one in memory with room for `bytes`): a pack in flight then costs no memory.
+    pub fn staged_or_with_capacity(backend: &dyn Backend, bytes: usize) -> Result<PackBuilder> {
+        Ok(match backend.stage(rf::DATA_DIR)? {
+            Some(sink) => PackBuilder {
+                body: Body::Staged { sink, hasher: Box::default(), error: None },
+                ..PackBuilder::default()
+            },
+            None => PackBuilder::with_capacity(bytes),
+        })
     }
 
     /// Bytes of blobs so far.
     pub fn len(&self) -> usize {
-        self.data.len()
+        self.len
     }
 
     /// Whether no blob was added.
@@ -247,18 +279,28 @@ impl PackBuilder {
 
     /// Append a sealed blob.
     pub fn add(&mut self, kind: BlobKind, id: Id, sealed: &[u8], raw_len: u32) {
-        self.entries.push(PackEntry {
-            kind,
-            id,
-            offset: self.data.len() as u32,
-            stored_len: sealed.len() as u32,
-            raw_len,
-        });
-        self.data.extend_from_slice(sealed);
+        self.entries.push(PackEntry { kind, id, offset: self.len as u32, stored_len: sealed.len() as u32, raw_len });
+        self.append(sealed);
     }
 
-    /// Seal the header and return the pack's bytes, storage id and entries.
-    pub fn finish(mut self, keys: &Keys) -> (Vec<u8>, Id, Vec<PackEntry>) {
+    fn append(&mut self, bytes: &[u8]) {
+        self.len += bytes.len();
+        match &mut self.body {
+            Body::Memory(data) => data.extend_from_slice(bytes),
+            Body::Staged { sink, hasher, error } => {
+                hasher.update(bytes);
+                if error.is_none()
+                    && let Err(e) = sink.write_all(bytes)
+                {
+                    *error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// Seal the header, store the pack in `backend` under its storage id and return the id and
+    /// the entries.
+    pub fn store(mut self, keys: &Keys, backend: &dyn Backend) -> Result<(Id, Vec<PackEntry>)> {
         let mut header = Vec::with_capacity(1 + self.entries.len() * ENTRY_LEN);
         header.push(magic::PACK_HEADER_VERSION);
         for e in &self.entries {
@@ -268,10 +310,24 @@ impl PackBuilder {
             header.extend_from_slice(&e.raw_len.to_le_bytes());
         }
         let sealed = keys.seal(Domain::PackHeader, &header);
-        self.data.extend_from_slice(&sealed);
-        self.data.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
-        let id = Id::of_stored(&self.data);
-        (self.data, id, self.entries)
+        self.append(&sealed);
+        self.append(&(sealed.len() as u32).to_le_bytes());
+        match self.body {
+            Body::Memory(data) => {
+                let id = Id::of_stored(&data);
+                backend.put_if_absent(&rf::pack_name(&id), &data)?;
+                Ok((id, self.entries))
+            }
+            Body::Staged { sink, hasher, error } => {
+                let id = Id(*hasher.finalize().as_bytes());
+                let name = rf::pack_name(&id);
+                if let Some(e) = error {
+                    return Err(BackendError::Io { path: name, err: e }.into());
+                }
+                sink.commit(&name)?;
+                Ok((id, self.entries))
+            }
+        }
     }
 }
 
@@ -370,4 +426,44 @@ pub fn verify_whole(keys: &Keys, dictionaries: &Dictionaries, id: &Id, bytes: &[
         })
         .collect();
     Ok(VerifiedPack { intact: Id::of_stored(bytes) == *id, entries, damaged })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{LocalBackend, MemoryBackend};
+
+    /// A pack written through to local storage as it is built is the pack built in memory: the
+    /// same blobs at the same offsets, a header that reads back to the same entries, and a name
+    /// that is the hash of its bytes (the sealed headers differ only by their random nonces).
+    #[test]
+    fn a_staged_pack_is_the_pack_built_in_memory() {
+        let keys = Keys::generate(true);
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalBackend::new(dir.path());
+        let memory = MemoryBackend::new();
+        let sealed: Vec<Vec<u8>> = (0..5u8)
+            .map(|i| encode_blob(&keys, BlobKind::Data, &vec![i; 1000 * (i as usize + 1)], None, None))
+            .collect();
+        let build = |backend: &dyn Backend| {
+            let mut pb = PackBuilder::staged_or_with_capacity(backend, 1 << 20).unwrap();
+            for i in 0..5u8 {
+                let data = vec![i; 1000 * (i as usize + 1)];
+                // Sealed once, so that both packs hold the same ciphertext.
+                pb.add(BlobKind::Data, keys.blob_id(BlobKind::Data, &data), &sealed[i as usize], data.len() as u32);
+            }
+            pb.store(&keys, backend).unwrap()
+        };
+        assert!(matches!(PackBuilder::staged_or_with_capacity(&local, 0).unwrap().body, Body::Staged { .. }));
+        let (staged_id, staged_entries) = build(&local);
+        let (memory_id, memory_entries) = build(&memory);
+        assert_eq!(staged_entries, memory_entries);
+        let staged = local.get(&rf::pack_name(&staged_id), None).unwrap();
+        let in_memory = memory.get(&rf::pack_name(&memory_id), None).unwrap();
+        let blobs_end = staged_entries.last().unwrap().range().end as usize;
+        assert_eq!(staged[..blobs_end], in_memory[..blobs_end]);
+        assert_eq!(Id::of_stored(&staged), staged_id);
+        let read = read_header(&local, &keys, &rf::pack_name(&staged_id), staged.len() as u64).unwrap();
+        assert_eq!(read, staged_entries);
+    }
 }
