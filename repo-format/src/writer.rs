@@ -80,6 +80,12 @@ impl Ctx {
         Ok(())
     }
 
+    /// An empty pack: staged in storage where the backend can, else in memory with room for the
+    /// target plus one maximum blob, so that its buffer never doubles.
+    fn next_pack(&self) -> Result<PackBuilder> {
+        PackBuilder::staged_or_with_capacity(&*self.backend, self.pack_size + (4 << 20))
+    }
+
     fn fail(&self, e: Error) {
         let mut slot = self.shared.error.lock().expect("error slot");
         if slot.is_none() {
@@ -104,17 +110,17 @@ impl<'r> Writer<'r> {
     pub fn new(repo: &'r Repository, threads: usize) -> Writer<'r> {
         let threads =
             if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { threads };
-        let pack_size = repo.config().pack_size as usize;
-        // Should staging fail here, the first pack is built in memory; storing a pack reports
-        // any error the storage keeps giving.
-        let first = PackBuilder::staged_or_with_capacity(&**repo.backend(), pack_size + (4 << 20))
-            .unwrap_or_else(|_| PackBuilder::with_capacity(pack_size + (4 << 20)));
         let ctx = Arc::new(Ctx {
             backend: repo.backend().clone(),
             keys: repo.keys().clone(),
-            pack_size,
-            shared: Arc::new(Shared { packer: Mutex::new(first), ..Shared::default() }),
+            pack_size: repo.config().pack_size as usize,
+            shared: Arc::new(Shared::default()),
         });
+        // Should staging fail here, the first pack is built in memory; storing a pack reports
+        // any error the storage keeps giving.
+        if let Ok(first) = ctx.next_pack() {
+            *ctx.shared.packer.lock().expect("packer") = first;
+        }
         let (tx, rx) = sync_channel::<Job>(threads * 2);
         let rx = Arc::new(Mutex::new(rx));
         let level = repo.config().compression_level;
@@ -284,13 +290,9 @@ fn worker(ctx: &Ctx, rx: &Mutex<Receiver<Job>>, level: i32) {
             s.blobs += 1;
             s.raw_bytes += job.data.len() as u64;
             s.stored_bytes += sealed.len() as u64;
-            // In memory: room for the target plus one maximum blob, so the buffer never doubles.
-            (p.len() >= ctx.pack_size).then(|| {
-                PackBuilder::staged_or_with_capacity(&*ctx.backend, ctx.pack_size + (4 << 20))
-                    .map(|next| std::mem::replace(&mut *p, next))
-            })
+            (p.len() >= ctx.pack_size).then(|| ctx.next_pack().map(|next| std::mem::replace(&mut *p, next)))
         };
-        if let Some(Err(e)) | Some(Ok(Err(e))) = full.map(|b| b.map(|builder| ctx.write_pack(builder))) {
+        if let Some(Err(e)) = full.map(|next| next.and_then(|builder| ctx.write_pack(builder))) {
             return ctx.fail(e);
         }
     }
