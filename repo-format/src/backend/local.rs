@@ -37,24 +37,19 @@ impl LocalBackend {
         File::open(dir)?.sync_all()
     }
 
-    /// Give the durable temporary `tmp` the name `name` (create-only), then remove it.
-    fn link_into_place(&self, tmp: &Path, name: &str) -> Result<PutOutcome, BackendError> {
-        let path = self.path(name);
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        let linked = self.create_dirs(&dir).and_then(|()| match fs::hard_link(tmp, &path) {
-            Ok(()) => Ok(PutOutcome::Created),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(PutOutcome::AlreadyExists),
-            Err(e) => Err(e),
-        });
-        let outcome = match linked {
-            Ok(o) => o,
+    /// Give the durable temporary `tmp` the name `name` (create-only) in `dir`, the existing
+    /// folder of `path`, then remove it.
+    fn link_into_place(tmp: &Path, name: &str, path: &Path, dir: &Path) -> Result<PutOutcome, BackendError> {
+        let outcome = match fs::hard_link(tmp, path) {
+            Ok(()) => PutOutcome::Created,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
             Err(e) => {
                 let _ = fs::remove_file(tmp);
                 return Err(BackendError::io(name, e));
             }
         };
         fs::remove_file(tmp).map_err(|e| BackendError::io(name, e))?;
-        Self::sync_dir(&dir).map_err(|e| BackendError::io(name, e))?;
+        Self::sync_dir(dir).map_err(|e| BackendError::io(name, e))?;
         Ok(outcome)
     }
 
@@ -131,7 +126,7 @@ impl Backend for LocalBackend {
             let _ = fs::remove_file(&tmp);
             return Err(BackendError::io(name, e));
         }
-        self.link_into_place(&tmp, name)
+        Self::link_into_place(&tmp, name, &path, &dir)
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
@@ -222,10 +217,13 @@ impl Write for LocalStaged {
 
 impl Staged for LocalStaged {
     fn commit(mut self: Box<Self>, name: &str) -> Result<PutOutcome, BackendError> {
-        self.file.sync_all().map_err(|e| BackendError::io(name, e))?;
+        let path = self.backend.path(name);
+        let dir = path.parent().unwrap_or(&self.backend.root).to_path_buf();
+        let durable = self.file.sync_all().and_then(|()| self.backend.create_dirs(&dir));
+        durable.map_err(|e| BackendError::io(name, e))?;
         // From here the temporary is link_into_place's to remove, on success or failure.
         self.committed = true;
-        self.backend.link_into_place(&self.tmp, name)
+        LocalBackend::link_into_place(&self.tmp, name, &path, &dir)
     }
 }
 
