@@ -79,7 +79,6 @@ key = "$demo/certs/collector-key.pem"
 [[agent]]
 name = "localhost"
 endpoint = "https://127.0.0.1:$port"
-compress = false
 T
 "$bin/agent" check-config --config "$demo/agent.toml"
 "$bin/agent" serve --config "$demo/agent.toml" 2> "$demo/agent.log" &

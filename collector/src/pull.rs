@@ -666,7 +666,7 @@ async fn pull_delta(
         source: src.name.to_string(),
         path: entry.path.clone(),
         signature,
-        compress: agent.compress,
+        compress: agent.compress(),
         session: src.session.to_string(),
     };
     let mut stream = match client.delta(request).await {
@@ -682,7 +682,7 @@ async fn pull_delta(
             return Ok((false, 0, 0));
         }
     };
-    let mut reader = FrameReader::new(agent.compress)?;
+    let mut reader = FrameReader::new(agent.compress())?;
     let (mut wire, mut read) = (0u64, 0u64);
     let gone = || anyhow!("the ingest thread stopped");
     while let Some(msg) = stream
@@ -824,13 +824,13 @@ async fn fetch_all(
             .read_files(ReadFilesRequest {
                 source: src.name.to_string(),
                 paths,
-                compress: agent.compress,
+                compress: agent.compress(),
                 session: src.session.to_string(),
             })
             .await
             .map_err(|s| anyhow!("agent {}: reading files of {}: {}", agent.name, src.name, s.message()))?
             .into_inner();
-        let mut reader = FrameReader::new(agent.compress)?;
+        let mut reader = FrameReader::new(agent.compress())?;
         while let Some(msg) = stream
             .message()
             .await

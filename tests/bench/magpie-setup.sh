@@ -1,5 +1,5 @@
 # Shared by the bench scripts: a CA and certificates, an agent serving one path source, and a
-# collector pulling it, all on loopback. Source it, then:
+# collector pulling it, all on loopback (so by default the wire is not compressed). Source it, then:
 #   magpie_setup DIR CORPUS REPOSITORY_TOML   (writes DIR/agent.toml and DIR/collector.toml)
 #   magpie_start_agent DIR                    (sets agent_pid)
 # Expects $bin (the release binaries' folder).
@@ -29,6 +29,7 @@ T
     cat > "$m/collector.toml" <<T
 $repository
 passphrase_file = "$m/pass"
+cache_dir = "$m/cache"
 [tls]
 ca = "$m/pki/ca.pem"
 cert = "$m/pki/collector.pem"
@@ -36,7 +37,6 @@ key = "$m/pki/collector-key.pem"
 [[agent]]
 name = "bench"
 endpoint = "https://127.0.0.1:$port"
-compress = true
 T
 }
 

@@ -2,7 +2,9 @@
 # End-to-end benchmark: magpie (agent + collector over mTLS on loopback) against borg and restic
 # (Debian's packages) on the same corpus, day 1, day 2 (a few percent changed), and day 2 again
 # unchanged; rsync's wire bytes as the reference for day 2. Prints wall time, peak RSS and CPU
-# seconds of every process, repository size and wire bytes, with magpie/peer ratios.
+# seconds of every process, repository size and wire bytes, with magpie/peer ratios. magpie runs
+# twice: as configured by default (over loopback the wire is not compressed) and as magpie-z with
+# `compress = true`, the default for an agent on another host.
 #
 #   bash tests/bench/pull-bench.sh [SIZE_MB]        (default 2000; work in $BENCH_DIR or /tmp)
 #
@@ -118,6 +120,12 @@ m=$work/magpie
 . tests/bench/magpie-setup.sh
 magpie_setup "$m" "$corpus" "repository = \"$m/repo\""
 "$bin/collector" --config "$m/collector.toml" init >/dev/null
+# The same pull with the wire compressed, as the default is for an agent on another host.
+mz=$work/magpie-z
+mkdir -p "$mz"
+sed -e "s#$m/repo#$mz/repo#; s#$m/cache#$mz/cache#" "$m/collector.toml" > "$mz/collector.toml"
+echo "compress = true" >> "$mz/collector.toml"
+"$bin/collector" --config "$mz/collector.toml" init >/dev/null
 
 export BORG_PASSPHRASE="bench passphrase" RESTIC_PASSWORD="bench passphrase" BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
 borg init -e repokey-blake2 "$work/borg" >/dev/null
@@ -125,16 +133,25 @@ restic init -q -r "$work/restic" >/dev/null
 results=$work/results.tsv
 : > "$results"
 
-# measure NAME DAY command… : wall seconds, peak RSS (KiB) and CPU seconds (user + system) of the command
+# Steal ticks and all ticks of the machine so far: on a virtual machine the host may take CPU
+# from it, which slows whichever tool runs then; the report shows how much it took.
+ticks() { awk '/^cpu / {print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+
+# measure NAME DAY command… : wall seconds, peak RSS (KiB), CPU seconds (user + system) of the
+# command and the share of the machine's time stolen meanwhile (%)
 measure() {
     local name=$1 day=$2
     shift 2
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+    read -r steal0 all0 < <(ticks)
     /usr/bin/time -f "%e %M %U %S" -o "$work/time.out" "$@" > "$work/$name-$day.out" 2>&1
+    read -r steal1 all1 < <(ticks)
     read -r secs kib user sys < "$work/time.out"
-    echo -e "$name\t$day\t$secs\t$kib\t$(python3 -c "print($user + $sys)")" >> "$results"
+    echo -e "$name\t$day\t$secs\t$kib\t$(python3 -c "print($user + $sys, round(100 * ($steal1 - $steal0) / max(1, $all1 - $all0)))" | tr ' ' '\t')" >> "$results"
 }
 
+# Wire bytes a pull reported (its --json output).
+wire() { python3 -c 'import json,sys; print(sum(s["wire_bytes"] for s in json.load(open(sys.argv[1]))))' "$1"; }
 agent_rss() { grep VmHWM "/proc/$1/status" | awk '{print $2}'; }
 # CPU seconds the agent has used so far (it serves every day, so each day is a difference).
 # Fields 14 and 15 of /proc/PID/stat, counted after the ")" that ends the command name.
@@ -158,12 +175,14 @@ for day in day1 day2 day2-again; do
     cpu0=$(agent_cpu $agent_pid)
     measure magpie "$day" "$bin/collector" --config "$m/collector.toml" pull --json
     echo -e "agent-cpu\t$day\t$(python3 -c "print($(agent_cpu $agent_pid) - $cpu0)")" >> "$results"
+    cpu0=$(agent_cpu $agent_pid)
+    measure magpie-z "$day" "$bin/collector" --config "$mz/collector.toml" pull --json
+    echo -e "agent-cpu-z\t$day\t$(python3 -c "print($(agent_cpu $agent_pid) - $cpu0)")" >> "$results"
     measure borg "$day" borg create --compression zstd,3 "$work/borg::$day" "$corpus"
     measure restic "$day" restic -r "$work/restic" backup -q "$corpus"
     rsync -az --no-whole-file --stats "rsync://127.0.0.1:$rport/corpus/" "$work/rsync-copy/" > "$work/rsync-$day.out"
-    wire_m=$(python3 -c 'import json,sys; print(sum(s["wire_bytes"] for s in json.load(open(sys.argv[1]))))' "$work/magpie-$day.out")
     wire_r=$(awk '/Total bytes received/ {gsub(",","",$4); print $4}' "$work/rsync-$day.out")
-    echo -e "wire\t$day\t$wire_m\t$wire_r" >> "$results"
+    echo -e "wire\t$day\t$(wire "$work/magpie-$day.out")\t$wire_r\t$(wire "$work/magpie-z-$day.out")" >> "$results"
     echo -e "size\t$day\t$(du -sb "$m/repo" | cut -f1)\t$(du -sb "$work/borg" | cut -f1)\t$(du -sb "$work/restic" | cut -f1)" >> "$results"
 done
 echo -e "agent-rss\tall\t$(agent_rss $agent_pid)" >> "$results"
@@ -178,13 +197,19 @@ days = ["day1", "day2", "day2-again"]
 print(f"{'':12}" + "".join(f"{d:>34}" for d in days))
 def line(label, f):
     print(f"{label:12}" + "".join(f"{f(d):>34}" for d in days))
-for tool in ["magpie", "borg", "restic"]:
+tools = ["magpie", "magpie-z", "borg", "restic"]
+for tool in tools:
     line(f"{tool} s/RSS", lambda d: f"{float(t[tool][d][0]):.1f} s, {int(t[tool][d][1])//1024} MiB")
 line("CPU s", lambda d: f"{float(t['magpie'][d][2]):.1f}+{float(t['agent-cpu'][d][0]):.1f} / {float(t['borg'][d][2]):.1f} / {float(t['restic'][d][2]):.1f}")
-line("time ratio", lambda d: f"borg {float(t['borg'][d][0])/float(t['magpie'][d][0]):.2f}x, restic {float(t['restic'][d][0])/float(t['magpie'][d][0]):.2f}x")
+line("CPU s -z", lambda d: f"{float(t['magpie-z'][d][2]):.1f}+{float(t['agent-cpu-z'][d][0]):.1f}")
+line("steal %", lambda d: "/".join(t[tool][d][3] for tool in tools))
+for m in ["magpie", "magpie-z"]:
+    line(f"{m} ratio", lambda d: f"borg {float(t['borg'][d][0])/float(t[m][d][0]):.2f}x, restic {float(t['restic'][d][0])/float(t[m][d][0]):.2f}x")
 line("repo bytes", lambda d: "/".join(f"{int(x)/1e6:.0f}" for x in t['size'][d]) + " MB")
 line("size ratio", lambda d: f"borg {int(t['size'][d][0])/int(t['size'][d][1]):.2f}, restic {int(t['size'][d][0])/int(t['size'][d][2]):.2f}")
-line("wire m/rsync", lambda d: f"{int(t['wire'][d][0])/1e6:.1f}/{int(t['wire'][d][1] or 0)/1e6:.1f} MB")
+line("wire m/z/rsync", lambda d: f"{int(t['wire'][d][0])/1e6:.1f}/{int(t['wire'][d][2])/1e6:.1f}/{int(t['wire'][d][1] or 0)/1e6:.1f} MB")
 print(f"agent peak RSS {int(t['agent-rss']['all'][0])//1024} MiB (magpie s/RSS above is the collector)")
-print("(ratios: peer time / magpie time, magpie size / peer size; CPU s: magpie collector+agent / borg / restic)")
+print("(magpie: the default over loopback, wire not compressed; magpie-z: compress = true, as for a remote agent;")
+print(" ratios: peer time / magpie time, magpie size / peer size; CPU s: magpie collector+agent / borg / restic;")
+print(" steal %: the machine's time its host took meanwhile, magpie/magpie-z/borg/restic)")
 PY
