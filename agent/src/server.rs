@@ -169,7 +169,9 @@ impl Agent for AgentService {
             let _permit = permit;
             let src = &*src;
             with_read_ahead(src, &req.paths, |ahead| {
-                let send = |data: Vec<u8>| data.is_empty() || tx.blocking_send(Ok(ReadFilesResponse { data })).is_ok();
+                let send = |data: Vec<u8>| {
+                    data.is_empty() || tx.blocking_send(Ok(ReadFilesResponse { data: data.into() })).is_ok()
+                };
                 let fail = |e: std::io::Error| {
                     let _ = tx.blocking_send(Err(Status::internal(format!("encoding the file stream: {e}"))));
                 };
@@ -329,7 +331,8 @@ impl Agent for AgentService {
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let send = |data: Vec<u8>| data.is_empty() || tx.blocking_send(Ok(DeltaResponse { data })).is_ok();
+            let send =
+                |data: Vec<u8>| data.is_empty() || tx.blocking_send(Ok(DeltaResponse { data: data.into() })).is_ok();
             let mut w = match FrameWriter::new(req.compress) {
                 Ok(w) => w,
                 Err(e) => {
@@ -734,7 +737,7 @@ fn delta_frames(
             return Ok(Some(DeltaFrame { end: true, error: "no-gain".into(), ..Default::default() }));
         }
         first = false;
-        if !emit(DeltaFrame { delta, window_len: n as u64, ..Default::default() }) {
+        if !emit(DeltaFrame { delta: delta.into(), window_len: n as u64, ..Default::default() }) {
             return Ok(None);
         }
         if n < window.len() {

@@ -90,7 +90,7 @@ mod tests {
             let mut w = FrameWriter::new(false).unwrap();
             w.push_file_data(index, &data).unwrap();
             let bytes = w.finish().unwrap();
-            let expected = FileFrame { index, data: data.clone(), ..Default::default() };
+            let expected = FileFrame { index, data: data.clone().into(), ..Default::default() };
             assert_eq!(FileFrame::decode_length_delimited(bytes.as_slice()).unwrap(), expected);
             if len > 0 {
                 assert_eq!(bytes, expected.encode_length_delimited_to_vec());

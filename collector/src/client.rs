@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use magpie_proto::v1::agent_client::AgentClient;
 use prost::Message;
+use prost::bytes::Bytes;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::{AgentEntry, TlsConfig};
@@ -117,10 +118,13 @@ const MAX_FRAME: usize = 24 << 20;
 /// Decompressed bytes held while waiting for a frame to complete.
 const MAX_PENDING: usize = 2 * MAX_FRAME;
 
-/// Turns the segments of a ReadFiles or Delta stream back into frames.
+/// Turns the segments of a ReadFiles or Delta stream back into frames. Frames are decoded from
+/// a shared buffer, so their content fields are slices of it rather than copies: a byte read by
+/// the agent is copied once on the collector (by tonic, out of HTTP/2) before it is chunked.
 pub enum FrameReader {
-    /// The decoder writes straight into the buffer frames are parsed from: one buffer, one copy.
+    /// The decoder writes straight into the buffer frames are parsed from.
     Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
+    /// The start of a frame the last segment did not complete (never, from this agent).
     Plain(Vec<u8>),
 }
 
@@ -134,42 +138,98 @@ impl FrameReader {
     }
 
     /// Feed one segment; returns the frames it completed.
-    pub fn push<M: Message + Default>(&mut self, segment: &[u8]) -> Result<Vec<M>> {
-        let plain = match self {
+    pub fn push<M: Message + Default>(&mut self, segment: Bytes) -> Result<Vec<M>> {
+        let pending = match self {
             FrameReader::Zstd(d) => {
                 use std::io::Write;
-                d.write_all(segment).context("corrupt zstd stream from the agent")?;
+                d.write_all(&segment).context("corrupt zstd stream from the agent")?;
                 d.flush()?;
-                let plain = d.get_mut();
-                if plain.len() > MAX_PENDING {
-                    bail!(
-                        "the agent's stream decompresses to more than {MAX_PENDING} bytes without completing a frame"
-                    );
-                }
-                plain
+                d.get_mut()
             }
-            FrameReader::Plain(plain) => {
-                plain.extend_from_slice(segment);
-                plain
+            FrameReader::Plain(pending) if pending.is_empty() => {
+                let whole = whole_frames(&segment)?;
+                pending.extend_from_slice(&segment[whole..]);
+                return decode_frames(segment.slice(..whole));
+            }
+            FrameReader::Plain(pending) => {
+                pending.extend_from_slice(&segment);
+                pending
             }
         };
-        let mut frames = Vec::new();
-        let mut pos = 0;
-        loop {
-            let mut rest = &plain[pos..];
-            let before = rest.len();
-            let Ok(len) = prost::decode_length_delimiter(&mut rest) else { break };
-            let header = before - rest.len();
-            if len > MAX_FRAME {
-                bail!("the agent sent a frame of {len} bytes (at most {MAX_FRAME})");
+        let whole = whole_frames(pending)?;
+        if whole == 0 {
+            if pending.len() > MAX_PENDING {
+                bail!("the agent's stream holds more than {MAX_PENDING} bytes without completing a frame");
             }
-            if rest.len() < len {
-                break;
-            }
-            frames.push(M::decode(&rest[..len]).context("malformed frame from the agent")?);
-            pos += header + len;
+            return Ok(Vec::new());
         }
-        plain.drain(..pos);
-        Ok(frames)
+        let rest = pending.split_off(whole);
+        decode_frames(Bytes::from(std::mem::replace(pending, rest)))
+    }
+}
+
+/// The length of the complete frames at the start of `buf`.
+fn whole_frames(buf: &[u8]) -> Result<usize> {
+    let mut pos = 0;
+    loop {
+        let mut rest = &buf[pos..];
+        let before = rest.len();
+        let Ok(len) = prost::decode_length_delimiter(&mut rest) else { return Ok(pos) };
+        if len > MAX_FRAME {
+            bail!("the agent sent a frame of {len} bytes (at most {MAX_FRAME})");
+        }
+        if rest.len() < len {
+            return Ok(pos);
+        }
+        pos += before - rest.len() + len;
+    }
+}
+
+/// Decode complete frames; their `bytes` fields share `buf`.
+fn decode_frames<M: Message + Default>(mut buf: Bytes) -> Result<Vec<M>> {
+    let mut frames = Vec::new();
+    while !buf.is_empty() {
+        frames.push(M::decode_length_delimited(&mut buf).context("malformed frame from the agent")?);
+    }
+    Ok(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use magpie_proto::v1::FileFrame;
+
+    /// Frames come back whole and in order however the stream is cut into segments, plain or
+    /// compressed, down to one byte per segment.
+    #[test]
+    fn frames_survive_any_segmenting() {
+        let frames: Vec<FileFrame> = (0..40u32)
+            .map(|i| FileFrame {
+                index: i,
+                data: vec![i as u8; (i * 97) as usize].into(),
+                end: i % 3 == 0,
+                ..Default::default()
+            })
+            .collect();
+        let stream: Vec<u8> = frames.iter().flat_map(|f| f.encode_length_delimited_to_vec()).collect();
+        for compressed in [false, true] {
+            for cut in [1, 7, 1000, stream.len()] {
+                let mut reader = FrameReader::new(compressed).unwrap();
+                let mut got = Vec::new();
+                for seg in stream.chunks(cut) {
+                    let seg = if compressed { zstd::bulk::compress(seg, 1).unwrap() } else { seg.to_vec() };
+                    got.extend(reader.push::<FileFrame>(Bytes::from(seg)).unwrap());
+                }
+                assert_eq!(got, frames, "compressed {compressed}, segments of {cut} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused() {
+        let mut head = Vec::new();
+        prost::encode_length_delimiter(MAX_FRAME + 1, &mut head).unwrap();
+        let err = FrameReader::new(false).unwrap().push::<FileFrame>(Bytes::from(head)).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
     }
 }

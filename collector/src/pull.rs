@@ -691,7 +691,7 @@ async fn pull_delta(
         .map_err(|s| anyhow!("agent {}: the delta stream of {} broke off: {}", agent.name, src.name, s.message()))?
     {
         wire += msg.encoded_len() as u64;
-        for f in reader.push::<DeltaFrame>(&msg.data)? {
+        for f in reader.push::<DeltaFrame>(msg.data)? {
             if f.end {
                 let (reply, verdict) = tokio::sync::oneshot::channel();
                 tx.send(Msg::DeltaEnd(idx, f, reply)).await.map_err(|_| gone())?;
@@ -837,7 +837,7 @@ async fn fetch_all(
             .map_err(|s| anyhow!("agent {}: the file stream of {} broke off: {}", agent.name, src.name, s.message()))?
         {
             wire += msg.encoded_len() as u64;
-            let frames: Vec<FileFrame> = reader.push(&msg.data)?;
+            let frames: Vec<FileFrame> = reader.push(msg.data)?;
             let got = frames.iter().map(|f| f.data.len() as u64).sum::<u64>();
             read += got;
             progress.inc(got);

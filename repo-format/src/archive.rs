@@ -183,11 +183,56 @@ mod tests {
     use crate::repository::{InitOptions, Repository};
     use std::sync::Arc;
 
-    #[test]
-    fn small_files_share_chunks_and_resolve_exactly() {
+    fn test_repo() -> Repository {
         let mut opts = InitOptions::encrypted("pw");
         opts.kdf = crate::crypto::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
-        let repo = Repository::init(Arc::new(MemoryBackend::new()), &opts).unwrap();
+        Repository::init(Arc::new(MemoryBackend::new()), &opts).unwrap()
+    }
+
+    /// However content arrives (a byte at a time, odd sizes, more than a part at once), it is cut
+    /// where the chunker cuts the whole and stored byte for byte.
+    #[test]
+    fn content_is_cut_the_same_whatever_its_pieces() {
+        let mut repo = test_repo();
+        let chunker = Chunker::new(ChunkerParams { min: 1024, avg: 4096, max: 16384 }, 9).unwrap();
+        let mut data = vec![0u8; 3 * PART + 12345];
+        blake3::Hasher::new().update(b"content").finalize_xof().fill(&mut data);
+        let mut expected = Vec::new();
+        let mut pos = 0;
+        while let Some(n) = chunker.next_cut(&data[pos..], true) {
+            expected.push(n as u32);
+            pos += n;
+        }
+        let mut w = Writer::new(&repo, 1);
+        let mut stored = Vec::new();
+        for sizes in [vec![data.len()], vec![1, 999, 16384, 65536, PART + 5, 7]] {
+            let mut c = ChunkedContent::new(chunker.clone());
+            let (mut at, mut i) = (0, 0);
+            while at < data.len() {
+                let n = sizes[i % sizes.len()].min(data.len() - at);
+                c.push(&mut w, &data[at..at + n]).unwrap();
+                (at, i) = (at + n, i + 1);
+            }
+            let content = c.finish(&mut w).unwrap();
+            assert_eq!(content.chunks.iter().map(|c| c.length).collect::<Vec<_>>(), expected, "pieces {sizes:?}");
+            assert_eq!(&content.blake3, blake3::hash(&data).as_bytes());
+            stored.push(content);
+        }
+        let (idx, _) = w.finish().unwrap();
+        let (id, f) = idx.unwrap();
+        repo.add_index(id, &f);
+        for content in stored {
+            let mut got = Vec::new();
+            for c in &content.chunks {
+                got.extend_from_slice(&repo.read_blob(&Id::from_slice(&c.id).unwrap()).unwrap());
+            }
+            assert!(got == data, "content read back differs");
+        }
+    }
+
+    #[test]
+    fn small_files_share_chunks_and_resolve_exactly() {
+        let repo = test_repo();
         let params = ChunkerParams { min: 1024, avg: 4096, max: 16384 };
         let mut w = Writer::new(&repo, 1);
         let mut sf = SmallFiles::new(Chunker::new(params, 5).unwrap());
