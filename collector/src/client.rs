@@ -163,7 +163,11 @@ impl FrameReader {
             }
             return Ok(Vec::new());
         }
-        let rest = pending.split_off(whole);
+        // The next segment decodes into a buffer as large as this one: one grown from nothing
+        // would copy each byte once more on the way.
+        let mut rest = Vec::with_capacity(pending.capacity());
+        rest.extend_from_slice(&pending[whole..]);
+        pending.truncate(whole);
         decode_frames(Bytes::from(std::mem::replace(pending, rest)))
     }
 }
