@@ -14,7 +14,12 @@ impl Id {
 
     /// The storage id of an object: plain BLAKE3 of its stored bytes, checkable without a key.
     pub fn of_stored(bytes: &[u8]) -> Id {
-        Id(*blake3::hash(bytes).as_bytes())
+        Id::of_stored_hasher(blake3::Hasher::new().update(bytes))
+    }
+
+    /// [`Id::of_stored`] of the bytes fed to `hasher` (an object hashed as it is written).
+    pub fn of_stored_hasher(hasher: &blake3::Hasher) -> Id {
+        Id(*hasher.finalize().as_bytes())
     }
 
     /// A random id (locks, repository ids).

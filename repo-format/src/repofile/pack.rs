@@ -319,7 +319,7 @@ impl PackBuilder {
                 Ok((id, self.entries))
             }
             Body::Staged { sink, hasher, error } => {
-                let id = Id(*hasher.finalize().as_bytes());
+                let id = Id::of_stored_hasher(&hasher);
                 let name = rf::pack_name(&id);
                 if let Some(e) = error {
                     return Err(BackendError::Io { path: name, err: e }.into());
