@@ -691,8 +691,8 @@ fn compact_cmd(ctx: &Ctx, max_garbage: f64, lock: &LockArgs) -> Result<u8> {
     let _lock = locking::lock(&repo, true, "collector compact", Duration::from_secs(lock.lock_wait))?;
     let r = compact::compact(&mut repo, compact::CompactOptions { max_garbage: max_garbage / 100.0 })?;
     println!(
-        "compacted: {} packs repacked, {} written, {} deleted, {} blobs removed, {} bytes freed",
-        r.packs_repacked, r.packs_written, r.packs_deleted, r.blobs_removed, r.bytes_freed
+        "compacted: {} packs repacked, {} written, {} deleted, {} blobs removed, {} leftovers of interrupted writes removed, {} bytes freed",
+        r.packs_repacked, r.packs_written, r.packs_deleted, r.blobs_removed, r.leftovers_removed, r.bytes_freed
     );
     Ok(exit::OK)
 }

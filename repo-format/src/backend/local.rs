@@ -3,8 +3,9 @@
 //! Every write goes: temporary file in the target's folder → fsync → `link(2)` to the final name
 //! (which fails if the name exists, giving create-only semantics without a check-then-act race) →
 //! unlink the temporary → fsync the folder. A crash leaves either no object or the whole object,
-//! plus at worst a `.tmp-*` file that listings ignore. A staged object (a pack, named by its
-//! content) is written to its temporary in the parent folder, as it comes, then goes the same way.
+//! plus at worst a `.tmp-*` file that listings ignore and `compact` removes. A staged object (a
+//! pack, named by its content) is written to its temporary in the parent folder, as it comes, then
+//! goes the same way.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -127,6 +128,34 @@ impl Backend for LocalBackend {
             return Err(BackendError::io(name, e));
         }
         Self::link_into_place(&tmp, name, &path, &dir)
+    }
+
+    fn remove_leftovers(&self) -> Result<(usize, u64), BackendError> {
+        let (mut count, mut bytes) = (0, 0);
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let what = || dir.display().to_string();
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(BackendError::io(what(), e)),
+            };
+            for entry in rd {
+                let entry = entry.map_err(|e| BackendError::io(what(), e))?;
+                let kind = entry.file_type().map_err(|e| BackendError::io(what(), e))?;
+                if kind.is_dir() {
+                    stack.push(entry.path());
+                } else if entry.file_name().as_encoded_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
+                    let len = entry.metadata().map_or(0, |m| m.len());
+                    match fs::remove_file(entry.path()) {
+                        Ok(()) => (count, bytes) = (count + 1, bytes + len),
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => return Err(BackendError::io(entry.path().display().to_string(), e)),
+                    }
+                }
+            }
+        }
+        Ok((count, bytes))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {

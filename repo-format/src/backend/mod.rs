@@ -94,4 +94,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn stage(&self, _folder: &str) -> Result<Option<Box<dyn Staged>>, BackendError> {
         Ok(None)
     }
+
+    /// Remove what interrupted writes left (the local backend's temporaries, which listings
+    /// skip and nothing else removes); returns how many and their bytes. Only under an exclusive
+    /// lock: a writer at work has its own temporaries in the same places.
+    fn remove_leftovers(&self) -> Result<(usize, u64), BackendError> {
+        Ok((0, 0))
+    }
 }

@@ -5,7 +5,8 @@
 //! new pack, superseding all existing index files; (3) delete the old index files; (4) delete
 //! packs that are garbage, repacked, or were never indexed. Until (2) the new packs are merely
 //! unindexed; after it the old packs merely unreferenced. Runs under an exclusive lock, so no
-//! writer's unindexed pack is mistaken for garbage.
+//! writer's unindexed pack is mistaken for garbage, and what interrupted writes left (a pack
+//! half-staged when its writer was killed) can go too.
 
 use std::collections::HashSet;
 
@@ -42,8 +43,10 @@ pub struct CompactReport {
     pub packs_written: usize,
     /// Blob entries dropped from the index.
     pub blobs_removed: usize,
-    /// Stored bytes freed (net).
+    /// Stored bytes freed (net), leftovers included.
     pub bytes_freed: u64,
+    /// Leftovers of interrupted writes removed (temporary files of the local backend).
+    pub leftovers_removed: usize,
 }
 
 /// Compact the repository (take an exclusive lock first).
@@ -68,7 +71,8 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
     for loc in repo.index().iter() {
         by_pack.entry(loc.pack).or_default().push(loc.entry);
     }
-    let mut report = CompactReport::default();
+    let (leftovers_removed, leftover_bytes) = repo.backend().remove_leftovers()?;
+    let mut report = CompactReport { leftovers_removed, bytes_freed: leftover_bytes, ..Default::default() };
     let mut keep: Vec<(Id, Vec<PackEntry>)> = Vec::new();
     let mut repack: Vec<(Id, Vec<PackEntry>)> = Vec::new();
     let mut delete: Vec<Id> = Vec::new();
@@ -128,7 +132,7 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
         repo.backend().delete(&rf::pack_name(pack))?;
     }
     report.packs_deleted = delete.len();
-    report.bytes_freed = freed.saturating_sub(written);
+    report.bytes_freed += freed.saturating_sub(written);
     repo.load_index()?;
     Ok(report)
 }
