@@ -130,9 +130,9 @@ impl Backend for LocalBackend {
         Self::link_into_place(&tmp, name, &path, &dir)
     }
 
-    fn remove_leftovers(&self) -> Result<(usize, u64), BackendError> {
+    fn remove_leftovers(&self, folder: &str) -> Result<(usize, u64), BackendError> {
         let (mut count, mut bytes) = (0, 0);
-        let mut stack = vec![self.root.clone()];
+        let mut stack = vec![self.path(folder)];
         while let Some(dir) = stack.pop() {
             let what = || dir.display().to_string();
             let rd = match fs::read_dir(&dir) {

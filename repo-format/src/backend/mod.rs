@@ -95,10 +95,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
-    /// Remove what interrupted writes left (the local backend's temporaries, which listings
-    /// skip and nothing else removes); returns how many and their bytes. Only under an exclusive
-    /// lock: a writer at work has its own temporaries in the same places.
-    fn remove_leftovers(&self) -> Result<(usize, u64), BackendError> {
+    /// Remove what interrupted writes left under `folder` (the local backend's temporaries,
+    /// which listings skip and nothing else removes); returns how many and their bytes. Only
+    /// where no one writes meanwhile: a writer at work has its own temporaries in the same places.
+    fn remove_leftovers(&self, _folder: &str) -> Result<(usize, u64), BackendError> {
         Ok((0, 0))
     }
 }

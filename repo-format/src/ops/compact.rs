@@ -71,8 +71,13 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
     for loc in repo.index().iter() {
         by_pack.entry(loc.pack).or_default().push(loc.entry);
     }
-    let (leftovers_removed, leftover_bytes) = repo.backend().remove_leftovers()?;
-    let mut report = CompactReport { leftovers_removed, bytes_freed: leftover_bytes, ..Default::default() };
+    let mut report = CompactReport::default();
+    // Not in locks/: a process asking for a lock meanwhile writes its lock file there first.
+    for folder in [rf::DATA_DIR, rf::INDEX_DIR, rf::SNAPSHOT_DIR, rf::DICT_DIR] {
+        let (count, bytes) = repo.backend().remove_leftovers(folder)?;
+        report.leftovers_removed += count;
+        report.bytes_freed += bytes;
+    }
     let mut keep: Vec<(Id, Vec<PackEntry>)> = Vec::new();
     let mut repack: Vec<(Id, Vec<PackEntry>)> = Vec::new();
     let mut delete: Vec<Id> = Vec::new();
