@@ -202,27 +202,24 @@ impl<'s> Index<'s> {
             return None;
         }
         let last = (data.len() - block_len).min(from + RESUME_REACH * block_len);
-        let (mut sum, mut at, mut mismatches) = (Rollsum::of(&data[from..from + block_len]), from, 0);
-        loop {
-            let value = sum.value();
+        let mut mismatches = 0;
+        roll(data, block_len, from, last, |at, value| {
             for &(want, block) in &wanted {
                 if value == want {
                     let digest = Md4::digest(&data[at..at + block_len]);
                     if self.entry(block).1 == &digest[..self.strong_len] {
-                        return Some((at, block as u32));
+                        return Some(Some((at, block as u32)));
                     }
                     mismatches += 1;
                     if mismatches == RESUME_MISMATCHES {
-                        return None;
+                        // Found: that nothing will be, here.
+                        return Some(None);
                     }
                 }
             }
-            if at == last {
-                return None;
-            }
-            sum = sum.roll(block_len as u16, data[at], data[at + block_len]);
-            at += 1;
-        }
+            None
+        })
+        .flatten()
     }
 
     /// How many of the blocks from block `first` on (at most `want`) `data` starts with.
@@ -297,18 +294,37 @@ pub fn diff(index: &Index<'_>, data: &[u8], out: &mut Vec<u8>) -> usize {
 /// checksum and strong hash of a block of the signature, and that block.
 fn search(index: &Index<'_>, data: &[u8], from: usize, collisions: &mut HashMap<u32, u32>) -> Option<(usize, u32)> {
     let block_len = index.block_len;
+    roll(data, block_len, from, data.len() - block_len, |at, value| {
+        if !index.may_hold(value) || collisions.get(&value).is_some_and(|&n| n >= MAX_COLLISIONS) {
+            return None;
+        }
+        match index.find(value, &data[at..at + block_len]) {
+            (Some(block), _) => Some((at, block)),
+            (None, true) => {
+                *collisions.entry(value).or_default() += 1;
+                None
+            }
+            (None, false) => None,
+        }
+    })
+}
+
+/// Slide a window of `block_len` bytes through `data` from `from` to `last` (both start
+/// positions), handing `look` each position and its window's checksum until it returns something.
+fn roll<T>(
+    data: &[u8],
+    block_len: usize,
+    from: usize,
+    last: usize,
+    mut look: impl FnMut(usize, u32) -> Option<T>,
+) -> Option<T> {
     let mut sum = Rollsum::of(&data[from..from + block_len]);
     let mut at = from;
     loop {
-        let value = sum.value();
-        if index.may_hold(value) && collisions.get(&value).is_none_or(|&n| n < MAX_COLLISIONS) {
-            match index.find(value, &data[at..at + block_len]) {
-                (Some(block), _) => return Some((at, block)),
-                (None, true) => *collisions.entry(value).or_default() += 1,
-                (None, false) => {}
-            }
+        if let Some(found) = look(at, sum.value()) {
+            return Some(found);
         }
-        if at + block_len >= data.len() {
+        if at >= last {
             return None;
         }
         sum = sum.roll(block_len as u16, data[at], data[at + block_len]);
