@@ -171,8 +171,7 @@ impl<'s> Index<'s> {
         for &(_, block) in candidates {
             any = true;
             let digest = digest.get_or_insert_with(|| Md4::digest(data));
-            let at = block as usize * (4 + self.strong_len) + 4;
-            if self.entries[at..at + self.strong_len] == digest[..self.strong_len] {
+            if self.entry(block as usize).1 == &digest[..self.strong_len] {
                 return (Some(block), true);
             }
         }
@@ -212,7 +211,7 @@ impl<'s> Index<'s> {
                     }
                     mismatches += 1;
                     if mismatches == RESUME_MISMATCHES {
-                        // Found: that nothing will be, here.
+                        // Stop rolling, with no match: the whole-signature search takes over.
                         return Some(None);
                     }
                 }
