@@ -3,20 +3,16 @@
 //! version, read back from the repository a range at a time. Neither holds a whole file in
 //! memory. The result is only trusted once its BLAKE3 matches the agent's (MD4 is not trusted).
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-
 use anyhow::{Result, bail};
+use repo_format::blob_reader::BlobReader;
+use repo_format::repofile::pack::Check;
 use repo_format::repofile::tree::{ChunkRef, Node};
 use repo_format::{Id, Repository};
 
 /// Files smaller than this travel whole: a delta would not pay for its round trip.
 pub const DELTA_MIN: u64 = 1 << 20;
 /// Largest window an agent diffs at once (it uses 4 MiB).
-const MAX_WINDOW: u64 = 16 << 20;
-/// Old chunks kept while a delta is applied: a window's copies point near the same offset, and
-/// file chunks reach 4 MiB each.
-const CACHED_BLOBS: usize = 4;
+pub const MAX_WINDOW: u64 = 16 << 20;
 /// MD4 bytes per block in the signature; BLAKE3 verifies the result anyway.
 const CRYPTO_HASH_SIZE: u32 = 8;
 
@@ -38,7 +34,7 @@ pub struct OldContent<'r> {
     /// (start offset, chunk range).
     refs: Vec<(u64, ChunkRef)>,
     size: u64,
-    cache: VecDeque<(Id, Arc<Vec<u8>>)>,
+    blobs: BlobReader,
 }
 
 impl<'r> OldContent<'r> {
@@ -49,19 +45,8 @@ impl<'r> OldContent<'r> {
             refs.push((at, c.clone()));
             at += c.length as u64;
         }
-        OldContent { repo, refs, size: at, cache: VecDeque::new() }
-    }
-
-    fn blob(&mut self, id: &Id) -> Result<Arc<Vec<u8>>> {
-        if let Some((_, b)) = self.cache.iter().find(|(i, _)| i == id) {
-            return Ok(b.clone());
-        }
-        let b = Arc::new(self.repo.read_blob(id)?);
-        if self.cache.len() >= CACHED_BLOBS {
-            self.cache.pop_front();
-        }
-        self.cache.push_back((*id, b.clone()));
-        Ok(b)
+        // Whatever is rebuilt from these blobs is checked whole against the agent's BLAKE3.
+        OldContent { repo, refs, size: at, blobs: BlobReader::new(Check::Caller) }
     }
 
     /// Append bytes `offset..offset + len` of the old version to `out`.
@@ -71,9 +56,10 @@ impl<'r> OldContent<'r> {
         }
         while len > 0 {
             let i = self.refs.partition_point(|(start, c)| start + c.length as u64 <= offset);
-            let (start, c) = self.refs[i].clone();
+            let (start, c) = &self.refs[i];
             let id = Id::from_slice(&c.id).ok_or_else(|| anyhow::anyhow!("chunk reference without a 32-byte id"))?;
-            let blob = self.blob(&id)?;
+            let upcoming = self.refs[i + 1..].iter().filter_map(|(_, u)| Id::from_slice(&u.id));
+            let blob = self.blobs.get(self.repo, &id, upcoming)?;
             let within = offset - start;
             let take = len.min(c.length as u64 - within);
             let from = c.offset as usize + within as usize;
@@ -245,28 +231,41 @@ impl SignatureBuilder {
         }
     }
 
-    fn add(&mut self, data_len: usize) {
-        let part = fast_rsync::Signature::calculate(&self.buf[..data_len], self.opts).into_serialized();
-        if self.sig.is_empty() {
-            self.sig = part;
+    /// Append the signature of `data`, whole blocks except at the end of the content.
+    fn add(sig: &mut Vec<u8>, opts: fast_rsync::SignatureOptions, data: &[u8]) {
+        let part = fast_rsync::Signature::calculate(data, opts).into_serialized();
+        if sig.is_empty() {
+            *sig = part;
         } else {
-            self.sig.extend_from_slice(&part[12..]);
+            sig.extend_from_slice(&part[12..]);
         }
-        self.buf.drain(..data_len);
     }
 
-    pub fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-        let window = self.opts.block_size as usize * 256;
-        while self.buf.len() >= window {
-            self.add(window);
+    /// Sign the whole blocks of `data` where it lies; only a partial block is copied, to wait
+    /// for the rest of its bytes.
+    pub fn push(&mut self, mut data: &[u8]) {
+        let bs = self.opts.block_size as usize;
+        if !self.buf.is_empty() {
+            let take = (bs - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() < bs {
+                return;
+            }
+            Self::add(&mut self.sig, self.opts, &self.buf);
+            self.buf.clear();
         }
+        let whole = data.len() / bs * bs;
+        if whole > 0 {
+            Self::add(&mut self.sig, self.opts, &data[..whole]);
+        }
+        self.buf.extend_from_slice(&data[whole..]);
     }
 
     /// The block size and signature, if the content's size kept the expected block size.
     pub fn finish(mut self, size: u64) -> Option<(u32, Vec<u8>)> {
         if !self.buf.is_empty() || self.sig.is_empty() {
-            self.add(self.buf.len());
+            Self::add(&mut self.sig, self.opts, &self.buf);
         }
         (block_size(size) == self.opts.block_size).then_some((self.opts.block_size, self.sig))
     }
@@ -284,13 +283,16 @@ mod tests {
             &data,
             fast_rsync::SignatureOptions { block_size: bs, crypto_hash_size: CRYPTO_HASH_SIZE },
         );
-        let mut b = SignatureBuilder::new(data.len() as u64);
-        for piece in data.chunks(100_003) {
-            b.push(piece);
+        // Pieces of many blocks, of less than a block, and of the whole content.
+        for piece_len in [100_003, 1000, data.len()] {
+            let mut b = SignatureBuilder::new(data.len() as u64);
+            for piece in data.chunks(piece_len) {
+                b.push(piece);
+            }
+            let (got_bs, sig) = b.finish(data.len() as u64).unwrap();
+            assert_eq!(got_bs, bs);
+            assert_eq!(sig, whole.serialized(), "pieces of {piece_len} bytes");
         }
-        let (got_bs, sig) = b.finish(data.len() as u64).unwrap();
-        assert_eq!(got_bs, bs);
-        assert_eq!(sig, whole.serialized());
     }
 
     #[test]

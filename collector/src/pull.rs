@@ -430,7 +430,7 @@ fn pull_source(
     let (root_id, stats, index, stale, dictionary) = std::thread::scope(|s| -> Result<_> {
         // Each message can hold a window's delta (up to 4 MiB): a short queue bounds the memory.
         let (tx, mut rx) = mpsc::channel::<Msg>(4);
-        let (entries_ref, delta_prev_ref) = (&entries, &delta_prev);
+        let entries_ref = &entries;
         let dictionary = previous.as_ref().and_then(|(_, p)| Id::from_slice(&p.dictionary));
         let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>, Option<String>)> {
             let mut w = Writer::new(repo_ref, 0);
@@ -442,7 +442,7 @@ fn pull_source(
             // Dump files get the dump chunker; a Docker volume, read through a session too, holds files.
             let chunkers = Chunkers::new(repo_ref, info.dump && info.kind != "docker-volume")?;
             let mut st = Ingest::new(chunkers, threshold, cache);
-            let mut patch: Option<Patch<'_>> = None;
+            let mut patch: Option<Patch> = None;
             while let Some(msg) = rx.blocking_recv() {
                 match msg {
                     Msg::Files(batch, frames) => {
@@ -454,23 +454,17 @@ fn pull_source(
                             st.frame(&mut w, entries_ref, idx, f)?;
                         }
                     }
-                    Msg::Delta(idx, f) => {
+                    Msg::Window(idx, bytes) => {
                         let p = match patch.as_mut() {
                             Some(p) if p.idx == idx => p,
-                            _ => patch.insert(Patch::new(
-                                idx,
-                                repo_ref,
-                                &delta_prev_ref[&idx],
-                                &st.chunkers,
-                                entries_ref[idx].size,
-                            )),
+                            _ => patch.insert(Patch::new(idx, &st.chunkers, entries_ref[idx].size)),
                         };
-                        p.window(&mut w, &f);
+                        p.window(&mut w, &bytes);
                     }
                     Msg::DeltaEnd(idx, f, reply) => {
                         let p = match patch.take() {
                             Some(p) if p.idx == idx => p,
-                            _ => Patch::new(idx, repo_ref, &delta_prev_ref[&idx], &st.chunkers, entries_ref[idx].size),
+                            _ => Patch::new(idx, &st.chunkers, entries_ref[idx].size),
                         };
                         let ok = match p.finish(&mut w, &f, cache)? {
                             Some(content) => {
@@ -637,9 +631,10 @@ type Fetches = HashMap<usize, (Result<FileContent, String>, bool)>;
 enum Msg {
     /// Frames of a ReadFiles call, whose `index` points into the batch (entry indices).
     Files(Arc<Vec<usize>>, Vec<FileFrame>),
-    /// One window of a delta for an entry.
-    Delta(usize, DeltaFrame),
-    /// The end of a delta: the ingest thread answers whether the result verified.
+    /// One window of an entry rebuilt from its previous version and the agent's delta.
+    Window(usize, Vec<u8>),
+    /// The end of a delta (its `error` set when the network side could not apply it): the
+    /// ingest thread answers whether the result verified.
     DeltaEnd(usize, DeltaFrame, tokio::sync::oneshot::Sender<bool>),
 }
 
@@ -685,21 +680,36 @@ async fn pull_delta(
     let mut reader = FrameReader::new(agent.compress())?;
     let (mut wire, mut read) = (0u64, 0u64);
     let gone = || anyhow!("the ingest thread stopped");
+    // The windows are rebuilt here, on the thread that waits for the network, so that reading
+    // the previous version (two thirds of the work: decrypting and decompressing old chunks)
+    // runs beside the ingest thread's chunking instead of before it.
+    let mut old = OldContent::new(repo, prev);
+    let mut failed: Option<String> = None;
     while let Some(msg) = stream
         .message()
         .await
         .map_err(|s| anyhow!("agent {}: the delta stream of {} broke off: {}", agent.name, src.name, s.message()))?
     {
         wire += msg.encoded_len() as u64;
-        for f in reader.push::<DeltaFrame>(msg.data)? {
+        for mut f in reader.push::<DeltaFrame>(msg.data)? {
             if f.end {
+                if let Some(why) = failed.filter(|_| f.error.is_empty()) {
+                    f.error = why;
+                }
                 let (reply, verdict) = tokio::sync::oneshot::channel();
                 tx.send(Msg::DeltaEnd(idx, f, reply)).await.map_err(|_| gone())?;
                 return Ok((verdict.await.unwrap_or(false), wire, read));
             }
             read += f.window_len;
             progress.inc(f.window_len);
-            tx.send(Msg::Delta(idx, f)).await.map_err(|_| gone())?;
+            if failed.is_some() {
+                continue;
+            }
+            let mut window = Vec::with_capacity(f.window_len.min(delta::MAX_WINDOW) as usize);
+            match old.apply(&f.delta, f.window_len, &mut window) {
+                Ok(()) => tx.send(Msg::Window(idx, window)).await.map_err(|_| gone())?,
+                Err(e) => failed = Some(format!("{e:#}")),
+            }
         }
     }
     bail!(
@@ -739,44 +749,31 @@ impl Chunkers {
     }
 }
 
-/// A file being rebuilt from its previous version and the agent's window deltas.
-struct Patch<'r> {
+/// A file being rebuilt from its previous version and the agent's window deltas: the windows
+/// arrive rebuilt (see [`pull_delta`]) and are chunked and signed here.
+struct Patch {
     idx: usize,
-    old: OldContent<'r>,
     chunkers: Chunkers,
     /// Started with the first window (its bytes choose the chunker).
     content: Option<ChunkedContent>,
-    buf: Vec<u8>,
     /// Why the delta cannot be used (a bad delta is not an error of the pull: the file is
     /// fetched whole instead).
     failed: Option<String>,
     sig: SignatureBuilder,
 }
 
-impl<'r> Patch<'r> {
-    fn new(idx: usize, repo: &'r Repository, prev: &Node, chunkers: &Chunkers, size: u64) -> Patch<'r> {
-        Patch {
-            idx,
-            old: OldContent::new(repo, prev),
-            chunkers: chunkers.clone(),
-            content: None,
-            buf: Vec::new(),
-            failed: None,
-            sig: SignatureBuilder::new(size),
-        }
+impl Patch {
+    fn new(idx: usize, chunkers: &Chunkers, size: u64) -> Patch {
+        Patch { idx, chunkers: chunkers.clone(), content: None, failed: None, sig: SignatureBuilder::new(size) }
     }
 
-    fn window(&mut self, w: &mut Writer<'_>, f: &DeltaFrame) {
+    fn window(&mut self, w: &mut Writer<'_>, bytes: &[u8]) {
         if self.failed.is_some() {
             return;
         }
-        self.buf.clear();
-        let r = self.old.apply(&f.delta, f.window_len, &mut self.buf).and_then(|_| {
-            let content = self.content.get_or_insert_with(|| self.chunkers.content(&self.buf, &[]));
-            Ok(content.push(w, &self.buf)?)
-        });
-        match r {
-            Ok(()) => self.sig.push(&self.buf),
+        let content = self.content.get_or_insert_with(|| self.chunkers.content(bytes, &[]));
+        match content.push(w, bytes) {
+            Ok(()) => self.sig.push(bytes),
             Err(e) => self.failed = Some(format!("{e:#}")),
         }
     }

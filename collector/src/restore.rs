@@ -717,7 +717,7 @@ fn send_tree(
             }
             if is_content {
                 let mut gone = false;
-                reader.read(repo, node, &mut |data| {
+                reader.read(repo, node, &String::from_utf8_lossy(&path), &mut |data| {
                     for piece in data.chunks(PIECE) {
                         if !gone && !send(restore_message::Msg::Data(piece.to_vec())) {
                             gone = true;

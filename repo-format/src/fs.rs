@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 use crate::archive::{self, FileContent, SmallFiles, StreamRange};
+use crate::blob_reader::BlobReader;
 use crate::chunker::Chunker;
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -313,51 +314,42 @@ pub fn check_name(name: &[u8]) -> Result<&OsStr> {
     Ok(OsStr::from_bytes(name))
 }
 
-/// Reads the content of file nodes, keeping the last few blobs (small files share chunks).
+/// Reads the content of file nodes (see [`BlobReader`] for what it keeps and reads ahead).
 #[derive(Default)]
 pub struct ContentReader {
-    entries: Vec<(Id, std::sync::Arc<Vec<u8>>)>,
+    blobs: BlobReader,
 }
 
 impl ContentReader {
     /// Hand the content of `node` to `sink`, piece by piece, and check it against the node's
-    /// BLAKE3 at the end.
-    pub fn read(&mut self, repo: &Repository, node: &Node, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    /// BLAKE3 at the end; `what` names the file in that error.
+    pub fn read(
+        &mut self,
+        repo: &Repository,
+        node: &Node,
+        what: &dyn std::fmt::Display,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
         let mut hasher = blake3::Hasher::new();
-        for c in &node.content {
-            let data = self.chunk(repo, c)?;
-            hasher.update(&data);
-            sink(&data)?;
+        for (i, c) in node.content.iter().enumerate() {
+            let data = self.chunk(repo, c, &node.content[i + 1..])?;
+            hasher.update(data);
+            sink(data)?;
         }
         if !node.blake3.is_empty() && hasher.finalize().as_bytes() != node.blake3.as_slice() {
-            return Err(Error::corrupt(
-                String::from_utf8_lossy(&node.name),
-                "content does not match the BLAKE3 recorded at backup",
-            ));
+            return Err(Error::corrupt(what, "content does not match the BLAKE3 recorded at backup"));
         }
         Ok(())
     }
 
-    /// The bytes one chunk reference names.
-    pub fn chunk(&mut self, repo: &Repository, c: &ChunkRef) -> Result<Vec<u8>> {
+    /// The bytes one chunk reference names; `upcoming` are the references read next.
+    pub fn chunk(&mut self, repo: &Repository, c: &ChunkRef, upcoming: &[ChunkRef]) -> Result<&[u8]> {
         let id = Id::from_slice(&c.id).ok_or_else(|| Error::corrupt("tree", "chunk reference without a 32-byte id"))?;
-        let blob = self.get(repo, &id)?;
+        let blob = self.blobs.get(repo, &id, upcoming.iter().filter_map(|u| Id::from_slice(&u.id)))?;
         let (s, e) = (c.offset as usize, c.offset as usize + c.length as usize);
-        blob.get(s..e).map(<[u8]>::to_vec).ok_or_else(|| {
+        blob.get(s..e).ok_or_else(|| {
             Error::corrupt(format!("blob {id}"), format!("range {s}..{e} is past its end ({})", blob.len()))
         })
-    }
-
-    fn get(&mut self, repo: &Repository, id: &Id) -> Result<std::sync::Arc<Vec<u8>>> {
-        if let Some(pos) = self.entries.iter().position(|(i, _)| i == id) {
-            return Ok(self.entries[pos].1.clone());
-        }
-        let data = std::sync::Arc::new(repo.read_blob(id)?);
-        if self.entries.len() >= 4 {
-            self.entries.remove(0);
-        }
-        self.entries.push((*id, data.clone()));
-        Ok(data)
     }
 }
 
@@ -446,18 +438,8 @@ impl Restorer<'_> {
         let result = (|| {
             let mut f =
                 fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            let mut hasher = blake3::Hasher::new();
-            for c in &node.content {
-                let data = self.chunk(c)?;
-                hasher.update(data.as_ref());
-                f.write_all(&data).map_err(|e| Error::io(&tmp, e))?;
-            }
-            if !node.blake3.is_empty() && hasher.finalize().as_bytes() != node.blake3.as_slice() {
-                return Err(Error::corrupt(
-                    p.display(),
-                    "restored content does not match the BLAKE3 recorded at backup",
-                ));
-            }
+            self.cache
+                .read(self.repo, node, &p.display(), &mut |data| f.write_all(data).map_err(|e| Error::io(&tmp, e)))?;
             drop(f);
             self.metadata(node, &tmp)?;
             fs::rename(&tmp, p).map_err(|e| Error::io(p, e))
@@ -472,10 +454,6 @@ impl Restorer<'_> {
         self.stats.files += 1;
         self.stats.bytes += node.size;
         Ok(())
-    }
-
-    fn chunk(&mut self, c: &ChunkRef) -> Result<Vec<u8>> {
-        self.cache.chunk(self.repo, c)
     }
 
     fn metadata(&self, node: &Node, p: &Path) -> Result<()> {

@@ -32,6 +32,7 @@
 
 pub mod archive;
 pub mod backend;
+pub mod blob_reader;
 pub mod chunker;
 pub mod crypto;
 pub mod error;

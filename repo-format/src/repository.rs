@@ -306,8 +306,19 @@ impl Repository {
 
     fn read_blob_flagged(&self, id: &Id) -> Result<(Vec<u8>, u8)> {
         let loc = self.locate(id)?;
-        let stored = self.backend.get(&rf::pack_name(&loc.pack), Some(loc.entry.range()))?;
-        pack::decode_blob_flagged(&self.keys, &self.dictionaries, &loc.entry, &stored).map_err(|e| match e {
+        let stored = self.read_pack_range(&loc.pack, loc.entry.range())?;
+        self.decode_blob(&loc, &stored, pack::Check::Id)
+    }
+
+    /// Stored bytes of a pack: one blob's, or a run of blobs' (see [`crate::blob_reader`]).
+    pub fn read_pack_range(&self, pack: &Id, range: std::ops::Range<u64>) -> Result<Vec<u8>> {
+        Ok(self.backend.get(&rf::pack_name(pack), Some(range))?)
+    }
+
+    /// Open, decompress and check (as `check` says) the stored bytes of the blob at `loc`; with
+    /// its compression flag.
+    pub fn decode_blob(&self, loc: &Location, stored: &[u8], check: pack::Check) -> Result<(Vec<u8>, u8)> {
+        pack::decode_blob_flagged(&self.keys, &self.dictionaries, &loc.entry, stored, check).map_err(|e| match e {
             Error::Corrupt { object, reason } => {
                 Error::Corrupt { object: format!("{object} in pack {}", loc.pack), reason }
             }

@@ -1,0 +1,78 @@
+//! Reading the blobs of a file in order, as a restore and an rsync delta do.
+//!
+//! The last few blobs are kept: small files share chunks, and a delta copies from near the same
+//! offset again and again. Blobs that lie near one another in a pack, as the chunks of a file
+//! stored in one backup do, are fetched with one read of up to [`READ_AHEAD`] bytes instead of
+//! one read each: a 600 MB dump is 73k blobs of about 3 KB stored, and a read is an open, a
+//! pread and a close on a local disk, or a request to S3.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use crate::error::Result;
+use crate::id::Id;
+use crate::repofile::pack::Check;
+use crate::repository::Repository;
+
+/// Blobs kept after use.
+const RECENT: usize = 4;
+/// Most stored bytes fetched in one read.
+pub const READ_AHEAD: u64 = 1 << 20;
+
+/// Reads blobs, keeping the last few and the stored bytes of those expected next.
+#[derive(Default)]
+pub struct BlobReader {
+    check: Check,
+    recent: VecDeque<(Id, Vec<u8>)>,
+    /// A pack, where in it `stored` starts, and the stored bytes of a run of blobs.
+    ahead: Option<(Id, u64, Vec<u8>)>,
+}
+
+impl BlobReader {
+    /// A reader checking each blob as `check` says ([`BlobReader::default`] checks ids).
+    pub fn new(check: Check) -> BlobReader {
+        BlobReader { check, ..BlobReader::default() }
+    }
+
+    /// The plaintext of blob `id`, opened and checked. `upcoming` are the blobs the caller
+    /// expects to want next, in order: those stored near `id` in its pack come with it.
+    pub fn get(&mut self, repo: &Repository, id: &Id, upcoming: impl IntoIterator<Item = Id>) -> Result<&[u8]> {
+        if let Some(pos) = self.recent.iter().position(|(i, _)| i == id) {
+            return Ok(&self.recent[pos].1);
+        }
+        let loc = repo.locate(id)?;
+        let want = loc.entry.range();
+        if self.slice(&loc.pack, &want).is_none() {
+            // The span of the pack holding this blob and the next ones in it. Write workers
+            // append batches to a pack in the order they finish them, so the next blobs may lie
+            // before this one, not only after it.
+            let mut span = want.clone();
+            for next in upcoming {
+                let Ok(n) = repo.locate(&next) else { break };
+                let r = n.entry.range();
+                let wider = span.start.min(r.start)..span.end.max(r.end);
+                if n.pack != loc.pack || wider.end - wider.start > READ_AHEAD {
+                    break;
+                }
+                span = wider;
+            }
+            let stored = repo.read_pack_range(&loc.pack, span.clone())?;
+            self.ahead = Some((loc.pack, span.start, stored));
+        }
+        let stored = self.slice(&loc.pack, &want).expect("the run read above holds the blob");
+        let data = repo.decode_blob(&loc, stored, self.check)?.0;
+        if self.recent.len() >= RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((*id, data));
+        Ok(&self.recent.back().expect("just pushed").1)
+    }
+
+    /// The stored bytes at `range` of `pack`, if the last read holds them.
+    fn slice(&self, pack: &Id, range: &Range<u64>) -> Option<&[u8]> {
+        let (p, start, stored) = self.ahead.as_ref()?;
+        let from = range.start.checked_sub(*start)? as usize;
+        let to = range.end.checked_sub(*start)? as usize;
+        (p == pack).then(|| stored.get(from..to)).flatten()
+    }
+}

@@ -1,0 +1,101 @@
+//! Reading a file back fetches the blobs it stored together in few requests: a request is an
+//! open, a read and a close on a disk, or a round trip to S3.
+
+mod common;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use repo_format::archive::ChunkedContent;
+use repo_format::backend::{Backend, BackendError, MemoryBackend, ObjectInfo, PutOutcome};
+use repo_format::blob_reader::READ_AHEAD;
+use repo_format::fs::ContentReader;
+use repo_format::repofile::tree::{Node, NodeKind};
+use repo_format::{Id, Repository, Writer};
+
+/// A memory backend that counts the ranged reads of packs.
+#[derive(Debug, Default)]
+struct Counting {
+    inner: MemoryBackend,
+    pack_reads: AtomicUsize,
+}
+
+impl Backend for Counting {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn get(&self, name: &str, range: Option<Range<u64>>) -> Result<Vec<u8>, BackendError> {
+        if name.starts_with("data/") && range.is_some() {
+            self.pack_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.get(name, range)
+    }
+    fn put_if_absent(&self, name: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
+        self.inner.put_if_absent(name, data)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, name: &str) -> Result<(), BackendError> {
+        self.inner.delete(name)
+    }
+}
+
+/// Text that compresses about threefold, in lines that differ.
+fn text(bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes + 100);
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    while out.len() < bytes {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(format!("row {x:x}\tuser{}\tsome words of the row {}\n", x % 5000, x % 977).as_bytes());
+    }
+    out.truncate(bytes);
+    out
+}
+
+#[test]
+fn a_file_stored_in_one_backup_reads_back_in_a_few_requests() {
+    let backend = Arc::new(Counting::default());
+    let mut repo = Repository::init(backend.clone(), &common::test_options()).unwrap();
+    let data = text(6 << 20);
+    let mut w = Writer::new(&repo, 2);
+    let mut content = ChunkedContent::new(repo.chunker(false).unwrap());
+    content.push(&mut w, &data).unwrap();
+    let content = content.finish(&mut w).unwrap();
+    let (index, stats) = w.finish().unwrap();
+    let (id, file) = index.unwrap();
+    repo.add_index(id, &file);
+    let node = Node {
+        name: b"big.txt".to_vec(),
+        kind: NodeKind::File as i32,
+        size: content.size,
+        content: content.chunks.clone(),
+        blake3: content.blake3.to_vec(),
+        ..Default::default()
+    };
+
+    let before = backend.pack_reads.load(Ordering::Relaxed);
+    let mut back = Vec::new();
+    ContentReader::default()
+        .read(&repo, &node, &"big.txt", &mut |piece| {
+            back.extend_from_slice(piece);
+            Ok(())
+        })
+        .unwrap();
+    let reads = backend.pack_reads.load(Ordering::Relaxed) - before;
+
+    assert!(back == data, "the file reads back byte for byte");
+    // Each read takes a run of neighbouring blobs of one pack, up to READ_AHEAD bytes.
+    let bound = stats.packs as usize + stats.stored_bytes.div_ceil(READ_AHEAD) as usize;
+    assert!(
+        reads <= bound && reads * 10 < node.content.len(),
+        "{reads} reads for {} chunks in {} packs ({} stored bytes)",
+        node.content.len(),
+        stats.packs,
+        stats.stored_bytes
+    );
+    assert!(node.content.iter().all(|c| Id::from_slice(&c.id).is_some()));
+}
