@@ -428,7 +428,7 @@ fn pull_source(
     let threshold = repo.config().small_file_threshold as u64;
     let repo_ref: &Repository = repo;
     let (root_id, stats, index, stale, dictionary) = std::thread::scope(|s| -> Result<_> {
-        // Each message can hold a window's delta (up to 4 MiB): a short queue bounds the memory.
+        // Each message can hold a window of a delta, rebuilt (4 MiB): a short queue bounds the memory.
         let (tx, mut rx) = mpsc::channel::<Msg>(4);
         let entries_ref = &entries;
         let dictionary = previous.as_ref().and_then(|(_, p)| Id::from_slice(&p.dictionary));
