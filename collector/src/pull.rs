@@ -426,6 +426,8 @@ fn pull_source(
 
     // 4. Fetch and store on an ingest thread; 5. build the trees.
     let threshold = repo.config().small_file_threshold as u64;
+    let changed =
+        plans.iter().filter(|(_, p)| matches!(p, Plan::Fetch { had_previous: true })).map(|(&i, _)| i).collect();
     let repo_ref: &Repository = repo;
     let (root_id, stats, index, stale, dictionary) = std::thread::scope(|s| -> Result<_> {
         // Each message can hold a window of a delta, rebuilt (4 MiB): a short queue bounds the memory.
@@ -441,7 +443,7 @@ fn pull_source(
             });
             // Dump files get the dump chunker; a Docker volume, read through a session too, holds files.
             let chunkers = Chunkers::new(repo_ref, info.dump && info.kind != "docker-volume")?;
-            let mut st = Ingest::new(chunkers, threshold, cache);
+            let mut st = Ingest::new(chunkers, threshold, cache, changed);
             let mut patch: Option<Patch> = None;
             while let Some(msg) = rx.blocking_recv() {
                 match msg {
@@ -858,6 +860,8 @@ enum Current {
 /// The ingest side: file frames in, content in the repository out.
 struct Ingest<'c> {
     cache: &'c SignatureCache,
+    /// Entries whose previous version differs: the files that change.
+    changed: std::collections::HashSet<usize>,
     chunkers: Chunkers,
     threshold: u64,
     current: Option<(usize, Current)>,
@@ -873,9 +877,15 @@ fn parent_of(path: &[u8]) -> &[u8] {
 }
 
 impl<'c> Ingest<'c> {
-    fn new(chunkers: Chunkers, threshold: u64, cache: &'c SignatureCache) -> Ingest<'c> {
+    fn new(
+        chunkers: Chunkers,
+        threshold: u64,
+        cache: &'c SignatureCache,
+        changed: std::collections::HashSet<usize>,
+    ) -> Ingest<'c> {
         Ingest {
             cache,
+            changed,
             small: SmallFiles::new(chunkers.files.clone()),
             chunkers,
             threshold,
@@ -888,7 +898,13 @@ impl<'c> Ingest<'c> {
 
     fn frame(&mut self, w: &mut Writer<'_>, entries: &[Entry], idx: usize, f: FileFrame) -> Result<()> {
         let size = entries[idx].size;
-        let signature = || (size >= delta::DELTA_MIN).then(|| SignatureBuilder::new(size));
+        // Signed now only where a delta is likely next time: database content, which changes
+        // every day, and files that changed since the last pull. Any other file's signature is
+        // built from the repository the day it first changes, so that the cache does not hold
+        // 0.6% of every large file that never will (uploads, media, images).
+        let likely_to_change = |c: &ChunkedContent| c.is_dump() || self.changed.contains(&idx);
+        let signature =
+            |c: &ChunkedContent| (size >= delta::DELTA_MIN && likely_to_change(c)).then(|| SignatureBuilder::new(size));
         if self.current.as_ref().is_none_or(|(i, _)| *i != idx) {
             // The chunker is chosen by the first bytes: a large file whose first frame is shorter
             // than that (a short read) starts in the small buffer, and moves on with the next frame.
@@ -896,7 +912,9 @@ impl<'c> Ingest<'c> {
             let cur = if size < self.threshold || short {
                 Current::Small(Vec::new())
             } else {
-                Current::Large(Box::new(self.chunkers.content(&f.data, &[])), signature())
+                let c = Box::new(self.chunkers.content(&f.data, &[]));
+                let sig = signature(&c);
+                Current::Large(c, sig)
             };
             self.current = Some((idx, cur));
         }
@@ -908,7 +926,7 @@ impl<'c> Ingest<'c> {
             {
                 let mut c = Box::new(self.chunkers.content(buf, &f.data));
                 c.push(w, buf)?;
-                let mut sig = signature();
+                let mut sig = signature(&c);
                 if let Some(sig) = &mut sig {
                     sig.push(buf);
                 }

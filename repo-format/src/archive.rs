@@ -57,6 +57,11 @@ impl ChunkedContent {
         ChunkedContent { dump: true, ..ChunkedContent::new(chunker) }
     }
 
+    /// Whether this is database dump content.
+    pub fn is_dump(&self) -> bool {
+        self.dump
+    }
+
     /// Add the next piece.
     pub fn push(&mut self, w: &mut Writer<'_>, piece: &[u8]) -> Result<()> {
         self.hasher.update(piece);

@@ -300,6 +300,10 @@ fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
     let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
     let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", true);
     c.pull();
+    let sig = |content: &[u8]| c.dir.join("cache").join(format!("{}-2048.sig", blake3::hash(content).to_hex()));
+    // A new file that is not database content is not signed until it changes: the first delta
+    // diffs against a signature built from the repository.
+    assert!(!sig(&data).exists(), "a file that has not changed yet has no cached signature");
     let mid = size / 2;
     data[mid..mid + (1 << 20)].copy_from_slice(&magpie_tests::noise(1 << 20, 8));
     fs::write(src.join("disk.img"), &data).unwrap();
@@ -316,18 +320,19 @@ fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
     // New: the rewritten file, the changed MiB and at most one chunk (≤ 4 MiB) on either side
     // of it; chunk boundaries depend on the repository's key, so this is the bound, not a mean.
     assert!(s["bytes_added"].as_u64().unwrap() <= 11 << 20, "only chunks around the change are new: {s}");
-    // The new version's signature is cached for the next delta; the old one's is gone.
-    let sig = |content: &[u8]| c.dir.join("cache").join(format!("{}-2048.sig", blake3::hash(content).to_hex()));
+    // A file that changed is signed as it arrives, for the next delta.
     assert!(sig(&data).exists(), "signature of the new version is cached");
-    assert!(!sig(&magpie_tests::noise(size, 7)).exists(), "the replaced version's signature is removed");
     let out = tmp.path().join("out");
     restore(&c, &out);
     assert_eq!(state(&src), state(&inside(&out, &src)));
-    // The next change diffs against the cached signature and still verifies.
+    // The next change diffs against the cached signature and still verifies; the replaced
+    // version's signature is removed.
+    let before = data.clone();
     data[10..20].copy_from_slice(b"0123456789");
     fs::write(src.join("disk.img"), &data).unwrap();
     let s = c.pull();
     assert_eq!(s["files_delta"], 1, "{s}");
+    assert!(sig(&data).exists() && !sig(&before).exists(), "only the newest version's signature is kept");
     let out = tmp.path().join("out2");
     restore(&c, &out);
     assert_eq!(state(&src), state(&inside(&out, &src)));
@@ -377,6 +382,15 @@ fn a_database_dump_among_files_is_chunked_as_a_dump() {
     let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", true);
     c.pull();
     let size = fs::metadata(src.join("app.sql")).unwrap().len();
+    // Database content changes every day: it is signed on its first pull, the plain rows are not.
+    let signed = |name: &str| {
+        let content = fs::read(src.join(name)).unwrap();
+        let hash = blake3::hash(&content).to_hex();
+        fs::read_dir(c.dir.join("cache"))
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(hash.as_str()))
+    };
+    assert!(signed("app.sql") && !signed("rows.txt"));
     // The dump's chunks were compressed with a dictionary trained on them, which its snapshot names.
     let dictionaries = || fs::read_dir(c.dir.join("repo/dicts")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(dictionaries(), 1);
