@@ -853,7 +853,7 @@ async fn fetch_all(
 enum Current {
     Small(Vec<u8>),
     /// A large file, and the signature of its content for the next delta (files of
-    /// `DELTA_MIN` and more).
+    /// `DELTA_MIN` and more that are likely to change, see [`Ingest::frame`]).
     Large(Box<ChunkedContent>, Option<SignatureBuilder>),
 }
 

@@ -343,7 +343,7 @@ impl ContentReader {
     }
 
     /// The bytes one chunk reference names; `upcoming` are the references read next.
-    pub fn chunk(&mut self, repo: &Repository, c: &ChunkRef, upcoming: &[ChunkRef]) -> Result<&[u8]> {
+    fn chunk(&mut self, repo: &Repository, c: &ChunkRef, upcoming: &[ChunkRef]) -> Result<&[u8]> {
         let id = Id::from_slice(&c.id).ok_or_else(|| Error::corrupt("tree", "chunk reference without a 32-byte id"))?;
         let blob = self.blobs.get(repo, &id, upcoming.iter().filter_map(|u| Id::from_slice(&u.id)))?;
         let (s, e) = (c.offset as usize, c.offset as usize + c.length as usize);
