@@ -426,13 +426,11 @@ fn pull_source(
 
     // 4. Fetch and store on an ingest thread; 5. build the trees.
     let threshold = repo.config().small_file_threshold as u64;
-    let changed =
-        plans.iter().filter(|(_, p)| matches!(p, Plan::Fetch { had_previous: true })).map(|(&i, _)| i).collect();
     let repo_ref: &Repository = repo;
     let (root_id, stats, index, stale, dictionary) = std::thread::scope(|s| -> Result<_> {
         // Each message can hold a window of a delta, rebuilt (4 MiB): a short queue bounds the memory.
         let (tx, mut rx) = mpsc::channel::<Msg>(4);
-        let entries_ref = &entries;
+        let (entries_ref, plans_ref) = (&entries, &plans);
         let dictionary = previous.as_ref().and_then(|(_, p)| Id::from_slice(&p.dictionary));
         let ingest = s.spawn(move || -> Result<(Fetches, Writer<'_>, Option<String>)> {
             let mut w = Writer::new(repo_ref, 0);
@@ -443,7 +441,7 @@ fn pull_source(
             });
             // Dump files get the dump chunker; a Docker volume, read through a session too, holds files.
             let chunkers = Chunkers::new(repo_ref, info.dump && info.kind != "docker-volume")?;
-            let mut st = Ingest::new(chunkers, threshold, cache, changed);
+            let mut st = Ingest::new(chunkers, threshold, cache, plans_ref);
             let mut patch: Option<Patch> = None;
             while let Some(msg) = rx.blocking_recv() {
                 match msg {
@@ -860,8 +858,8 @@ enum Current {
 /// The ingest side: file frames in, content in the repository out.
 struct Ingest<'c> {
     cache: &'c SignatureCache,
-    /// Entries whose previous version differs: the files that change.
-    changed: std::collections::HashSet<usize>,
+    /// What the pull does with each entry: a fetched file with a previous version changed.
+    plans: &'c HashMap<usize, Plan>,
     chunkers: Chunkers,
     threshold: u64,
     current: Option<(usize, Current)>,
@@ -881,11 +879,11 @@ impl<'c> Ingest<'c> {
         chunkers: Chunkers,
         threshold: u64,
         cache: &'c SignatureCache,
-        changed: std::collections::HashSet<usize>,
+        plans: &'c HashMap<usize, Plan>,
     ) -> Ingest<'c> {
         Ingest {
             cache,
-            changed,
+            plans,
             small: SmallFiles::new(chunkers.files.clone()),
             chunkers,
             threshold,
@@ -902,7 +900,8 @@ impl<'c> Ingest<'c> {
         // every day, and files that changed since the last pull. Any other file's signature is
         // built from the repository the day it first changes, so that the cache does not hold
         // 0.6% of every large file that never will (uploads, media, images).
-        let likely_to_change = |c: &ChunkedContent| c.is_dump() || self.changed.contains(&idx);
+        let changed = matches!(self.plans.get(&idx), Some(Plan::Fetch { had_previous: true }));
+        let likely_to_change = |c: &ChunkedContent| c.is_dump() || changed;
         let signature =
             |c: &ChunkedContent| (size >= delta::DELTA_MIN && likely_to_change(c)).then(|| SignatureBuilder::new(size));
         if self.current.as_ref().is_none_or(|(i, _)| *i != idx) {
