@@ -117,45 +117,54 @@ pub async fn diagnose_tls(agent: &AgentEntry, tls: &TlsConfig) -> Option<String>
 const MAX_FRAME: usize = 24 << 20;
 /// Decompressed bytes held while waiting for a frame to complete.
 const MAX_PENDING: usize = 2 * MAX_FRAME;
+/// Largest segment once decompressed: the agent sends a segment when 1 MiB is pending, so it
+/// holds less than that and one frame (agent/src/wire.rs).
+const MAX_SEGMENT: usize = (1 << 20) + MAX_FRAME;
 
 /// Turns the segments of a ReadFiles or Delta stream back into frames. Frames are decoded from
 /// a shared buffer, so their content fields are slices of it rather than copies: a byte read by
 /// the agent is copied once on the collector (by tonic, out of HTTP/2) before it is chunked.
-pub enum FrameReader {
-    /// The decoder writes straight into the buffer frames are parsed from.
-    Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
-    /// The start of a frame the last segment did not complete (never, from this agent).
-    Plain(Vec<u8>),
+pub struct FrameReader {
+    /// Each compressed segment is one zstd frame of its own.
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+    /// The start of a frame the last segment did not complete.
+    pending: Vec<u8>,
 }
 
 impl FrameReader {
     pub fn new(compressed: bool) -> Result<FrameReader> {
-        Ok(if compressed {
-            FrameReader::Zstd(zstd::stream::write::Decoder::new(Vec::new())?)
-        } else {
-            FrameReader::Plain(Vec::new())
-        })
+        let zstd = if compressed { Some(zstd::bulk::Decompressor::new()?) } else { None };
+        Ok(FrameReader { zstd, pending: Vec::new() })
     }
 
     /// Feed one segment; returns the frames it completed.
     pub fn push<M: Message + Default>(&mut self, segment: Bytes) -> Result<Vec<M>> {
-        let pending = match self {
-            FrameReader::Zstd(d) => {
-                use std::io::Write;
-                d.write_all(&segment).context("corrupt zstd stream from the agent")?;
-                d.flush()?;
-                d.get_mut()
+        let pending = &mut self.pending;
+        match &mut self.zstd {
+            Some(z) => {
+                // The size the segment declares bounds what it may decompress to: a few MiB
+                // of zstd can otherwise expand to far more memory than this host has.
+                let size = match zstd::zstd_safe::get_frame_content_size(&segment) {
+                    Ok(Some(n)) if n <= MAX_SEGMENT as u64 => n as usize,
+                    Ok(Some(n)) => {
+                        bail!("the agent sent a segment of {n} bytes once decompressed (at most {MAX_SEGMENT})")
+                    }
+                    _ => bail!("the agent sent a compressed segment that does not declare its size"),
+                };
+                pending.reserve(size);
+                let start = pending.len();
+                // Decompressed after what is pending, into its spare capacity (at most `size` more).
+                let mut at = std::io::Cursor::new(&mut *pending);
+                at.set_position(start as u64);
+                z.decompress_to_buffer(&segment, &mut at).context("corrupt zstd segment from the agent")?;
             }
-            FrameReader::Plain(pending) if pending.is_empty() => {
+            None if pending.is_empty() => {
                 let whole = whole_frames(&segment)?;
                 pending.extend_from_slice(&segment[whole..]);
                 return decode_frames(segment.slice(..whole));
             }
-            FrameReader::Plain(pending) => {
-                pending.extend_from_slice(&segment);
-                pending
-            }
-        };
+            None => pending.extend_from_slice(&segment),
+        }
         let whole = whole_frames(pending)?;
         if whole == 0 {
             if pending.len() > MAX_PENDING {
@@ -227,6 +236,23 @@ mod tests {
                 assert_eq!(got, frames, "compressed {compressed}, segments of {cut} bytes");
             }
         }
+    }
+
+    /// A compressed segment that expands past what an agent sends is refused before it is
+    /// decompressed: a compromised agent must not exhaust the collector's memory.
+    #[test]
+    fn a_segment_that_expands_too_far_is_refused() {
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_SEGMENT + 1], 19).unwrap();
+        assert!(bomb.len() < 4096, "{} bytes", bomb.len());
+        let err = FrameReader::new(true).unwrap().push::<FileFrame>(Bytes::from(bomb)).unwrap_err();
+        assert!(err.to_string().contains("once decompressed"), "{err}");
+        // A frame that hides its size is refused too.
+        let mut hidden = Vec::new();
+        let mut enc = zstd::stream::write::Encoder::new(&mut hidden, 1).unwrap();
+        std::io::Write::write_all(&mut enc, &[0u8; 1000]).unwrap();
+        enc.finish().unwrap();
+        let err = FrameReader::new(true).unwrap().push::<FileFrame>(Bytes::from(hidden)).unwrap_err();
+        assert!(err.to_string().contains("declare its size"), "{err}");
     }
 
     #[test]
