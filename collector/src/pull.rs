@@ -378,8 +378,13 @@ fn pull_source(
         None => Ok(HashMap::new()),
     };
     let entries = rt.block_on(listing).map_err(|e| anyhow!("the listing task failed: {e}"))??;
-    let mut prev_files = prev_files?;
     let mut warnings = Vec::new();
+    // A previous snapshot that cannot be read must not stop every later backup of the source:
+    // this pull reads every file instead (`collector check` reports the damage).
+    let mut prev_files = prev_files.unwrap_or_else(|e| {
+        warnings.push(format!("the previous snapshot cannot be read ({e:#}); every file was read whole"));
+        HashMap::new()
+    });
     let tree = DirTree::from_entries(&entries, &mut warnings);
 
     // 3. The plan, in restore order (so the first name of a hard link comes first).
@@ -459,7 +464,7 @@ fn pull_source(
                             Some(p) if p.idx == idx => p,
                             _ => patch.insert(Patch::new(idx, &st.chunkers, entries_ref[idx].size)),
                         };
-                        p.window(&mut w, &bytes);
+                        p.window(&mut w, &bytes)?;
                     }
                     Msg::DeltaEnd(idx, f, reply) => {
                         let p = match patch.take() {
@@ -468,7 +473,7 @@ fn pull_source(
                         };
                         let ok = match p.finish(&mut w, &f, cache)? {
                             Some(content) => {
-                                st.results.insert(idx, (Ok(content), f.changed));
+                                st.results.insert(idx, (Ok(content), ReadAs::of_delta(&f)));
                                 true
                             }
                             None => false,
@@ -484,6 +489,7 @@ fn pull_source(
             progress_bar(&agent.name, &info.name, deltas.iter().chain(&fetch).map(|&i| entries[i].size).sum());
         let net = rt.block_on(async {
             let (mut wire, mut read, mut fallback, mut delta_done) = (0u64, 0u64, Vec::new(), 0u64);
+            let mut delta_warnings = Vec::new();
             for &idx in &deltas {
                 let (ok, bytes, delta_read) = pull_delta(
                     &mut client,
@@ -492,6 +498,7 @@ fn pull_source(
                     (repo_ref, cache),
                     &entries[idx],
                     &delta_prev[&idx],
+                    &mut delta_warnings,
                     idx,
                     &tx,
                     &progress,
@@ -506,14 +513,19 @@ fn pull_source(
                 }
             }
             fetch.extend(fallback);
-            let (w2, r2) = fetch_all(&mut client, agent, remote, &entries, &fetch, tx, &progress).await?;
-            Ok::<_, anyhow::Error>((wire + w2, read + r2, delta_done))
+            let (w2, r2, changed) =
+                fetch_all(&mut client, agent, remote, &entries, &fetch, tx.clone(), &progress).await?;
+            // A file written to while it was read is read once more: most writes are over by then,
+            // and the second read is what is stored (with a warning if it moved again).
+            let (w3, r3, _) = fetch_all(&mut client, agent, remote, &entries, &changed, tx, &progress).await?;
+            Ok::<_, anyhow::Error>((wire + w2 + w3, read + r2 + r3, delta_done, delta_warnings))
         });
         let ingested = ingest.join().map_err(|_| anyhow!("the ingest thread panicked"))?;
         progress.finish_and_clear();
         let (results, mut w, dictionary_lost) = ingested?;
         warnings.extend(dictionary_lost);
-        let (wire, read, delta_done) = net?;
+        let (wire, read, delta_done, delta_warnings) = net?;
+        warnings.extend(delta_warnings);
         (summary.wire_bytes, summary.bytes_read, summary.files_delta) = (wire, read, delta_done);
         if let Some(&missing) = fetch.iter().chain(&deltas).find(|i| !results.contains_key(i)) {
             bail!(
@@ -623,9 +635,28 @@ fn pull_source(
     Ok(())
 }
 
-/// Results of fetched files by entry index: the content, or why it failed; and whether it
-/// changed while being read.
-type Fetches = HashMap<usize, (Result<FileContent, String>, bool)>;
+/// Results of fetched files by entry index: the content, or why it failed; and how the file was
+/// when the agent finished reading it.
+type Fetches = HashMap<usize, (Result<FileContent, String>, ReadAs)>;
+
+/// A file as the agent saw it after reading it (the end of its frames).
+#[derive(Clone, Copy, Debug, Default)]
+struct ReadAs {
+    /// Size, mtime or ctime moved while it was read.
+    changed: bool,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl ReadAs {
+    fn of(f: &FileFrame) -> ReadAs {
+        ReadAs { changed: f.changed, mtime_ns: f.mtime_ns, ctime_ns: f.ctime_ns }
+    }
+
+    fn of_delta(f: &DeltaFrame) -> ReadAs {
+        ReadAs { changed: f.changed, mtime_ns: f.mtime_ns, ctime_ns: f.ctime_ns }
+    }
+}
 
 /// What the network side hands the ingest thread.
 enum Msg {
@@ -638,8 +669,10 @@ enum Msg {
     DeltaEnd(usize, DeltaFrame, tokio::sync::oneshot::Sender<bool>),
 }
 
-/// Pull one file as an rsync delta against its previous version. Returns whether it verified
-/// (if not, the caller fetches it whole), the wire bytes it cost and the bytes the agent read.
+/// Pull one file as an rsync delta against its previous version. Returns whether it verified on
+/// a file that held still while it was read (if not, the caller fetches it whole), the wire
+/// bytes it cost and the bytes the agent read;
+/// a previous version that cannot be read adds to `warnings`.
 #[allow(clippy::too_many_arguments)]
 async fn pull_delta(
     client: &mut AgentClient<Channel>,
@@ -648,6 +681,7 @@ async fn pull_delta(
     (repo, cache): (&Repository, &SignatureCache),
     entry: &Entry,
     prev: &Node,
+    warnings: &mut Vec<String>,
     idx: usize,
     tx: &mpsc::Sender<Msg>,
     progress: &ProgressBar,
@@ -655,7 +689,17 @@ async fn pull_delta(
     let bs = delta::block_size(prev.size);
     let signature = match cache.get(&prev.blake3, bs) {
         Some(sig) => sig,
-        None => OldContent::new(repo, prev).signature()?,
+        None => match OldContent::new(repo, prev).signature() {
+            Ok(sig) => sig,
+            Err(e) => {
+                // Without its previous version the file still travels, whole.
+                warnings.push(format!(
+                    "{}: its previous version cannot be read ({e:#}); read whole",
+                    String::from_utf8_lossy(&entry.path)
+                ));
+                return Ok((false, 0, 0));
+            }
+        },
     };
     let request = DeltaRequest {
         source: src.name.to_string(),
@@ -696,9 +740,10 @@ async fn pull_delta(
                 if let Some(why) = failed.filter(|_| f.error.is_empty()) {
                     f.error = why;
                 }
+                let changed = f.changed;
                 let (reply, verdict) = tokio::sync::oneshot::channel();
                 tx.send(Msg::DeltaEnd(idx, f, reply)).await.map_err(|_| gone())?;
-                return Ok((verdict.await.unwrap_or(false), wire, read));
+                return Ok((verdict.await.unwrap_or(false) && !changed, wire, read));
             }
             read += f.window_len;
             progress.inc(f.window_len);
@@ -756,35 +801,26 @@ struct Patch {
     chunkers: Chunkers,
     /// Started with the first window (its bytes choose the chunker).
     content: Option<ChunkedContent>,
-    /// Why the delta cannot be used (a bad delta is not an error of the pull: the file is
-    /// fetched whole instead).
-    failed: Option<String>,
     sig: SignatureBuilder,
 }
 
 impl Patch {
     fn new(idx: usize, chunkers: &Chunkers, size: u64) -> Patch {
-        Patch { idx, chunkers: chunkers.clone(), content: None, failed: None, sig: SignatureBuilder::new(size) }
+        Patch { idx, chunkers: chunkers.clone(), content: None, sig: SignatureBuilder::new(size) }
     }
 
-    fn window(&mut self, w: &mut Writer<'_>, bytes: &[u8]) {
-        if self.failed.is_some() {
-            return;
-        }
+    /// Store one window; an error is the repository's (a full disk), so the pull's.
+    fn window(&mut self, w: &mut Writer<'_>, bytes: &[u8]) -> Result<()> {
         let content = self.content.get_or_insert_with(|| self.chunkers.content(bytes, &[]));
-        match content.push(w, bytes) {
-            Ok(()) => self.sig.push(bytes),
-            Err(e) => self.failed = Some(format!("{e:#}")),
-        }
+        content.push(w, bytes)?;
+        self.sig.push(bytes);
+        Ok(())
     }
 
     /// The rebuilt content if it verifies against the agent's BLAKE3.
     fn finish(self, w: &mut Writer<'_>, end: &DeltaFrame, cache: &SignatureCache) -> Result<Option<FileContent>> {
-        if !end.error.is_empty() || self.failed.is_some() {
-            tracing::debug!(
-                "delta not used: {}",
-                if end.error.is_empty() { self.failed.unwrap_or_default() } else { end.error.clone() }
-            );
+        if !end.error.is_empty() {
+            tracing::debug!("delta not used: {}", end.error);
             return Ok(None);
         }
         let content = self.content.unwrap_or_else(|| self.chunkers.content(&[], &[])).finish(w)?;
@@ -796,7 +832,8 @@ impl Patch {
     }
 }
 
-/// Stream the files to fetch in batches; returns (wire bytes, content bytes).
+/// Stream the files to fetch in batches; returns the wire bytes, the content bytes and the files
+/// that changed while they were read.
 async fn fetch_all(
     client: &mut AgentClient<Channel>,
     agent: &AgentEntry,
@@ -805,8 +842,8 @@ async fn fetch_all(
     fetch: &[usize],
     tx: mpsc::Sender<Msg>,
     progress: &ProgressBar,
-) -> Result<(u64, u64)> {
-    let (mut wire, mut read) = (0u64, 0u64);
+) -> Result<(u64, u64, Vec<usize>)> {
+    let (mut wire, mut read, mut changed) = (0u64, 0u64, Vec::new());
     let mut i = 0;
     while i < fetch.len() {
         let mut j = i;
@@ -835,17 +872,23 @@ async fn fetch_all(
         {
             wire += msg.encoded_len() as u64;
             let frames: Vec<FileFrame> = reader.push(msg.data)?;
+            changed.extend(
+                frames
+                    .iter()
+                    .filter(|f| f.end && f.changed && f.error.is_empty())
+                    .filter_map(|f| batch.get(f.index as usize)),
+            );
             let got = frames.iter().map(|f| f.data.len() as u64).sum::<u64>();
             read += got;
             progress.inc(got);
             if !frames.is_empty() && tx.send(Msg::Files(batch.clone(), frames)).await.is_err() {
                 // The ingest thread stopped; its error is the one to report.
-                return Ok((wire, read));
+                return Ok((wire, read, changed));
             }
         }
         i = j;
     }
-    Ok((wire, read))
+    Ok((wire, read, changed))
 }
 
 enum Current {
@@ -866,7 +909,7 @@ struct Ingest<'c> {
     small: SmallFiles,
     /// Directory of the small files pushed since the last flush, and those files.
     small_dir: Vec<u8>,
-    pending: Vec<(usize, StreamRange, [u8; 32], u64, bool)>,
+    pending: Vec<(usize, StreamRange, [u8; 32], u64, ReadAs)>,
     results: Fetches,
 }
 
@@ -946,15 +989,17 @@ impl<'c> Ingest<'c> {
         }
         let (_, cur) = self.current.take().expect("set above");
         if !f.error.is_empty() {
-            self.results.insert(idx, (Err(f.error), false));
+            self.results.insert(idx, (Err(f.error), ReadAs::default()));
             return Ok(());
         }
         match cur {
             Current::Small(buf) => {
                 let hash = *blake3::hash(&buf).as_bytes();
                 if hash.as_slice() != f.blake3.as_slice() {
-                    self.results
-                        .insert(idx, (Err("content differs from the BLAKE3 the agent computed".into()), f.changed));
+                    self.results.insert(
+                        idx,
+                        (Err("content differs from the BLAKE3 the agent computed".into()), ReadAs::of(&f)),
+                    );
                     return Ok(());
                 }
                 let dir = parent_of(&entries[idx].path);
@@ -963,7 +1008,7 @@ impl<'c> Ingest<'c> {
                     self.small_dir = dir.to_vec();
                 }
                 let range = self.small.push(w, &buf)?;
-                self.pending.push((idx, range, hash, buf.len() as u64, f.changed));
+                self.pending.push((idx, range, hash, buf.len() as u64, ReadAs::of(&f)));
             }
             Current::Large(c, sig) => {
                 let content = c.finish(w)?;
@@ -973,7 +1018,7 @@ impl<'c> Ingest<'c> {
                 } else {
                     Err("content differs from the BLAKE3 the agent computed".into())
                 };
-                self.results.insert(idx, (result, f.changed));
+                self.results.insert(idx, (result, ReadAs::of(&f)));
             }
         }
         Ok(())
@@ -982,8 +1027,8 @@ impl<'c> Ingest<'c> {
     /// Cut the shared stream of the current directory's small files and resolve them.
     fn finish_dir(&mut self, w: &mut Writer<'_>) -> Result<()> {
         self.small.flush(w)?;
-        for (idx, range, blake3, size, changed) in self.pending.drain(..) {
-            self.results.insert(idx, (Ok(FileContent { chunks: self.small.resolve(range), size, blake3 }), changed));
+        for (idx, range, blake3, size, read) in self.pending.drain(..) {
+            self.results.insert(idx, (Ok(FileContent { chunks: self.small.resolve(range), size, blake3 }), read));
         }
         self.small.clear();
         Ok(())
@@ -1131,15 +1176,23 @@ impl TreeBuild<'_> {
                 NodeKind::File => {
                     match self.plans.get(&idx) {
                         Some(Plan::Fetch { had_previous }) => match self.results.get(&idx) {
-                            Some((Ok(_), changed)) => {
+                            Some((Ok(_), read)) => {
                                 if *had_previous {
                                     self.summary.files_changed += 1;
                                 } else {
                                     self.summary.files_new += 1;
                                 }
-                                if *changed {
-                                    self.warnings
-                                        .push(format!("{}: changed while it was read; stored as read", shown()));
+                                if read.changed {
+                                    // The listing's times stay: older than the file's, they make
+                                    // the next pull read it again.
+                                    self.warnings.push(format!(
+                                        "{}: changed while it was read, twice; stored as last read",
+                                        shown()
+                                    ));
+                                } else {
+                                    // The times of the content stored, which the listing's are
+                                    // not when the file changed between the listing and its read.
+                                    (node.mtime_ns, node.ctime_ns) = (read.mtime_ns, read.ctime_ns);
                                 }
                             }
                             Some((Err(why), _)) => {

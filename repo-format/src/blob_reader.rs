@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::repofile::pack::Check;
 use crate::repository::Repository;
@@ -59,7 +59,10 @@ impl BlobReader {
             let stored = repo.read_pack_range(&loc.pack, span.clone())?;
             self.ahead = Some((loc.pack, span.start, stored));
         }
-        let stored = self.slice(&loc.pack, &want).expect("the run read above holds the blob");
+        // A backend may answer a range past the end of a truncated pack with fewer bytes.
+        let stored = self
+            .slice(&loc.pack, &want)
+            .ok_or_else(|| Error::corrupt(format!("pack {}", loc.pack), format!("shorter than blob {} needs", id)))?;
         let data = repo.decode_blob(&loc, stored, self.check)?.0;
         if self.recent.len() >= RECENT {
             self.recent.pop_front();

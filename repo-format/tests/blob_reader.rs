@@ -5,7 +5,7 @@ mod common;
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use repo_format::archive::ChunkedContent;
 use repo_format::backend::{Backend, BackendError, MemoryBackend, ObjectInfo, PutOutcome};
@@ -14,11 +14,13 @@ use repo_format::fs::ContentReader;
 use repo_format::repofile::tree::{Node, NodeKind};
 use repo_format::{Repository, Writer};
 
-/// A memory backend that counts the ranged reads of packs.
+/// A memory backend that counts the ranged reads of packs, and when `short` is set answers
+/// them with half the bytes asked for, as an S3 server does for a range past a truncated object.
 #[derive(Debug, Default)]
 struct Counting {
     inner: MemoryBackend,
     pack_reads: AtomicUsize,
+    short: AtomicBool,
 }
 
 impl Backend for Counting {
@@ -29,7 +31,11 @@ impl Backend for Counting {
         if name.starts_with("data/") && range.is_some() {
             self.pack_reads.fetch_add(1, Ordering::Relaxed);
         }
-        self.inner.get(name, range)
+        let mut got = self.inner.get(name, range.clone())?;
+        if name.starts_with("data/") && range.is_some() && self.short.load(Ordering::Relaxed) {
+            got.truncate(got.len() / 2);
+        }
+        Ok(got)
     }
     fn put_if_absent(&self, name: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
         self.inner.put_if_absent(name, data)
@@ -56,10 +62,9 @@ fn text(bytes: usize) -> Vec<u8> {
     out
 }
 
-/// Store 6 MiB of text as one file with `workers` compression workers and read it back:
-/// (pack reads, chunks, packs, stored bytes).
-fn read_back_counted(workers: usize) -> (usize, usize, u64, u64) {
-    let backend = Arc::new(Counting::default());
+/// Store 6 MiB of text as one file with `workers` compression workers: the repository, the
+/// file's node, its bytes and the write statistics.
+fn store_text(backend: Arc<Counting>, workers: usize) -> (Repository, Node, Vec<u8>, repo_format::WriteStats) {
     let mut repo = Repository::init(backend.clone(), &common::test_options()).unwrap();
     let data = text(6 << 20);
     let mut w = Writer::new(&repo, workers);
@@ -77,7 +82,14 @@ fn read_back_counted(workers: usize) -> (usize, usize, u64, u64) {
         blake3: content.blake3.to_vec(),
         ..Default::default()
     };
+    (repo, node, data, stats)
+}
 
+/// Store 6 MiB of text as one file with `workers` compression workers and read it back:
+/// (pack reads, chunks, packs, stored bytes).
+fn read_back_counted(workers: usize) -> (usize, usize, u64, u64) {
+    let backend = Arc::new(Counting::default());
+    let (repo, node, data, stats) = store_text(backend.clone(), workers);
     let before = backend.pack_reads.load(Ordering::Relaxed);
     let mut back = Vec::new();
     ContentReader::default()
@@ -103,4 +115,14 @@ fn a_file_stored_in_one_backup_reads_back_in_a_few_requests() {
     // whole neighbourhoods of a pack.
     let (reads, chunks, packs, stored) = read_back_counted(2);
     assert!(reads * 10 < chunks, "{reads} reads for {chunks} chunks in {packs} packs ({stored} stored bytes)");
+}
+
+/// A pack that comes back shorter than the blobs in it is reported as damage, not a crash.
+#[test]
+fn a_pack_read_back_short_is_an_error() {
+    let backend = Arc::new(Counting::default());
+    let (repo, node, _, _) = store_text(backend.clone(), 1);
+    backend.short.store(true, Ordering::Relaxed);
+    let err = ContentReader::default().read(&repo, &node, &"big.txt", &mut |_| Ok(())).unwrap_err();
+    assert!(err.to_string().contains("shorter than blob"), "{err}");
 }

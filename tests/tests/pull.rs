@@ -26,6 +26,12 @@ fn restore(c: &Collector, out: &Path) {
     assert!(o.status.success(), "restore: {}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// Restore the latest snapshot into `out` and compare it with `src`, entry by entry.
+fn assert_restores_identical(c: &Collector, src: &Path, out: &Path) {
+    restore(c, out);
+    assert_eq!(state(src), state(&inside(out, src)));
+}
+
 /// Where a source root lands inside a restore target.
 fn inside(target: &Path, root: &Path) -> PathBuf {
     target.join("main").join("files").join(root.strip_prefix("/").unwrap())
@@ -79,9 +85,7 @@ fn pull_round_trip_with_odd_names_links_modes_and_a_large_file() {
     let s = c.pull();
     assert!(s["snapshot"].is_string(), "{s}");
     assert_eq!(s["files_failed"], 0, "{s}");
-    let out = tmp.path().join("out");
-    restore(&c, &out);
-    assert_eq!(state(&src), state(&inside(&out, &src)));
+    assert_restores_identical(&c, &src, &tmp.path().join("out"));
     // The sparse gigabyte went over the wire compressed.
     assert!(s["wire_bytes"].as_u64().unwrap() < 100 << 20, "{s}");
 }
@@ -108,9 +112,7 @@ fn unchanged_files_are_not_transferred_and_a_change_moves_only_that_file() {
     assert_eq!(third["files_changed"], 1, "{third}");
     assert_eq!(third["files_unchanged"], 50, "{third}");
     assert_eq!(third["bytes_read"], 7, "{third}");
-    let out = tmp.path().join("out");
-    restore(&c, &out);
-    assert_eq!(state(&src), state(&inside(&out, &src)));
+    assert_restores_identical(&c, &src, &tmp.path().join("out"));
 }
 
 fn pull_fails(c: &Collector) -> String {
@@ -284,9 +286,7 @@ fn agent_killed_mid_pull_fails_cleanly_and_the_next_pull_succeeds() {
     assert_eq!(s["files_new"], 4, "{s}");
     let o = c.run(&["check", "--verify-data"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
-    let out = tmp.path().join("out");
-    restore(&c, &out);
-    assert_eq!(state(&src), state(&inside(&out, &src)));
+    assert_restores_identical(&c, &src, &tmp.path().join("out"));
 }
 
 #[test]
@@ -322,9 +322,7 @@ fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
     assert!(s["bytes_added"].as_u64().unwrap() <= 11 << 20, "only chunks around the change are new: {s}");
     // A file that changed is signed as it arrives, for the next delta.
     assert!(sig(&data).exists(), "signature of the new version is cached");
-    let out = tmp.path().join("out");
-    restore(&c, &out);
-    assert_eq!(state(&src), state(&inside(&out, &src)));
+    assert_restores_identical(&c, &src, &tmp.path().join("out"));
     // The next change diffs against the cached signature and still verifies; the replaced
     // version's signature is removed.
     let before = data.clone();
@@ -333,9 +331,7 @@ fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
     let s = c.pull();
     assert_eq!(s["files_delta"], 1, "{s}");
     assert!(sig(&data).exists() && !sig(&before).exists(), "only the newest version's signature is kept");
-    let out = tmp.path().join("out2");
-    restore(&c, &out);
-    assert_eq!(state(&src), state(&inside(&out, &src)));
+    assert_restores_identical(&c, &src, &tmp.path().join("out2"));
 }
 
 /// Rows of a table as `COPY` writes them: id, author, a body of words.
@@ -415,9 +411,7 @@ fn a_database_dump_among_files_is_chunked_as_a_dump() {
     let added = s["bytes_added"].as_u64().unwrap();
     assert!(added > size * 4 / 5, "the plain file's update stored only {added} of about {size} bytes: {s}");
 
-    let out = tmp.path().join("out");
-    restore(&c, &out);
-    assert_eq!(state(&src), state(&inside(&out, &src)));
+    assert_restores_identical(&c, &src, &tmp.path().join("out"));
 
     // An off-site copy keeps the dump's chunks compressed with a dictionary: the target's own, one
     // for the source, named by every copied snapshot.
@@ -510,4 +504,153 @@ fn sources_are_pulled_side_by_side_each_into_its_own_snapshot() {
         "two concurrent sessions leave a clean repository: {}",
         String::from_utf8_lossy(&o.stdout)
     );
+}
+
+/// Flip a byte in the middle of blob `id` where its pack lies in `c`'s repository: that blob no
+/// longer authenticates, the rest of the pack still does.
+fn damage_blob(c: &Collector, id: &repo_format::Id) {
+    let loc = c.repo().locate(id).unwrap();
+    let path = c.dir.join("repo").join(repo_format::repofile::pack_name(&loc.pack));
+    let mut pack = fs::read(&path).unwrap();
+    pack[(loc.entry.offset + loc.entry.stored_len / 2) as usize] ^= 0xff;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&path, pack).unwrap();
+}
+
+/// A damaged repository does not stop the backups of a source: when a changed file's previous
+/// version cannot be read, it travels whole; when the previous snapshot's tree cannot be read,
+/// every file does. Each pull says so in its warnings, and what it stored restores intact.
+#[test]
+fn a_damaged_previous_version_or_snapshot_means_reading_whole_not_failing() {
+    let (tmp, pki, src) = setup("src");
+    let mut data = magpie_tests::noise(3 << 20, 11);
+    fs::write(src.join("big.img"), &data).unwrap();
+    fs::write(src.join("notes.txt"), "kept\n").unwrap();
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+    c.pull();
+
+    // big.img changes; its previous version's first chunk is damaged, and it has no cached
+    // signature (a file that had not changed yet), so the delta would need that chunk.
+    let repo = c.repo();
+    let (_, snap) = repo.snapshots().unwrap().pop().unwrap();
+    let mut first_chunk = None;
+    repo_format::fs::walk(&repo, &repo_format::Id::from_slice(&snap.tree).unwrap(), &mut |p, n| {
+        if p.ends_with(b"big.img") {
+            first_chunk = repo_format::Id::from_slice(&n.content[0].id);
+        }
+        Ok(())
+    })
+    .unwrap();
+    damage_blob(&c, &first_chunk.expect("big.img has content"));
+    data[100..110].copy_from_slice(b"0123456789");
+    fs::write(src.join("big.img"), &data).unwrap();
+    let s = c.pull();
+    assert!(s["error"].is_null(), "{s}");
+    assert_eq!((s["files_changed"].as_u64(), s["files_delta"].as_u64()), (Some(1), Some(0)), "{s}");
+    assert!(s["warnings"].to_string().contains("big.img: its previous version cannot be read"), "{s}");
+    assert_restores_identical(&c, &src, &tmp.path().join("out"));
+
+    // Now the newest snapshot's root tree is damaged: the next pull reuses nothing from it.
+    let (_, snap) = c.repo().snapshots().unwrap().pop().unwrap();
+    damage_blob(&c, &repo_format::Id::from_slice(&snap.tree).unwrap());
+    fs::write(src.join("notes.txt"), "changed\n").unwrap();
+    let s = c.pull();
+    assert!(s["error"].is_null(), "{s}");
+    assert_eq!((s["files_unchanged"].as_u64(), s["files_new"].as_u64()), (Some(0), Some(2)), "{s}");
+    assert!(s["warnings"].to_string().contains("the previous snapshot cannot be read"), "{s}");
+    assert_restores_identical(&c, &src, &tmp.path().join("out2"));
+}
+
+/// A repository that cannot take a write in the middle of a delta (here: a file size limit,
+/// as a full disk would) fails the pull with the write's own error, not a vague one, commits
+/// nothing, and the next pull succeeds.
+#[test]
+fn a_write_failing_during_a_delta_fails_the_pull_with_its_cause() {
+    let (tmp, pki, src) = setup("src");
+    let mut data = magpie_tests::noise(48 << 20, 21);
+    fs::write(src.join("big.img"), &data).unwrap();
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+    c.pull();
+    // More new content than a pack holds (16 MiB): a full pack is stored while windows arrive.
+    data[12 << 20..32 << 20].copy_from_slice(&magpie_tests::noise(20 << 20, 22));
+    fs::write(src.join("big.img"), &data).unwrap();
+    // No file of more than 1 MiB: the new chunks' pack cannot be written. SIGXFSZ is ignored so
+    // that the write fails with EFBIG instead of killing the process.
+    let o = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 1024; exec \"$0\" --config \"$1\" pull --json")
+        .arg(magpie_tests::workspace_bin("collector"))
+        .arg(&c.config)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("File too large"), "the write's own error: {v}");
+    assert_eq!(c.repo().snapshots().unwrap().len(), 1, "nothing committed");
+    let s = c.pull();
+    assert_eq!(s["files_delta"], 1, "{s}");
+    assert_restores_identical(&c, &src, &tmp.path().join("out"));
+}
+
+/// Write to `path` (a byte at its start, in place) whenever a reader is reading it, from its
+/// first read to its close, for the first `reads` reads: those see the file change under them.
+fn spoil_reads(path: &Path, reads: usize) -> std::thread::JoinHandle<usize> {
+    use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+    use std::os::unix::fs::FileExt;
+    let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).unwrap();
+    inotify::add_watch(&fd, path, WatchFlags::ACCESS | WatchFlags::CLOSE_NOWRITE).unwrap();
+    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+        let (mut spoiled, mut reading, mut writes) = (0, false, 0usize);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while spoiled < reads && std::time::Instant::now() < deadline {
+            let mut events = inotify::Reader::new(&fd, &mut buf);
+            while let Ok(e) = events.next() {
+                if e.events().contains(ReadFlags::ACCESS) {
+                    reading = true;
+                }
+                if e.events().contains(ReadFlags::CLOSE_NOWRITE) && reading {
+                    (reading, spoiled) = (false, spoiled + 1);
+                }
+            }
+            if reading {
+                writes += 1;
+                file.write_at(&[writes as u8], 0).unwrap();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        writes
+    })
+}
+
+/// A file written to while the agent reads it is read once more, and the second read is what
+/// is stored; only a file that changes under both reads is stored as read, with a warning.
+#[test]
+fn a_file_written_while_it_is_read_is_read_again() {
+    let (tmp, pki, src) = setup("src");
+    let busy = src.join("busy.bin");
+    fs::write(&busy, magpie_tests::noise(64 << 20, 31)).unwrap();
+    fs::write(src.join("calm.txt"), "calm\n").unwrap();
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+
+    let spoiler = spoil_reads(&busy, 1);
+    let s = c.pull();
+    assert!(spoiler.join().unwrap() > 0, "the first read was written to");
+    assert!(!s["warnings"].to_string().contains("busy.bin"), "{s}");
+    assert!(s["bytes_read"].as_u64().unwrap() >= 2 * (64 << 20), "read twice: {s}");
+    // The second, undisturbed read is what is stored.
+    assert_restores_identical(&c, &src, &tmp.path().join("out"));
+
+    // Changed since, and written to under its delta, its whole read and its read once more.
+    fs::write(&busy, magpie_tests::noise(64 << 20, 32)).unwrap();
+    let spoiler = spoil_reads(&busy, 3);
+    let s = c.pull();
+    spoiler.join().unwrap();
+    assert_eq!(s["files_delta"], 0, "{s}");
+    assert!(s["warnings"].to_string().contains("busy.bin: changed while it was read, twice"), "{s}");
 }
