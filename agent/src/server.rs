@@ -115,6 +115,9 @@ impl Agent for AgentService {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol: magpie_proto::PROTOCOL_VERSION,
             host: self.name.clone(),
+            now_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos().try_into().unwrap_or(i64::MAX)),
             sources: self
                 .sources
                 .iter()

@@ -103,7 +103,7 @@ pub fn pull(cfg: &CollectorConfig, repo: &Repository, sel: &Selection) -> Result
                 duration_secs: started.elapsed().as_secs_f64(),
                 ..Default::default()
             }),
-            Ok((client, hs)) => {
+            Ok((client, hs, clock_skew_ns)) => {
                 let hs = Arc::new(hs);
                 let wanted: Vec<String> = if !sel.sources.is_empty() {
                     sel.sources.clone()
@@ -116,6 +116,7 @@ pub fn pull(cfg: &CollectorConfig, repo: &Repository, sel: &Selection) -> Result
                     agent,
                     client: client.clone(),
                     hs: hs.clone(),
+                    clock_skew_ns,
                     source,
                     dumps: DumpPolicy { min_ratio: cfg.dump_min_ratio, accept_small: sel.accept_small_dumps },
                 }));
@@ -149,6 +150,8 @@ struct Job<'c> {
     agent: &'c AgentEntry,
     client: AgentClient<Channel>,
     hs: Arc<magpie_proto::v1::HandshakeResponse>,
+    /// How far the agent's clock is ahead of this host's (0 when the agent does not say).
+    clock_skew_ns: i64,
     source: String,
     dumps: DumpPolicy,
 }
@@ -299,14 +302,19 @@ fn dump_info(d: &magpie_proto::v1::DumpInfo) -> DumpInfo {
 pub(crate) async fn handshake(
     agent: &AgentEntry,
     cfg: &CollectorConfig,
-) -> Result<(AgentClient<Channel>, magpie_proto::v1::HandshakeResponse)> {
+) -> Result<(AgentClient<Channel>, magpie_proto::v1::HandshakeResponse, i64)> {
     let mut c = client::connect(agent, &cfg.tls).await?;
     let request = HandshakeRequest {
         collector_version: env!("CARGO_PKG_VERSION").into(),
         protocol: magpie_proto::PROTOCOL_VERSION,
     };
     match c.handshake(request).await {
-        Ok(r) => Ok((c, r.into_inner())),
+        Ok(r) => {
+            let hs = r.into_inner();
+            let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+            let skew = if hs.now_ns == 0 { 0 } else { hs.now_ns - now };
+            Ok((c, hs, skew))
+        }
         Err(s) => {
             let why = match client::diagnose_tls(agent, &cfg.tls).await {
                 Some(tls_error) => tls_error,
@@ -338,6 +346,10 @@ fn run_job(rt: &tokio::runtime::Runtime, job: &Job<'_>, cache: &SignatureCache, 
     summary.duration_secs = started.elapsed().as_secs_f64();
     summary
 }
+
+/// How long before the previous pull a file must have last changed to be trusted unchanged by
+/// its times: the coarsest timestamps of a filesystem a server may have (FAT's 2 s).
+const RACY_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What to do with one file entry.
 enum Plan {
@@ -394,6 +406,14 @@ fn pull_source(
     let mut deltas: Vec<usize> = Vec::new();
     let mut delta_prev: HashMap<usize, Node> = HashMap::new();
     let mut first_link: HashMap<(u64, u64), usize> = HashMap::new();
+    // A file whose ctime is as late as the previous pull's start may have been written again
+    // after that pull read it, within the same tick of its filesystem's clock, and so with the
+    // same times (ext4 and XFS keep the time of the last timer tick, a few ms; some NFS servers
+    // and FAT whole seconds). Such a file is read again rather than trusted unchanged, as git
+    // does with "racily clean" files. The start is taken on the agent's clock, the files' one.
+    let racy_from = previous.as_ref().map_or(i64::MAX, |(_, s)| {
+        s.time_ns.saturating_add(job.clock_skew_ns).saturating_sub(RACY_MARGIN.as_nanos() as i64)
+    });
     for i in tree.files_in_order(&entries) {
         let e = &entries[i];
         if e.nlink > 1 {
@@ -405,7 +425,11 @@ fn pull_source(
         }
         let prev = prev_files.get(&e.path);
         let unchanged = prev.is_some_and(|n| {
-            n.size == e.size && n.mtime_ns == e.mtime_ns && n.ctime_ns == e.ctime_ns && n.inode == e.inode
+            n.size == e.size
+                && n.mtime_ns == e.mtime_ns
+                && n.ctime_ns == e.ctime_ns
+                && n.inode == e.inode
+                && n.ctime_ns < racy_from
         });
         if unchanged {
             summary.files_unchanged += 1;

@@ -166,7 +166,7 @@ pub fn run(mut repo: Repository, cfg: Option<&CollectorConfig>, a: &RestoreArgs)
         let answers = rt.block_on(futures_util::future::join_all(names.iter().map(|agent| async move {
             match cfg.agents.iter().find(|x| &x.name == agent) {
                 None => Err(format!("agent {agent} is not in the collector configuration")),
-                Some(entry) => crate::pull::handshake(entry, cfg).await.map(|(c, _)| c).map_err(|e| format!("{e:#}")),
+                Some(entry) => crate::pull::handshake(entry, cfg).await.map(|(c, ..)| c).map_err(|e| format!("{e:#}")),
             }
         })));
         clients.extend(names.into_iter().zip(answers));

@@ -414,3 +414,10 @@ impl Collector {
         r
     }
 }
+
+/// Wait until the files written so far are older than the margin within which the collector
+/// does not trust a file unchanged by its times (2 s before the previous pull): a file written
+/// just before a pull is read again by the next one.
+pub fn settle() {
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+}

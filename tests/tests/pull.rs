@@ -97,6 +97,7 @@ fn unchanged_files_are_not_transferred_and_a_change_moves_only_that_file() {
         fs::write(src.join(format!("f{i}")), magpie_tests::noise(10_000 + i, i as u64)).unwrap();
     }
     fs::write(src.join("big"), magpie_tests::noise(5 << 20, 99)).unwrap();
+    magpie_tests::settle();
     let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
     let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
     let first = c.pull();
@@ -308,6 +309,8 @@ fn a_changed_mebibyte_in_a_large_file_travels_as_a_small_delta() {
     data[mid..mid + (1 << 20)].copy_from_slice(&magpie_tests::noise(1 << 20, 8));
     fs::write(src.join("disk.img"), &data).unwrap();
     fs::write(src.join("rewritten"), magpie_tests::noise(2 << 20, 2)).unwrap();
+    // Older than the next pull's margin: only disk.img changes for it.
+    magpie_tests::settle();
     let s = c.pull();
     assert_eq!(s["files_changed"], 2, "{s}");
     assert_eq!(s["files_delta"], 1, "{s}");
@@ -374,6 +377,7 @@ fn a_database_dump_among_files_is_chunked_as_a_dump() {
     write("app.sql", header, &dump);
     // The same kind of rows without a dump's header: an ordinary file to the collector.
     write("rows.txt", "", &plain);
+    magpie_tests::settle();
     let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
     let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", true);
     c.pull();
@@ -526,6 +530,7 @@ fn a_damaged_previous_version_or_snapshot_means_reading_whole_not_failing() {
     let mut data = magpie_tests::noise(3 << 20, 11);
     fs::write(src.join("big.img"), &data).unwrap();
     fs::write(src.join("notes.txt"), "kept\n").unwrap();
+    magpie_tests::settle();
     let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
     let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
     c.pull();
@@ -653,4 +658,25 @@ fn a_file_written_while_it_is_read_is_read_again() {
     spoiler.join().unwrap();
     assert_eq!(s["files_delta"], 0, "{s}");
     assert!(s["warnings"].to_string().contains("busy.bin: changed while it was read, twice"), "{s}");
+}
+
+/// A file last changed within 2 s of a pull's start may be written again after that pull read
+/// it, in the same tick of its filesystem's clock and so with the same times: the next pull
+/// reads it again instead of trusting its times. Older files are trusted.
+#[test]
+fn a_file_changed_just_before_a_pull_is_read_again_by_the_next() {
+    let (tmp, pki, src) = setup("src");
+    fs::write(src.join("settled.txt"), "old enough\n").unwrap();
+    magpie_tests::settle();
+    fs::write(src.join("fresh.txt"), "just written\n").unwrap();
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+    c.pull();
+    magpie_tests::settle();
+    let s = c.pull();
+    assert_eq!((s["files_unchanged"].as_u64(), s["files_changed"].as_u64()), (Some(1), Some(1)), "{s}");
+    assert_eq!(s["bytes_read"], "just written\n".len(), "only fresh.txt is read: {s}");
+    // That pull started long after fresh.txt last changed: now both are trusted.
+    let s = c.pull();
+    assert_eq!((s["files_unchanged"].as_u64(), s["bytes_read"].as_u64()), (Some(2), Some(0)), "{s}");
 }
