@@ -2,7 +2,9 @@
 //! 1 MiB, each sent as one gRPC message and, when asked, as one zstd frame. One zstd stream across
 //! the whole RPC kept zstd on its slow path for input beyond a wrapped window buffer (30% of the
 //! agent's CPU on a 2 GB pull); a segment compressed alone keeps the context of the many small
-//! files it holds, and the receiver's stream decoder reads concatenated frames as one stream.
+//! files it holds. A compressed segment is exactly one zstd frame that declares its content
+//! size (as the bulk compressor writes it): the collector refuses any other, so that what it
+//! decompresses is bounded before it starts.
 
 use prost::Message;
 

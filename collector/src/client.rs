@@ -144,6 +144,9 @@ impl FrameReader {
             Some(z) => {
                 // The size the segment declares bounds what it may decompress to: a few MiB
                 // of zstd can otherwise expand to far more memory than this host has.
+                if zstd::zstd_safe::find_frame_compressed_size(&segment) != Ok(segment.len()) {
+                    bail!("the agent sent a compressed segment that is not one zstd frame");
+                }
                 let size = match zstd::zstd_safe::get_frame_content_size(&segment) {
                     Ok(Some(n)) if n <= MAX_SEGMENT as u64 => n as usize,
                     Ok(Some(n)) => {
@@ -253,6 +256,11 @@ mod tests {
         enc.finish().unwrap();
         let err = FrameReader::new(true).unwrap().push::<FileFrame>(Bytes::from(hidden)).unwrap_err();
         assert!(err.to_string().contains("declare its size"), "{err}");
+        // Nor may a frame follow the one that declared its size.
+        let mut two = zstd::bulk::compress(b"a", 1).unwrap();
+        two.extend(zstd::bulk::compress(&[0u8; 1 << 20], 1).unwrap());
+        let err = FrameReader::new(true).unwrap().push::<FileFrame>(Bytes::from(two)).unwrap_err();
+        assert!(err.to_string().contains("not one zstd frame"), "{err}");
     }
 
     #[test]

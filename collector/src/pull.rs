@@ -851,7 +851,10 @@ impl Patch {
         if content.blake3.as_slice() != end.blake3.as_slice() {
             return Ok(None);
         }
-        remember_signature(cache, &content, Some(self.sig));
+        // Content that changed while it was read is read again: its signature would never be used.
+        if !end.changed {
+            remember_signature(cache, &content, Some(self.sig));
+        }
         Ok(Some(content))
     }
 }
@@ -1013,17 +1016,14 @@ impl<'c> Ingest<'c> {
         }
         let (_, cur) = self.current.take().expect("set above");
         if !f.error.is_empty() {
-            self.results.insert(idx, (Err(f.error), ReadAs::default()));
+            self.record(idx, Err(f.error), ReadAs::default());
             return Ok(());
         }
         match cur {
             Current::Small(buf) => {
                 let hash = *blake3::hash(&buf).as_bytes();
                 if hash.as_slice() != f.blake3.as_slice() {
-                    self.results.insert(
-                        idx,
-                        (Err("content differs from the BLAKE3 the agent computed".into()), ReadAs::of(&f)),
-                    );
+                    self.record(idx, Err("content differs from the BLAKE3 the agent computed".into()), ReadAs::of(&f));
                     return Ok(());
                 }
                 let dir = parent_of(&entries[idx].path);
@@ -1037,15 +1037,24 @@ impl<'c> Ingest<'c> {
             Current::Large(c, sig) => {
                 let content = c.finish(w)?;
                 let result = if content.blake3.as_slice() == f.blake3.as_slice() {
-                    remember_signature(self.cache, &content, sig);
+                    if !f.changed {
+                        remember_signature(self.cache, &content, sig);
+                    }
                     Ok(content)
                 } else {
                     Err("content differs from the BLAKE3 the agent computed".into())
                 };
-                self.results.insert(idx, (result, ReadAs::of(&f)));
+                self.record(idx, result, ReadAs::of(&f));
             }
         }
         Ok(())
+    }
+
+    /// The result of a read, which replaces that of an earlier read of the file (one that
+    /// changed while it was read, see [`fetch_all`]), including one still waiting in `pending`.
+    fn record(&mut self, idx: usize, result: Result<FileContent, String>, read: ReadAs) {
+        self.pending.retain(|p| p.0 != idx);
+        self.results.insert(idx, (result, read));
     }
 
     /// Cut the shared stream of the current directory's small files and resolve them.

@@ -667,10 +667,10 @@ fn a_file_written_while_it_is_read_is_read_again() {
 fn a_file_changed_just_before_a_pull_is_read_again_by_the_next() {
     let (tmp, pki, src) = setup("src");
     fs::write(src.join("settled.txt"), "old enough\n").unwrap();
-    magpie_tests::settle();
-    fs::write(src.join("fresh.txt"), "just written\n").unwrap();
     let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
     let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+    magpie_tests::settle();
+    fs::write(src.join("fresh.txt"), "just written\n").unwrap();
     c.pull();
     magpie_tests::settle();
     let s = c.pull();
