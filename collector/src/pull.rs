@@ -695,8 +695,8 @@ enum Msg {
 
 /// Pull one file as an rsync delta against its previous version. Returns whether it verified on
 /// a file that held still while it was read (if not, the caller fetches it whole), the wire
-/// bytes it cost and the bytes the agent read;
-/// a previous version that cannot be read adds to `warnings`.
+/// bytes it cost and the bytes the agent read; a previous version that cannot be read adds to
+/// `warnings`.
 #[allow(clippy::too_many_arguments)]
 async fn pull_delta(
     client: &mut AgentClient<Channel>,
