@@ -28,11 +28,12 @@ impl Backend for Counting {
         self.inner.location()
     }
     fn get(&self, name: &str, range: Option<Range<u64>>) -> Result<Vec<u8>, BackendError> {
-        if name.starts_with("data/") && range.is_some() {
+        let pack_range = name.starts_with("data/") && range.is_some();
+        if pack_range {
             self.pack_reads.fetch_add(1, Ordering::Relaxed);
         }
-        let mut got = self.inner.get(name, range.clone())?;
-        if name.starts_with("data/") && range.is_some() && self.short.load(Ordering::Relaxed) {
+        let mut got = self.inner.get(name, range)?;
+        if pack_range && self.short.load(Ordering::Relaxed) {
             got.truncate(got.len() / 2);
         }
         Ok(got)
