@@ -775,8 +775,7 @@ fn pull_cmd(
     sel: crate::pull::Selection,
     json_out: bool,
 ) -> Result<u8> {
-    let repo = ctx.open()?;
-    let summaries = crate::pull::pull(cfg, &repo, &sel)?;
+    let summaries = crate::pull::pull(cfg, crate::pull::Target::Opening(Box::new(|| ctx.open())), &sel)?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&summaries)?);
     } else {

@@ -75,7 +75,7 @@ pub fn run(cfg: &CollectorConfig, mut repo: Repository, json: bool) -> Result<u8
         RunOutcome { host: repo_format::repository::hostname(), started: start.to_rfc3339(), ..Default::default() };
 
     // 1. Pull, every source of every agent (max_parallel at a time).
-    let summaries = crate::pull::pull(cfg, &repo, &crate::pull::Selection::default())?;
+    let summaries = crate::pull::pull(cfg, crate::pull::Target::Open(&repo), &crate::pull::Selection::default())?;
     for s in summaries {
         let key = if s.source.is_empty() { s.agent.clone() } else { format!("{}/{}", s.agent, s.source) };
         let st = state.sources.entry(key).or_default();
