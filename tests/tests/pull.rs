@@ -54,10 +54,14 @@ fn pull_round_trip_with_odd_names_links_modes_and_a_large_file() {
     fs::write(src.join("new\nline"), b"newline in the name").unwrap();
     fs::write(src.join(std::ffi::OsStr::from_bytes(b"latin1-\xe9t\xe9")), b"not utf-8").unwrap();
     fs::write(src.join("random.bin"), magpie_tests::noise(3 << 20, 2)).unwrap();
+    // More names than the agent looks up in one job (256): the rest, and the directory among
+    // them, are shared out to its other walkers.
     for i in 0..300 {
         fs::write(src.join("dir with spaces").join(format!("small-{i}")), magpie_tests::text(100 + i * 7, i as u64))
             .unwrap();
     }
+    fs::create_dir_all(src.join("dir with spaces/zz-late/inner")).unwrap();
+    fs::write(src.join("dir with spaces/zz-late/inner/file"), b"listed by another walker").unwrap();
     fs::write(src.join("secret"), b"mode 600").unwrap();
     xattr::set(src.join("secret"), "user.magpie", b"kept").unwrap();
     fs::create_dir_all(src.join("tagged-dir")).unwrap();
