@@ -95,73 +95,20 @@ pub fn pull(cfg: &CollectorConfig, target: Target<'_>, sel: &Selection) -> Resul
     std::thread::scope(|s| {
         // The key derivation (about 0.1 s), the handshakes and the first listings (a cold
         // listing of 47k files took the agent 0.9 s) overlap: none needs another.
-        let (opening, open) = match target {
-            Target::Opening(open) => (Some(s.spawn(open)), None),
-            Target::Open(repo) => (None, Some(repo)),
+        let (open, opening) = match target {
+            Target::Open(repo) => (Some(repo), None),
+            Target::Opening(open) => (None, Some(s.spawn(open))),
         };
-
-        // Every agent first: its handshake says which sources there are. A failure here is that
-        // agent's alone.
-        // All at once: an agent that does not answer delays no other.
-        let mut failed = Vec::new();
-        let mut jobs: Vec<Job<'_>> = Vec::new();
-        let started = Instant::now();
-        let selected: Vec<&AgentEntry> =
-            cfg.agents.iter().filter(|a| sel.agent.as_ref().is_none_or(|n| n == &a.name)).collect();
-        let answers = rt.block_on(futures_util::future::join_all(selected.iter().map(|a| handshake(a, cfg))));
-        for (agent, answer) in selected.into_iter().zip(answers) {
-            match answer {
-                Err(e) => failed.push(SourceSummary {
-                    agent: agent.name.clone(),
-                    error: Some(format!("{e:#}")),
-                    duration_secs: started.elapsed().as_secs_f64(),
-                    ..Default::default()
-                }),
-                Ok((client, hs, clock_skew_ns)) => {
-                    let hs = Arc::new(hs);
-                    let wanted: Vec<String> = if !sel.sources.is_empty() {
-                        sel.sources.clone()
-                    } else if !agent.sources.is_empty() {
-                        agent.sources.clone()
-                    } else {
-                        hs.sources.iter().map(|s| s.name.clone()).collect()
-                    };
-                    jobs.extend(wanted.into_iter().map(|source| Job {
-                        agent,
-                        client: client.clone(),
-                        hs: hs.clone(),
-                        clock_skew_ns,
-                        source,
-                        dumps: DumpPolicy { min_ratio: cfg.dump_min_ratio, accept_small: sel.accept_small_dumps },
-                        early: std::sync::Mutex::new(None),
-                    }));
-                }
-            }
-        }
-        // The sources pulled first are listed now. Not a dump source's: its listing is of the
-        // dump the pull has yet to ask for. Not more: a listing waiting in memory costs ~150
-        // bytes an entry.
+        let (failed, jobs) = connect(&rt, cfg, sel);
         let parallel = cfg.max_parallel.max(1);
-        for job in jobs.iter().take(parallel) {
-            if job.hs.sources.iter().any(|i| i.name == job.source && !i.dump) {
-                let started = chrono::Utc::now();
-                let task = rt.spawn(list_entries(
-                    job.client.clone(),
-                    job.agent.name.clone(),
-                    job.source.clone(),
-                    String::new(),
-                ));
-                *job.early.lock().expect("early listing") = Some(EarlyListing { started, task });
-            }
-        }
+        start_listings(&rt, &jobs[..parallel.min(jobs.len())]);
         let opened;
-        let repo = match (open, opening) {
-            (Some(repo), _) => repo,
-            (None, Some(opening)) => {
-                opened = opening.join().map_err(|_| anyhow!("opening the repository panicked"))??;
+        let repo = match opening {
+            None => open.expect("a target is open when not opening"),
+            Some(thread) => {
+                opened = thread.join().map_err(|_| anyhow!("opening the repository panicked"))??;
                 &opened
             }
-            (None, None) => unreachable!("a target is open or opening"),
         };
 
         // Then the sources, `max_parallel` at a time, each with its own write session.
@@ -184,6 +131,65 @@ pub fn pull(cfg: &CollectorConfig, target: Target<'_>, sel: &Selection) -> Resul
         done.sort_by_key(|(i, _)| *i);
         Ok(failed.into_iter().chain(done.into_iter().map(|(_, s)| s)).collect())
     })
+}
+
+/// Every selected agent's handshake, which says what sources there are: the summaries of the
+/// agents that failed it (a failure is that agent's alone) and the sources to pull. All at once:
+/// an agent that does not answer delays no other.
+fn connect<'c>(
+    rt: &tokio::runtime::Runtime,
+    cfg: &'c CollectorConfig,
+    sel: &Selection,
+) -> (Vec<SourceSummary>, Vec<Job<'c>>) {
+    let mut failed = Vec::new();
+    let mut jobs: Vec<Job<'_>> = Vec::new();
+    let started = Instant::now();
+    let selected: Vec<&AgentEntry> =
+        cfg.agents.iter().filter(|a| sel.agent.as_ref().is_none_or(|n| n == &a.name)).collect();
+    let answers = rt.block_on(futures_util::future::join_all(selected.iter().map(|a| handshake(a, cfg))));
+    for (agent, answer) in selected.into_iter().zip(answers) {
+        match answer {
+            Err(e) => failed.push(SourceSummary {
+                agent: agent.name.clone(),
+                error: Some(format!("{e:#}")),
+                duration_secs: started.elapsed().as_secs_f64(),
+                ..Default::default()
+            }),
+            Ok((client, hs, clock_skew_ns)) => {
+                let hs = Arc::new(hs);
+                let wanted: Vec<String> = if !sel.sources.is_empty() {
+                    sel.sources.clone()
+                } else if !agent.sources.is_empty() {
+                    agent.sources.clone()
+                } else {
+                    hs.sources.iter().map(|s| s.name.clone()).collect()
+                };
+                jobs.extend(wanted.into_iter().map(|source| Job {
+                    agent,
+                    client: client.clone(),
+                    hs: hs.clone(),
+                    clock_skew_ns,
+                    source,
+                    dumps: DumpPolicy { min_ratio: cfg.dump_min_ratio, accept_small: sel.accept_small_dumps },
+                    early: std::sync::Mutex::new(None),
+                }));
+            }
+        }
+    }
+    (failed, jobs)
+}
+
+/// Ask for the listings of `jobs` (the sources pulled first) now, before their pulls start. Not
+/// a dump source's: its listing is of the dump the pull has yet to ask for. Not more sources': a
+/// listing waiting in memory costs ~150 bytes an entry.
+fn start_listings(rt: &tokio::runtime::Runtime, jobs: &[Job<'_>]) {
+    for job in jobs {
+        if job.hs.sources.iter().any(|i| i.name == job.source && !i.dump) {
+            let started = chrono::Utc::now();
+            let listing = list_entries(job.client.clone(), job.agent.name.clone(), job.source.clone(), String::new());
+            *job.early.lock().expect("early listing") = Some(EarlyListing { started, task: rt.spawn(listing) });
+        }
+    }
 }
 
 /// One source to pull.
