@@ -129,6 +129,33 @@ fn pull_fails(c: &Collector) -> String {
     text
 }
 
+/// Files below `dir`, at any depth (none if it does not exist).
+fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    entries.map(|e| e.unwrap().path()).map(|p| if p.is_dir() { count_files(&p) } else { 1 }).sum()
+}
+
+/// The repository is opened while the agent answers and lists: a wrong passphrase still fails
+/// the pull with its own error and exit code, and writes nothing.
+#[test]
+fn a_wrong_passphrase_fails_the_pull_and_writes_nothing() {
+    let (tmp, pki, src) = setup("src");
+    fs::write(src.join("file"), b"content").unwrap();
+    let agent = Agent::start(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+    let repo = tmp.path().join("collector/repo");
+    let files = |dir: &str| count_files(&repo.join(dir));
+    let (packs, indexes) = (files("data"), files("index"));
+    fs::write(c.dir.join("pass"), "not the passphrase\n").unwrap();
+    let o = c.run(&["pull"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(11), "{err}");
+    assert!(err.contains("wrong passphrase"), "{err}");
+    assert_eq!((files("data"), files("index"), files("snapshots")), (packs, indexes, 0));
+    fs::write(c.dir.join("pass"), "pull test passphrase\n").unwrap();
+    assert!(c.pull()["snapshot"].is_string());
+}
+
 #[test]
 fn certificates_from_another_ca_unpinned_or_expired_are_refused() {
     let (tmp, pki, src) = setup("src");
