@@ -271,10 +271,31 @@ impl Agent {
         sources_toml: &str,
         port: u16,
     ) -> Agent {
-        let cfg = work.join("agent.toml");
+        Agent::configure(work, pki, cert, pinned, top_and_tls, sources_toml, port);
+        Agent::restart(work, port)
+    }
+
+    /// Start an agent as [`Agent::start`] does, but without root's power to read any file (its
+    /// bounding set lacks CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH): file modes then bind it as
+    /// they bind an agent running as its own user.
+    pub fn start_unprivileged(work: &Path, pki: &Pki, pinned: &[String], sources_toml: &str) -> Agent {
+        let port = free_port();
+        Agent::configure(work, pki, "agent", pinned, "\n[tls]", sources_toml, port);
+        Agent::launch(work, port, &["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"])
+    }
+
+    fn configure(
+        work: &Path,
+        pki: &Pki,
+        cert: &str,
+        pinned: &[String],
+        top_and_tls: &str,
+        sources_toml: &str,
+        port: u16,
+    ) {
         let pins: Vec<String> = pinned.iter().map(|p| format!("{p:?}")).collect();
         fs::write(
-            &cfg,
+            work.join("agent.toml"),
             format!(
                 "listen = \"127.0.0.1:{port}\"\nname = \"main\"\n{top_and_tls}\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_collectors = [{}]\n{sources_toml}",
                 pki.path(&format!("{cert}.pem")),
@@ -284,16 +305,28 @@ impl Agent {
             ),
         )
         .expect("write agent.toml");
-        Agent::restart(work, port)
     }
 
     /// Start an agent on the configuration `start_on` wrote in `work` (again, after a kill).
     pub fn restart(work: &Path, port: u16) -> Agent {
-        let cfg = work.join("agent.toml");
+        Agent::launch(work, port, &[])
+    }
+
+    /// Run the agent (through `wrapper`, a command and its arguments, if any) and wait until it
+    /// listens.
+    fn launch(work: &Path, port: u16, wrapper: &[&str]) -> Agent {
         let log = work.join("agent.log");
-        let child = std::process::Command::new(workspace_bin("agent"))
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(args).arg(workspace_bin("agent"));
+                c
+            }
+            None => std::process::Command::new(workspace_bin("agent")),
+        };
+        let child = command
             .args(["serve", "--config"])
-            .arg(&cfg)
+            .arg(work.join("agent.toml"))
             .env("RUST_LOG", "info")
             .stderr(fs::File::create(&log).expect("log file"))
             .spawn()

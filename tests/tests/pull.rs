@@ -129,6 +129,75 @@ fn pull_fails(c: &Collector) -> String {
     text
 }
 
+/// The agent without root's power to read any file (as it runs on a server, as its own user): a
+/// file it may not read, a directory it may not list and a file deleted between the listing and
+/// the read are each a warning naming it, and everything else is committed and restores.
+#[test]
+fn unreadable_unlistable_and_vanished_files_are_warnings_the_rest_is_committed() {
+    let (tmp, pki, src) = setup("src");
+    fs::write(src.join("a-first"), magpie_tests::noise(4 << 20, 1)).unwrap();
+    // Far more than the agent asks the disk for ahead of its reader (32 MiB): it has not
+    // opened z-vanishes yet when a-first is first opened and z-vanishes deleted.
+    for i in 0..40 {
+        fs::write(src.join(format!("m-{i:02}")), magpie_tests::noise(2 << 20, 10 + i)).unwrap();
+    }
+    fs::write(src.join("secret"), b"root only").unwrap();
+    fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o000)).unwrap();
+    fs::create_dir(src.join("locked-dir")).unwrap();
+    fs::write(src.join("locked-dir/inside"), b"unlisted").unwrap();
+    fs::set_permissions(src.join("locked-dir"), fs::Permissions::from_mode(0o000)).unwrap();
+    fs::write(src.join("z-vanishes"), b"deleted before it is read").unwrap();
+
+    let agent = Agent::start_unprivileged(tmp.path(), &pki, &[pki.fingerprint("collector")], &source_toml(&src));
+    let c = Collector::new(&tmp.path().join("collector"), &pki, agent.port, "collector", false);
+    let deleter = delete_on_open(&src.join("a-first"), src.join("z-vanishes"));
+    let s = c.pull();
+    assert!(deleter.join().unwrap(), "a-first was never opened");
+    assert!(s["snapshot"].is_string(), "{s}");
+    assert_eq!(s["files_failed"], 2, "{s}");
+    let warnings = s["warnings"].to_string();
+    for name in ["secret: not stored", "z-vanishes: not stored", "locked-dir: "] {
+        assert!(warnings.contains(name), "{name} in {warnings}");
+    }
+    assert!(warnings.to_lowercase().contains("permission denied"), "{warnings}");
+
+    // What could be read is stored whole; the unreadable file is absent, the unlistable
+    // directory is there, empty.
+    let out = tmp.path().join("out");
+    restore(&c, &out);
+    let got = inside(&out, &src);
+    for i in 0..40 {
+        let name = format!("m-{i:02}");
+        assert_eq!(fs::read(got.join(&name)).unwrap(), fs::read(src.join(&name)).unwrap(), "{name}");
+    }
+    assert_eq!(fs::read(got.join("a-first")).unwrap(), fs::read(src.join("a-first")).unwrap());
+    assert!(!got.join("secret").exists() && !got.join("z-vanishes").exists());
+    assert_eq!(fs::read_dir(got.join("locked-dir")).unwrap().count(), 0);
+    fs::set_permissions(src.join("locked-dir"), fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Delete `victim` as soon as `watched` is opened; the thread answers whether it was.
+fn delete_on_open(watched: &Path, victim: PathBuf) -> std::thread::JoinHandle<bool> {
+    use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+    let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).unwrap();
+    inotify::add_watch(&fd, watched, WatchFlags::OPEN).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [std::mem::MaybeUninit::uninit(); 1024];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let mut events = inotify::Reader::new(&fd, &mut buf);
+            while let Ok(e) = events.next() {
+                if e.events().contains(ReadFlags::OPEN) {
+                    fs::remove_file(&victim).unwrap();
+                    return true;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        false
+    })
+}
+
 /// Files below `dir`, at any depth (none if it does not exist).
 fn count_files(dir: &Path) -> usize {
     let Ok(entries) = fs::read_dir(dir) else { return 0 };
