@@ -257,21 +257,7 @@ impl Agent {
 
     /// The same, with top-level settings (`allow_restore = true`) before the tables.
     pub fn start_full(work: &Path, pki: &Pki, pinned: &[String], top: &str, sources_toml: &str, port: u16) -> Agent {
-        Agent::start_as(work, pki, "agent", pinned, &format!("{top}\n[tls]"), sources_toml, port)
-    }
-
-    /// The same with the certificate `cert` (NAME.pem of the PKI); `top_and_tls` ends with the
-    /// `[tls]` header the TLS settings follow.
-    pub fn start_as(
-        work: &Path,
-        pki: &Pki,
-        cert: &str,
-        pinned: &[String],
-        top_and_tls: &str,
-        sources_toml: &str,
-        port: u16,
-    ) -> Agent {
-        Agent::configure(work, pki, cert, pinned, top_and_tls, sources_toml, port);
+        Agent::configure(work, pki, "agent", pinned, &format!("{top}\n[tls]"), sources_toml, port);
         Agent::restart(work, port)
     }
 
@@ -284,7 +270,10 @@ impl Agent {
         Agent::launch(work, port, &["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"])
     }
 
-    fn configure(
+    /// Write `work`/agent.toml for an agent on `port` with the certificate `cert` (NAME.pem of
+    /// the PKI); `top_and_tls` ends with the `[tls]` header the TLS settings follow. Start it
+    /// with [`Agent::restart`].
+    pub fn configure(
         work: &Path,
         pki: &Pki,
         cert: &str,
@@ -307,7 +296,7 @@ impl Agent {
         .expect("write agent.toml");
     }
 
-    /// Start an agent on the configuration `start_on` wrote in `work` (again, after a kill).
+    /// Start an agent on the configuration written in `work` (again, after a kill).
     pub fn restart(work: &Path, port: u16) -> Agent {
         Agent::launch(work, port, &[])
     }

@@ -30,15 +30,9 @@ fn twenty_agents_pulled_concurrently_and_a_killed_one_fails_alone() {
             sources += "[[source]]\nname = \"slow\"\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"sleep 30; echo never\"]\n";
         }
         sources += &format!("[spool]\ndir = {:?}\n", dir.join("spool"));
-        agents.push(Agent::start_as(
-            &dir,
-            &pki,
-            &name,
-            std::slice::from_ref(&pin),
-            "[tls]",
-            &sources,
-            magpie_tests::free_port(),
-        ));
+        let port = magpie_tests::free_port();
+        Agent::configure(&dir, &pki, &name, std::slice::from_ref(&pin), "[tls]", &sources, port);
+        agents.push(Agent::restart(&dir, port));
     }
     let c = Collector::new(&tmp.path().join("collector"), &pki, agents[0].port, "collector", true);
     // Agent 0 is the one Collector::new wrote; the others follow, pulled eight at a time.
