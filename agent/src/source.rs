@@ -168,12 +168,9 @@ struct WalkState {
     reading: usize,
 }
 
-/// Entries handed over at once: a directory of millions of files travels in pieces.
-const DIR_BATCH: usize = 1024;
-
-/// Names of one directory looked up by one walker: on a cold cache every lookup may wait on the
-/// disk, and a directory of thousands of files looked up by one thread kept the others idle (the
-/// last 0.45 s of the bench corpus's 0.9 s listing).
+/// Names of one directory looked up by one walker, and handed over at once: on a cold cache
+/// every lookup may wait on the disk, and a directory of thousands of files looked up by one
+/// thread kept the others idle (the last 0.45 s of the bench corpus's 0.9 s listing).
 const NAMES_PER_JOB: usize = 256;
 
 /// A job being done. Counted in [`WalkState::reading`] until its walker is done with it or
@@ -218,8 +215,7 @@ fn walk(
                     let subdirs = match job {
                         WalkJob::Dir(parent, name, rel) => {
                             read_dir(src, (&parent, &name, rel), root_dev, &tx, &|shares| {
-                                // Pushed in reverse: the walk takes the last first.
-                                state.lock().expect("walk state").todo.extend(shares.into_iter().rev());
+                                state.lock().expect("walk state").todo.extend(shares);
                                 changed.notify_all();
                             })
                         }
@@ -264,8 +260,9 @@ fn next_job(state: &Mutex<WalkState>, changed: &Condvar, stop: &AtomicBool) -> O
 }
 
 /// Read one directory and look up its names, all but the first [`NAMES_PER_JOB`] of a large one
-/// handed to `share` for other walkers. Returns its sub-directories to read (in name order), or
-/// None when the receiver went away.
+/// handed to `share` for other walkers (last names first: the walk takes the last job pushed
+/// first). Returns its sub-directories to read (in name order), or None when the receiver went
+/// away.
 fn read_dir(
     src: &Source,
     (parent, name, rel): (&OwnedFd, &[u8], Vec<u8>),
@@ -280,15 +277,20 @@ fn read_dir(
     };
     names.sort();
     if names.len() > NAMES_PER_JOB {
-        let rest = names.split_off(NAMES_PER_JOB);
-        share(rest.chunks(NAMES_PER_JOB).map(|c| WalkJob::Names(dir.clone(), rel.clone(), c.to_vec())).collect());
+        let mut rest = names.split_off(NAMES_PER_JOB);
+        let mut shares = Vec::new();
+        while !rest.is_empty() {
+            let last = rest.split_off(rest.len().saturating_sub(NAMES_PER_JOB));
+            shares.push(WalkJob::Names(dir.clone(), rel.clone(), last));
+        }
+        share(shares);
     }
     look_up(src, &dir, &rel, names, root_dev, tx)
 }
 
 /// Look up `names` in the directory `dir` (at `rel` in the snapshot), handing their entries to
-/// `tx` in batches of [`DIR_BATCH`]. Returns the sub-directories among them to read (in name
-/// order), or None when the receiver went away.
+/// `tx` together. Returns the sub-directories among them to read (in name order), or None when
+/// the receiver went away.
 fn look_up(
     src: &Source,
     dir: &Arc<OwnedFd>,
@@ -299,9 +301,6 @@ fn look_up(
 ) -> Option<Vec<WalkJob>> {
     let (mut entries, mut subdirs) = (Vec::new(), Vec::new());
     for name in names {
-        if entries.len() == DIR_BATCH {
-            tx.send(std::mem::take(&mut entries)).ok()?;
-        }
         let child_rel = join(rel, &name);
         if excluded(src, &child_rel) {
             continue;

@@ -249,7 +249,7 @@ pub struct AgentEntry {
     pub sources: Vec<String>,
     /// Compress file content on the wire; read through [`AgentEntry::compress`].
     pub compress: Option<bool>,
-    /// Seconds to wait for the connection.
+    /// Seconds to wait for the connection and the agent's answer to the handshake.
     #[serde(default = "default_timeout")]
     pub connect_timeout_secs: u64,
     /// This agent's retention, instead of the top-level one.

@@ -92,22 +92,30 @@ pub fn pull(cfg: &CollectorConfig, target: Target<'_>, sel: &Selection) -> Resul
         .into());
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let parallel = cfg.max_parallel.max(1);
     std::thread::scope(|s| {
-        // The key derivation (about 0.1 s), the handshakes and the first listings (a cold
-        // listing of 47k files took the agent 0.9 s) overlap: none needs another.
-        let (open, opening) = match target {
-            Target::Open(repo) => (Some(repo), None),
-            Target::Opening(open) => (None, Some(s.spawn(open))),
+        // The handshakes, the first sources' listings (a cold listing of 47k files took the
+        // agent 0.9 s) and the key derivation (about 0.1 s, on its own thread) overlap. A
+        // repository that does not open fails the pull at once, whatever the agents do.
+        let connecting = async {
+            let (failed, jobs) = connect(cfg, sel).await;
+            start_listings(&jobs[..parallel.min(jobs.len())]);
+            Ok::<_, anyhow::Error>((failed, jobs))
         };
-        let (failed, jobs) = connect(&rt, cfg, sel);
-        let parallel = cfg.max_parallel.max(1);
-        start_listings(&rt, &jobs[..parallel.min(jobs.len())]);
         let opened;
-        let repo = match opening {
-            None => open.expect("a target is open when not opening"),
-            Some(thread) => {
-                opened = thread.join().map_err(|_| anyhow!("opening the repository panicked"))??;
-                &opened
+        let (repo, (failed, jobs)) = match target {
+            Target::Open(repo) => (repo, rt.block_on(connecting)?),
+            Target::Opening(open) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                s.spawn(move || {
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open))
+                        .unwrap_or_else(|_| Err(anyhow!("opening the repository panicked")));
+                    let _ = tx.send(result);
+                });
+                let opening = async { rx.await.unwrap_or_else(|_| Err(anyhow!("opening the repository stopped"))) };
+                let (repo, connected) = rt.block_on(futures_util::future::try_join(opening, connecting))?;
+                opened = repo;
+                (&opened, connected)
             }
         };
 
@@ -136,17 +144,13 @@ pub fn pull(cfg: &CollectorConfig, target: Target<'_>, sel: &Selection) -> Resul
 /// Every selected agent's handshake, which says what sources there are: the summaries of the
 /// agents that failed it (a failure is that agent's alone) and the sources to pull. All at once:
 /// an agent that does not answer delays no other.
-fn connect<'c>(
-    rt: &tokio::runtime::Runtime,
-    cfg: &'c CollectorConfig,
-    sel: &Selection,
-) -> (Vec<SourceSummary>, Vec<Job<'c>>) {
+async fn connect<'c>(cfg: &'c CollectorConfig, sel: &Selection) -> (Vec<SourceSummary>, Vec<Job<'c>>) {
     let mut failed = Vec::new();
     let mut jobs: Vec<Job<'_>> = Vec::new();
     let started = Instant::now();
     let selected: Vec<&AgentEntry> =
         cfg.agents.iter().filter(|a| sel.agent.as_ref().is_none_or(|n| n == &a.name)).collect();
-    let answers = rt.block_on(futures_util::future::join_all(selected.iter().map(|a| handshake(a, cfg))));
+    let answers = futures_util::future::join_all(selected.iter().map(|a| handshake(a, cfg))).await;
     for (agent, answer) in selected.into_iter().zip(answers) {
         match answer {
             Err(e) => failed.push(SourceSummary {
@@ -182,12 +186,13 @@ fn connect<'c>(
 /// Ask for the listings of `jobs` (the sources pulled first) now, before their pulls start. Not
 /// a dump source's: its listing is of the dump the pull has yet to ask for. Not more sources': a
 /// listing waiting in memory costs ~150 bytes an entry.
-fn start_listings(rt: &tokio::runtime::Runtime, jobs: &[Job<'_>]) {
+fn start_listings(jobs: &[Job<'_>]) {
     for job in jobs {
         if job.hs.sources.iter().any(|i| i.name == job.source && !i.dump) {
             let started = chrono::Utc::now();
             let listing = list_entries(job.client.clone(), job.agent.name.clone(), job.source.clone(), String::new());
-            *job.early.lock().expect("early listing") = Some(EarlyListing { started, task: rt.spawn(listing) });
+            *job.early.lock().expect("early listing") =
+                Some(EarlyListing { started, task: Some(tokio::spawn(listing)) });
         }
     }
 }
@@ -206,9 +211,24 @@ struct Job<'c> {
 }
 
 /// A listing under way, and when it was asked for (the snapshot's time: nothing it lists is older).
+/// Dropped unused, when its pull failed first, it is called off.
 struct EarlyListing {
     started: chrono::DateTime<chrono::Utc>,
-    task: tokio::task::JoinHandle<Result<Vec<Entry>>>,
+    task: Option<tokio::task::JoinHandle<Result<Vec<Entry>>>>,
+}
+
+impl EarlyListing {
+    fn into_task(mut self) -> tokio::task::JoinHandle<Result<Vec<Entry>>> {
+        self.task.take().expect("taken once")
+    }
+}
+
+impl Drop for EarlyListing {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 /// When a dump is too small to trust.
@@ -354,7 +374,26 @@ fn dump_info(d: &magpie_proto::v1::DumpInfo) -> DumpInfo {
     }
 }
 
+/// Connect to an agent and ask who it is. The whole exchange is bounded by the agent's
+/// `connect_timeout_secs`: an agent that accepts the connection but never answers (a hung
+/// process, a proxy holding the port) would otherwise hold up every source of the pull for as
+/// long as the connection lives.
 pub(crate) async fn handshake(
+    agent: &AgentEntry,
+    cfg: &CollectorConfig,
+) -> Result<(AgentClient<Channel>, magpie_proto::v1::HandshakeResponse, i64)> {
+    let limit = std::time::Duration::from_secs(agent.connect_timeout_secs);
+    tokio::time::timeout(limit, handshake_unbounded(agent, cfg)).await.unwrap_or_else(|_| {
+        bail!(
+            "agent {} ({}): no answer to the handshake within {} s (connect_timeout_secs): is the agent hung, or something else listening there?",
+            agent.name,
+            agent.endpoint,
+            agent.connect_timeout_secs
+        )
+    })
+}
+
+async fn handshake_unbounded(
     agent: &AgentEntry,
     cfg: &CollectorConfig,
 ) -> Result<(AgentClient<Channel>, magpie_proto::v1::HandshakeResponse, i64)> {
@@ -440,7 +479,7 @@ fn pull_source(
     // 1. The listing, streaming in while 2. the files cache (the previous snapshot of this source)
     // is read: the agent's walk and the collector's tree reads overlap.
     let listing = match early {
-        Some(e) => e.task,
+        Some(e) => e.into_task(),
         None => {
             rt.spawn(list_entries(client.clone(), agent.name.clone(), info.name.clone(), remote.session.to_string()))
         }

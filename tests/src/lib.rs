@@ -261,13 +261,18 @@ impl Agent {
         Agent::restart(work, port)
     }
 
-    /// Start an agent as [`Agent::start`] does, but without root's power to read any file (its
-    /// bounding set lacks CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH): file modes then bind it as
-    /// they bind an agent running as its own user.
+    /// Start an agent as [`Agent::start`] does, but without root's power to read any file
+    /// (CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped from its bounding, inheritable and
+    /// ambient sets): file modes then bind it as they bind an agent running as its own user.
     pub fn start_unprivileged(work: &Path, pki: &Pki, pinned: &[String], sources_toml: &str) -> Agent {
         let port = free_port();
         Agent::configure(work, pki, "agent", pinned, "\n[tls]", sources_toml, port);
-        Agent::launch(work, port, &["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"])
+        let drop = "-dac_override,-dac_read_search";
+        Agent::launch(
+            work,
+            port,
+            &["setpriv", "--bounding-set", drop, "--inh-caps", drop, "--ambient-caps", drop, "--"],
+        )
     }
 
     /// Write `work`/agent.toml for an agent on `port` with the certificate `cert` (NAME.pem of

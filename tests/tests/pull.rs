@@ -136,8 +136,9 @@ fn pull_fails(c: &Collector) -> String {
 fn unreadable_unlistable_and_vanished_files_are_warnings_the_rest_is_committed() {
     let (tmp, pki, src) = setup("src");
     fs::write(src.join("a-first"), magpie_tests::noise(4 << 20, 1)).unwrap();
-    // Far more than the agent asks the disk for ahead of its reader (32 MiB): it has not
-    // opened z-vanishes yet when a-first is first opened and z-vanishes deleted.
+    // The agent's reader streams these 84 MiB before it opens z-vanishes, deleted as soon as
+    // a-first is first opened (its read-ahead helper opens files only to ask for their first
+    // bytes: the reader opens each again).
     for i in 0..40 {
         fs::write(src.join(format!("m-{i:02}")), magpie_tests::noise(2 << 20, 10 + i)).unwrap();
     }
@@ -173,7 +174,6 @@ fn unreadable_unlistable_and_vanished_files_are_warnings_the_rest_is_committed()
     assert_eq!(fs::read(got.join("a-first")).unwrap(), fs::read(src.join("a-first")).unwrap());
     assert!(!got.join("secret").exists() && !got.join("z-vanishes").exists());
     assert_eq!(fs::read_dir(got.join("locked-dir")).unwrap().count(), 0);
-    fs::set_permissions(src.join("locked-dir"), fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 /// Delete `victim` as soon as `watched` is opened; the thread answers whether it was.
@@ -202,6 +202,23 @@ fn delete_on_open(watched: &Path, victim: PathBuf) -> std::thread::JoinHandle<bo
 fn count_files(dir: &Path) -> usize {
     let Ok(entries) = fs::read_dir(dir) else { return 0 };
     entries.map(|e| e.unwrap().path()).map(|p| if p.is_dir() { count_files(&p) } else { 1 }).sum()
+}
+
+/// Something that accepts the connection on the agent's port but never speaks (a hung agent, a
+/// proxy holding the port): the pull fails that agent with a line that says so, after the
+/// agent's connect_timeout_secs (5 here), instead of waiting as long as the connection lives.
+#[test]
+fn an_agent_that_never_answers_fails_its_pull_instead_of_hanging() {
+    let (tmp, pki, _src) = setup("src");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let c = Collector::new(&tmp.path().join("collector"), &pki, port, "collector", false);
+    let o = c.run(&["pull"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(4), "{text}");
+    assert!(text.contains("main: FAILED") && text.contains("no answer to the handshake within 5 s"), "{text}");
+    assert_eq!(c.run(&["list", "--json"]).stdout, b"[]\n", "no snapshot");
+    drop(silent);
 }
 
 /// The repository is opened while the agent answers and lists: a wrong passphrase still fails
