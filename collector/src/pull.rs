@@ -206,7 +206,7 @@ struct Job<'c> {
     clock_skew_ns: i64,
     source: String,
     dumps: DumpPolicy,
-    /// The listing, when it was asked for before the repository was open.
+    /// The listing, when it was asked for before the pull of this source started.
     early: std::sync::Mutex<Option<EarlyListing>>,
 }
 
