@@ -214,7 +214,7 @@ fn walk(
                     let mut reading = Reading { state, changed, subdirs: Vec::new() };
                     let subdirs = match job {
                         WalkJob::Dir(parent, name, rel) => {
-                            read_dir(src, (&parent, &name, rel), root_dev, &tx, &|shares| {
+                            read_dir(src, &parent, &name, rel, root_dev, &tx, &|shares| {
                                 state.lock().expect("walk state").todo.extend(shares);
                                 changed.notify_all();
                             })
@@ -265,7 +265,9 @@ fn next_job(state: &Mutex<WalkState>, changed: &Condvar, stop: &AtomicBool) -> O
 /// away.
 fn read_dir(
     src: &Source,
-    (parent, name, rel): (&OwnedFd, &[u8], Vec<u8>),
+    parent: &OwnedFd,
+    name: &[u8],
+    rel: Vec<u8>,
     root_dev: u64,
     tx: &SyncSender<Vec<Entry>>,
     share: &dyn Fn(Vec<WalkJob>),
