@@ -18,6 +18,7 @@ use crate::id::Id;
 use crate::magic::{self, Domain};
 use crate::repofile as rf;
 use crate::repofile::dictionary::{Dictionaries, Dictionary};
+use zstd::zstd_safe::{CParameter, DictAttachPref};
 
 /// What a blob holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,6 +76,9 @@ pub const MAX_BLOB_SIZE: u32 = 512 * 1024 * 1024;
 /// A write worker's zstd contexts: one for plain frames, one for frames with a dictionary.
 pub struct BlobCompressor {
     plain: zstd::bulk::Compressor<'static>,
+    /// Told to always reference the dictionary's prepared tables: by default zstd copies them
+    /// (hundreds of KiB) into the context for every input over 16 KiB, which made compressing a dump's
+    /// CDC chunks 9% slower (188 vs 205 MB/s on the bench dump) for the same output.
     with_dictionary: zstd::zstd_safe::CCtx<'static>,
 }
 
@@ -83,7 +87,11 @@ impl BlobCompressor {
     pub fn new(level: i32) -> Result<BlobCompressor> {
         let plain =
             zstd::bulk::Compressor::new(level).map_err(|e| Error::Invalid(format!("zstd level {level}: {e}")))?;
-        Ok(BlobCompressor { plain, with_dictionary: zstd::zstd_safe::CCtx::create() })
+        let mut with_dictionary = zstd::zstd_safe::CCtx::create();
+        with_dictionary
+            .set_parameter(CParameter::ForceAttachDict(DictAttachPref::ForceAttach))
+            .map_err(|code| Error::Invalid(format!("zstd: {}", zstd::zstd_safe::get_error_name(code))))?;
+        Ok(BlobCompressor { plain, with_dictionary })
     }
 
     /// Append the compression flag and the zstd frame of `raw` to `out`; `false`, with `out`
@@ -98,7 +106,13 @@ impl BlobCompressor {
         at.set_position(start as u64 + 1);
         let written = match dictionary {
             None => self.plain.compress_to_buffer(raw, &mut at).ok(),
-            Some(d) => self.with_dictionary.compress_using_cdict(&mut at, raw, d.encoder()).ok(),
+            Some(d) => {
+                // The frame takes the dictionary's level. The reference is dropped at once: the
+                // context must not point at a dictionary it may outlive.
+                let ctx = &mut self.with_dictionary;
+                let written = ctx.ref_cdict(d.encoder()).ok().and_then(|_| ctx.compress2(&mut at, raw).ok());
+                ctx.disable_dictionary().ok().and(written)
+            }
         };
         let pays = written.is_some_and(|n| n + raw.len() / 64 < raw.len());
         if !pays {
