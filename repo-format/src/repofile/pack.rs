@@ -11,6 +11,8 @@
 
 use std::ops::Range;
 
+use zstd::zstd_safe::{CParameter, DictAttachPref};
+
 use crate::backend::{Backend, BackendError, Staged};
 use crate::crypto::Keys;
 use crate::error::{Error, Result};
@@ -18,7 +20,6 @@ use crate::id::Id;
 use crate::magic::{self, Domain};
 use crate::repofile as rf;
 use crate::repofile::dictionary::{Dictionaries, Dictionary};
-use zstd::zstd_safe::{CParameter, DictAttachPref};
 
 /// What a blob holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
