@@ -4,6 +4,7 @@
 //! memory. The result is only trusted once its BLAKE3 matches the agent's (MD4 is not trusted).
 
 use anyhow::{Result, bail};
+use repo_format::archive::Origin;
 use repo_format::blob_reader::BlobReader;
 use repo_format::repofile::pack::Check;
 use repo_format::repofile::tree::{ChunkRef, Node};
@@ -35,6 +36,11 @@ pub struct OldContent<'r> {
     refs: Vec<(u64, ChunkRef)>,
     size: u64,
     blobs: BlobReader,
+    /// Bytes the applied deltas produced so far: the offset in the new version of the next.
+    produced: u64,
+    /// Where the copies of the deltas applied since the last [`OldContent::take_origins`] came
+    /// from, while noted.
+    origins: Option<Vec<Origin>>,
 }
 
 impl<'r> OldContent<'r> {
@@ -46,11 +52,28 @@ impl<'r> OldContent<'r> {
             at += c.length as u64;
         }
         // Whatever is rebuilt from these blobs is checked whole against the agent's BLAKE3.
-        OldContent { repo, refs, size: at, blobs: BlobReader::new(Check::Caller) }
+        OldContent { repo, refs, size: at, blobs: BlobReader::new(Check::Caller), produced: 0, origins: None }
+    }
+
+    /// Note, or stop noting, where the deltas' copies come from. Each origin holds its old
+    /// chunk's plaintext until taken and used: meant for database dumps, whose chunks are 8 KiB;
+    /// a file's 1 MiB chunks would hold tens of MiB per window queued.
+    pub fn note_origins(&mut self, on: bool) {
+        self.origins = on.then(Vec::new);
+    }
+
+    /// The origins noted since the last call.
+    pub fn take_origins(&mut self) -> Vec<Origin> {
+        self.origins.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Append bytes `offset..offset + len` of the old version to `out`.
-    pub fn read(&mut self, mut offset: u64, mut len: u64, out: &mut Vec<u8>) -> Result<()> {
+    pub fn read(&mut self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<()> {
+        self.read_noting(offset, len, out, false)
+    }
+
+    /// [`OldContent::read`], noting where the bytes come from when `note` (a delta's copy).
+    fn read_noting(&mut self, mut offset: u64, mut len: u64, out: &mut Vec<u8>, note: bool) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
             bail!("the delta copies {len} bytes at {offset}, past the previous version's {} bytes", self.size);
         }
@@ -67,6 +90,19 @@ impl<'r> OldContent<'r> {
                 .get(from..from + take as usize)
                 .ok_or_else(|| anyhow::anyhow!("blob {id} is shorter than its reference"))?;
             out.extend_from_slice(piece);
+            if let Some(origins) = self.origins.as_mut().filter(|_| note) {
+                match origins.last_mut() {
+                    Some(o) if o.blob == id && o.at + o.len == self.produced => o.len += take,
+                    _ => origins.push(Origin { at: self.produced, len: take, blob: id, plain: Some(blob.clone()) }),
+                }
+                let last = origins.last_mut().expect("just added to");
+                if last.len == c.length as u64 && within + take == c.length as u64 {
+                    last.plain = None;
+                }
+            }
+            if note {
+                self.produced += take;
+            }
             offset += take;
             len -= take;
         }
@@ -120,6 +156,7 @@ impl<'r> OldContent<'r> {
                         bail!("the delta produces more than its window of {limit} bytes");
                     }
                     out.extend_from_slice(d.take(n)?);
+                    self.produced += n;
                 }
                 0x45..=0x54 => {
                     let m = cmd - 0x45;
@@ -128,7 +165,7 @@ impl<'r> OldContent<'r> {
                     if produced.saturating_add(n) > limit {
                         bail!("the delta produces more than its window of {limit} bytes");
                     }
-                    self.read(offset, n, out)?;
+                    self.read_noting(offset, n, out, true)?;
                 }
                 other => bail!("unknown rsync delta command {other:#x}"),
             }

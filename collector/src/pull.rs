@@ -18,7 +18,8 @@ use magpie_proto::v1::{
     ReadFilesRequest, dump_event,
 };
 use prost::Message;
-use repo_format::archive::{ChunkedContent, FileContent, SmallFiles, StreamRange};
+use repo_format::archive::{ChunkedContent, FileContent, Origin, SmallFiles, StreamRange};
+use repo_format::chunker::is_database_content;
 use repo_format::repofile::tree::{ChunkRef, Node, NodeKind, Tree, Xattr};
 use repo_format::{BlobKind, DumpInfo, Id, Repository, Snapshot, SnapshotStats, TableRows, Writer};
 use serde::Serialize;
@@ -245,6 +246,8 @@ pub struct DumpPolicy {
 struct Remote<'a> {
     name: &'a str,
     session: &'a str,
+    /// Whether the source's files are database dumps (whatever their first bytes look like).
+    dumps: bool,
 }
 
 /// A session on the agent: a dump taken into its spool, or a Docker volume whose containers are
@@ -474,7 +477,10 @@ fn pull_source(
     if let Some(d) = &dump {
         check_dump_sizes(&d.ready.dumps, previous.as_ref().map(|(_, s)| s), job.dumps)?;
     }
-    let remote = Remote { name: &info.name, session: dump.as_ref().map_or("", |d| d.ready.session.as_str()) };
+    // Dump files get the dump chunker; a Docker volume, read through a session too, holds files.
+    let dump_source = info.dump && info.kind != "docker-volume";
+    let session = dump.as_ref().map_or("", |d| d.ready.session.as_str());
+    let remote = Remote { name: &info.name, session, dumps: dump_source };
 
     // 1. The listing, streaming in while 2. the files cache (the previous snapshot of this source)
     // is read: the agent's walk and the collector's tree reads overlap.
@@ -567,8 +573,7 @@ fn pull_source(
             let dictionary_lost = dictionary.and_then(|d| {
                 w.use_dictionary(&d).err().map(|e| format!("dump dictionary {}: {e}; a new one is trained", d.short()))
             });
-            // Dump files get the dump chunker; a Docker volume, read through a session too, holds files.
-            let chunkers = Chunkers::new(repo_ref, info.dump && info.kind != "docker-volume")?;
+            let chunkers = Chunkers::new(repo_ref, dump_source)?;
             let mut st = Ingest::new(chunkers, threshold, cache, plans_ref);
             let mut patch: Option<Patch> = None;
             while let Some(msg) = rx.blocking_recv() {
@@ -582,12 +587,12 @@ fn pull_source(
                             st.frame(&mut w, entries_ref, idx, f)?;
                         }
                     }
-                    Msg::Window(idx, bytes) => {
+                    Msg::Window(idx, bytes, origins) => {
                         let p = match patch.as_mut() {
                             Some(p) if p.idx == idx => p,
                             _ => patch.insert(Patch::new(idx, &st.chunkers, entries_ref[idx].size)),
                         };
-                        p.window(&mut w, &bytes)?;
+                        p.window(&mut w, &bytes, origins)?;
                     }
                     Msg::DeltaEnd(idx, f, reply) => {
                         let p = match patch.take() {
@@ -786,7 +791,7 @@ enum Msg {
     /// Frames of a ReadFiles call, whose `index` points into the batch (entry indices).
     Files(Arc<Vec<usize>>, Vec<FileFrame>),
     /// One window of an entry rebuilt from its previous version and the agent's delta.
-    Window(usize, Vec<u8>),
+    Window(usize, Vec<u8>, Vec<Origin>),
     /// The end of a delta (its `error` set when the network side could not apply it): the
     /// ingest thread answers whether the result verified.
     DeltaEnd(usize, DeltaFrame, tokio::sync::oneshot::Sender<bool>),
@@ -851,6 +856,10 @@ async fn pull_delta(
     // the previous version (two thirds of the work: decrypting and decompressing old chunks)
     // runs beside the ingest thread's chunking instead of before it.
     let mut old = OldContent::new(repo, prev);
+    // A changed dump chunk is compressed against the old chunk its bytes mostly come from; until
+    // the first window shows whether this is a dump, where they come from is noted.
+    old.note_origins(true);
+    let mut first = true;
     let mut failed: Option<String> = None;
     while let Some(msg) = stream
         .message()
@@ -875,7 +884,13 @@ async fn pull_delta(
             }
             let mut window = Vec::with_capacity(f.window_len.min(delta::MAX_WINDOW) as usize);
             match old.apply(&f.delta, f.window_len, &mut window) {
-                Ok(()) => tx.send(Msg::Window(idx, window)).await.map_err(|_| gone())?,
+                Ok(()) => {
+                    if std::mem::take(&mut first) && !(src.dumps || is_database_content(&window)) {
+                        old.note_origins(false);
+                    }
+                    let origins = old.take_origins();
+                    tx.send(Msg::Window(idx, window, origins)).await.map_err(|_| gone())?
+                }
                 Err(e) => failed = Some(format!("{e:#}")),
             }
         }
@@ -903,7 +918,7 @@ impl Chunkers {
 
     /// A file's content, starting with `first` then `then` (only their first bytes are looked at).
     fn content(&self, first: &[u8], then: &[u8]) -> ChunkedContent {
-        use repo_format::chunker::{DATABASE_HEAD, is_database_content};
+        use repo_format::chunker::DATABASE_HEAD;
         if self.dump_source {
             return ChunkedContent::dump(self.dumps.clone());
         }
@@ -932,10 +947,11 @@ impl Patch {
         Patch { idx, chunkers: chunkers.clone(), content: None, sig: SignatureBuilder::new(size) }
     }
 
-    /// Store one window; an error is the repository's (a full disk), so the pull's.
-    fn window(&mut self, w: &mut Writer<'_>, bytes: &[u8]) -> Result<()> {
+    /// Store one window, copied from the stored blobs `origins` say; an error is the
+    /// repository's (a full disk), so the pull's.
+    fn window(&mut self, w: &mut Writer<'_>, bytes: &[u8], origins: Vec<Origin>) -> Result<()> {
         let content = self.content.get_or_insert_with(|| self.chunkers.content(bytes, &[]));
-        content.push(w, bytes)?;
+        content.push_from(w, bytes, origins)?;
         self.sig.push(bytes);
         Ok(())
     }

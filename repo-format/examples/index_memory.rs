@@ -31,6 +31,7 @@ fn main() {
                 offset: (i * 1000) as u32,
                 stored_len: 1000,
                 raw_len: 2000,
+                base: None,
             });
         }
         idx.add_pack(Id(*blake3::hash(&(p as u64).to_be_bytes()).as_bytes()), &entries);

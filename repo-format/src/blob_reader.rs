@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -19,13 +20,23 @@ const RECENT: usize = 4;
 /// Most stored bytes fetched in one read.
 pub const READ_AHEAD: u64 = 1 << 20;
 
+/// The blobs a caller expects to want next, listed afresh on each call.
+type Upcoming<'u> = dyn Fn() -> Box<dyn Iterator<Item = Id> + 'u> + 'u;
+
 /// Reads blobs, keeping the last few and the stored bytes of those expected next.
 #[derive(Default)]
 pub struct BlobReader {
     check: Check,
-    recent: VecDeque<(Id, Vec<u8>)>,
+    /// Shared, so that a caller may keep a blob beyond its turn here (as the base of a new
+    /// version of it, see [`crate::archive::Origin`]) without a copy.
+    recent: VecDeque<(Id, Arc<Vec<u8>>)>,
     /// A pack, where in it `stored` starts, and the stored bytes of a run of blobs.
     ahead: Option<(Id, u64, Vec<u8>)>,
+    /// Reads the bases of the blobs that have one, with read-ahead of their own: the bases of a
+    /// dump's changed chunks are the previous version's chunks, stored together elsewhere.
+    bases: Option<Box<BlobReader>>,
+    /// Whether this reads bases (which have no base of their own).
+    for_bases: bool,
 }
 
 impl BlobReader {
@@ -36,7 +47,19 @@ impl BlobReader {
 
     /// The plaintext of blob `id`, opened and checked. `upcoming` are the blobs the caller
     /// expects to want next, in order: those stored near `id` in its pack come with it.
-    pub fn get(&mut self, repo: &Repository, id: &Id, upcoming: impl IntoIterator<Item = Id>) -> Result<&[u8]> {
+    pub fn get<'u, I>(&mut self, repo: &Repository, id: &Id, upcoming: I) -> Result<&Arc<Vec<u8>>>
+    where
+        I: IntoIterator<Item = Id>,
+        I::IntoIter: Clone + 'u,
+    {
+        let upcoming = upcoming.into_iter();
+        self.get_with(repo, id, &|| Box::new(upcoming.clone()))
+    }
+
+    /// [`BlobReader::get`] with the upcoming blobs as a function that lists them afresh: a
+    /// reader's base reader is asked for the bases of those blobs, and one generic function
+    /// calling itself with a wrapped iterator would never finish compiling.
+    fn get_with<'u>(&mut self, repo: &Repository, id: &Id, upcoming: &Upcoming<'u>) -> Result<&Arc<Vec<u8>>> {
         if let Some(pos) = self.recent.iter().position(|(i, _)| i == id) {
             return Ok(&self.recent[pos].1);
         }
@@ -47,7 +70,7 @@ impl BlobReader {
             // append batches to a pack in the order they finish them, so the next blobs may lie
             // before this one, not only after it.
             let mut span = want.clone();
-            for next in upcoming {
+            for next in upcoming() {
                 let Ok(n) = repo.locate(&next) else { break };
                 let r = n.entry.range();
                 let wider = span.start.min(r.start)..span.end.max(r.end);
@@ -59,15 +82,29 @@ impl BlobReader {
             let stored = repo.read_pack_range(&loc.pack, span.clone())?;
             self.ahead = Some((loc.pack, span.start, stored));
         }
+        let base = match loc.entry.base {
+            None => None,
+            Some(b) if self.for_bases => {
+                return Err(Error::corrupt(format!("blob {id}"), format!("is a base and has a base of its own ({b})")));
+            }
+            Some(b) => {
+                let check = self.check;
+                let reader =
+                    self.bases.get_or_insert_with(|| Box::new(BlobReader { for_bases: true, ..Self::new(check) }));
+                let next_bases: &Upcoming<'_> =
+                    &|| Box::new(upcoming().filter_map(|u| repo.locate(&u).ok()?.entry.base));
+                Some(reader.get_with(repo, &b, next_bases)?.clone())
+            }
+        };
         // A backend may answer a range past the end of a truncated pack with fewer bytes.
         let stored = self
             .slice(&loc.pack, &want)
             .ok_or_else(|| Error::corrupt(format!("pack {}", loc.pack), format!("shorter than blob {} needs", id)))?;
-        let data = repo.decode_blob(&loc, stored, self.check)?.0;
+        let data = repo.decode_blob_against(&loc, stored, self.check, base.as_ref().map(|b| b.as_slice()))?.0;
         if self.recent.len() >= RECENT {
             self.recent.pop_front();
         }
-        self.recent.push_back((*id, data));
+        self.recent.push_back((*id, Arc::new(data)));
         Ok(&self.recent.back().expect("just pushed").1)
     }
 

@@ -2,7 +2,9 @@
 //!
 //! One entry is 48 bytes (32-byte id, pack ordinal with the blob kind in its top bit, offset,
 //! stored and raw length) in a sorted `Vec`, found by binary search: no per-entry allocation and
-//! no hash-table slack. FORMAT.md ("Index in memory") records the measured figure.
+//! no hash-table slack. FORMAT.md ("Index in memory") records the measured figure. The few blobs
+//! compressed against a base keep their base's id in a separate map rather than widening every
+//! entry by 32 bytes.
 
 use std::collections::HashMap;
 
@@ -36,6 +38,8 @@ pub struct MasterIndex {
     packs: Vec<Id>,
     pack_ord: HashMap<Id, u32>,
     entries: Vec<Entry>,
+    /// Blob → its base, for the blobs that have one.
+    bases: HashMap<Id, Id>,
     sorted: bool,
 }
 
@@ -60,6 +64,7 @@ impl MasterIndex {
         let ord = self.packs.len() as u32;
         self.packs.push(pack);
         self.pack_ord.insert(pack, ord);
+        self.bases.extend(entries.iter().filter_map(|e| Some((e.id, e.base?))));
         self.entries.extend(entries.iter().map(|e| Entry {
             id: e.id.0,
             pack: ord | if e.kind == BlobKind::Tree { TREE_BIT } else { 0 },
@@ -103,6 +108,7 @@ impl MasterIndex {
                 offset: e.offset,
                 stored_len: e.stored_len,
                 raw_len: e.raw_len,
+                base: if self.bases.is_empty() { None } else { self.bases.get(&Id(e.id)).copied() },
             },
         }
     }
@@ -140,6 +146,7 @@ impl MasterIndex {
         self.entries.capacity() * Self::BYTES_PER_ENTRY
             + self.packs.capacity() * 32
             + self.pack_ord.capacity() * (32 + 4 + 8)
+            + self.bases.capacity() * (32 + 32 + 1)
     }
 }
 
@@ -155,8 +162,8 @@ mod tests {
         m.add_pack(
             p,
             &[
-                PackEntry { kind: BlobKind::Data, id: a, offset: 0, stored_len: 5, raw_len: 4 },
-                PackEntry { kind: BlobKind::Tree, id: b, offset: 5, stored_len: 7, raw_len: 6 },
+                PackEntry { kind: BlobKind::Data, id: a, offset: 0, stored_len: 5, raw_len: 4, base: None },
+                PackEntry { kind: BlobKind::Tree, id: b, offset: 5, stored_len: 7, raw_len: 6, base: None },
             ],
         );
         m.finalize();

@@ -9,8 +9,13 @@ pub const CONFIG_MAGIC: &[u8; 8] = b"MAGPIE\0R";
 pub const REPO_VERSION: u32 = 1;
 /// First 8 bytes of a decrypted index file.
 pub const INDEX_MAGIC: &[u8; 8] = b"MAGPIDX\x01";
+/// First 8 bytes of a decrypted index file whose entries carry a base blob id (written only when
+/// one of its blobs has a base, so that repositories without any stay readable by older builds).
+pub const INDEX_MAGIC_BASES: &[u8; 8] = b"MAGPIDX\x02";
 /// Version byte at the start of a decrypted pack header.
 pub const PACK_HEADER_VERSION: u8 = 1;
+/// Version byte of a pack header whose entries carry a base blob id (as for the index).
+pub const PACK_HEADER_VERSION_BASES: u8 = 2;
 /// Version of the snapshot, tree and lock messages written by this build.
 pub const METADATA_VERSION: u32 = 1;
 
@@ -55,6 +60,9 @@ pub const COMPRESSION_NONE: u8 = 0;
 pub const COMPRESSION_ZSTD: u8 = 1;
 /// zstd frame compressed with a dictionary from `dicts/` follows.
 pub const COMPRESSION_ZSTD_DICTIONARY: u8 = 2;
+/// zstd frame compressed with the plaintext of another data blob, its base, as raw-content
+/// dictionary follows; the base's id is in the blob's index and pack-header entries.
+pub const COMPRESSION_ZSTD_BASE: u8 = 3;
 
 /// Cipher identifiers in `config`.
 pub const CIPHER_NONE: u8 = 0;

@@ -301,7 +301,8 @@ impl Repository {
     /// [`Repository::read_blob`], and whether the blob was compressed with a dictionary, as
     /// database dump content is (FORMAT.md §12): a copy into another repository keeps it so.
     pub fn read_dump_aware(&self, id: &Id) -> Result<(Vec<u8>, bool)> {
-        self.read_blob_flagged(id).map(|(raw, flag)| (raw, flag == magic::COMPRESSION_ZSTD_DICTIONARY))
+        self.read_blob_flagged(id)
+            .map(|(raw, flag)| (raw, matches!(flag, magic::COMPRESSION_ZSTD_DICTIONARY | magic::COMPRESSION_ZSTD_BASE)))
     }
 
     fn read_blob_flagged(&self, id: &Id) -> Result<(Vec<u8>, u8)> {
@@ -315,15 +316,40 @@ impl Repository {
         Ok(self.backend.get(&rf::pack_name(pack), Some(range))?)
     }
 
-    /// Open, decompress and check (as `check` says) the stored bytes of the blob at `loc`; with
-    /// its compression flag.
+    /// Open, decompress and check (as `check` says) the stored bytes of the blob at `loc`, reading
+    /// its base first if it has one; with its compression flag.
     pub fn decode_blob(&self, loc: &Location, stored: &[u8], check: pack::Check) -> Result<(Vec<u8>, u8)> {
-        pack::decode_blob_flagged(&self.keys, &self.dictionaries, &loc.entry, stored, check).map_err(|e| match e {
-            Error::Corrupt { object, reason } => {
-                Error::Corrupt { object: format!("{object} in pack {}", loc.pack), reason }
-            }
-            e => e,
-        })
+        let base = loc.entry.base.map(|b| self.read_base(&loc.entry.id, &b)).transpose()?;
+        self.decode_blob_against(loc, stored, check, base.as_deref())
+    }
+
+    /// [`Repository::decode_blob`] with the plaintext of the blob's base, if it has one, at hand.
+    pub fn decode_blob_against(
+        &self,
+        loc: &Location,
+        stored: &[u8],
+        check: pack::Check,
+        base: Option<&[u8]>,
+    ) -> Result<(Vec<u8>, u8)> {
+        pack::decode_blob_flagged(&self.keys, &self.dictionaries, &loc.entry, stored, base, check).map_err(
+            |e| match e {
+                Error::Corrupt { object, reason } => {
+                    Error::Corrupt { object: format!("{object} in pack {}", loc.pack), reason }
+                }
+                e => e,
+            },
+        )
+    }
+
+    /// The plaintext of `base`, the base of blob `of`: a data blob without a base of its own
+    /// (bases are one level deep, so a blob is never more than two reads away).
+    pub fn read_base(&self, of: &Id, base: &Id) -> Result<Vec<u8>> {
+        let what = || format!("blob {of}");
+        let loc = self.index.get(base).ok_or_else(|| Error::corrupt(what(), format!("its base {base} is missing")))?;
+        if loc.entry.kind != BlobKind::Data || loc.entry.base.is_some() {
+            return Err(Error::corrupt(what(), format!("its base {base} is not a data blob without a base")));
+        }
+        self.read_blob(base)
     }
 
     /// Read and decode a tree blob.

@@ -3,7 +3,9 @@
 //! filled them; [`Writer::finish`] writes the last pack, then one index file naming them all.
 //!
 //! Dump blobs ([`Writer::add_dump`]) are compressed with a dictionary: the one given, or one
-//! trained on the session's first [`TRAIN_BYTES`] of them, which wait until then.
+//! trained on the session's first [`TRAIN_BYTES`] of them, which wait until then; or, when the
+//! caller knows which stored chunk a new one replaces ([`Writer::add_dump_against`]), against
+//! that chunk.
 //!
 //! Blobs go to the workers in batches of about 256 KiB: a dump's 8 KiB chunks sent one by one
 //! cost a worker wake-up each.
@@ -55,6 +57,8 @@ struct Job {
     id: Id,
     data: Vec<u8>,
     dictionary: Option<Arc<Dictionary>>,
+    /// A stored data blob without a base, and its plaintext, to compress against.
+    base: Option<(Id, Arc<Vec<u8>>)>,
 }
 
 /// How this session compresses dump blobs.
@@ -165,7 +169,7 @@ impl<'r> Writer<'r> {
     pub fn add(&mut self, kind: BlobKind, data: Vec<u8>) -> Result<Id> {
         let (id, new) = self.id_of(kind, &data);
         if new {
-            self.send(Job { kind, id, data, dictionary: None })?;
+            self.send(Job { kind, id, data, dictionary: None, base: None })?;
         }
         Ok(id)
     }
@@ -173,6 +177,21 @@ impl<'r> Writer<'r> {
     /// Store a data blob of database dump content, like [`Writer::add`] but compressed with the
     /// session's dump dictionary.
     pub fn add_dump(&mut self, data: Vec<u8>) -> Result<Id> {
+        self.add_dump_job(data, None)
+    }
+
+    /// [`Writer::add_dump`] for a chunk that likely replaces the stored data blob `base`, whose
+    /// plaintext is `base_plain`: compressed against it when that pays (see
+    /// [`pack::encode_blob_against`]). A base that cannot be one (not stored, not data, or
+    /// compressed against a base itself: bases are one level deep) is ignored.
+    pub fn add_dump_against(&mut self, data: Vec<u8>, base: Id, base_plain: Arc<Vec<u8>>) -> Result<Id> {
+        let usable = self.repo.index().get(&base).is_some_and(|l| l.entry.kind == BlobKind::Data && l.entry.base.is_none())
+            // zstd would parse such a base as a dictionary of its own format, not as content.
+            && !base_plain.starts_with(&zstd::zstd_safe::MAGIC_DICTIONARY.to_le_bytes());
+        self.add_dump_job(data, usable.then_some((base, base_plain)))
+    }
+
+    fn add_dump_job(&mut self, data: Vec<u8>, base: Option<(Id, Arc<Vec<u8>>)>) -> Result<Id> {
         let (id, new) = self.id_of(BlobKind::Data, &data);
         if !new {
             return Ok(id);
@@ -180,12 +199,12 @@ impl<'r> Writer<'r> {
         match &mut self.dumps {
             DumpCompression::Decided(d) => {
                 let dictionary = d.clone();
-                self.send(Job { kind: BlobKind::Data, id, data, dictionary })?;
+                self.send(Job { kind: BlobKind::Data, id, data, dictionary, base })?;
             }
             DumpCompression::Training { pending, bytes } => {
                 *bytes += data.len();
                 let enough = *bytes >= TRAIN_BYTES;
-                pending.push(Job { kind: BlobKind::Data, id, data, dictionary: None });
+                pending.push(Job { kind: BlobKind::Data, id, data, dictionary: None, base });
                 if enough {
                     self.decide_dictionary()?;
                 }
@@ -313,16 +332,27 @@ fn worker(ctx: &Ctx, rx: &Mutex<Receiver<Vec<Job>>>, level: i32) {
             Ok(j) => j,
             Err(_) => return,
         };
-        let sealed: Vec<Vec<u8>> = jobs
+        let sealed: Vec<(Vec<u8>, Option<Id>)> = jobs
             .iter()
-            .map(|j| pack::encode_blob(&ctx.keys, j.kind, &j.data, Some(&mut compressor), j.dictionary.as_deref()))
+            .map(|j| match &j.base {
+                Some((base, plain)) => {
+                    let dictionary = j.dictionary.as_deref();
+                    let (sealed, used) =
+                        pack::encode_blob_against(&ctx.keys, &j.data, &mut compressor, dictionary, plain);
+                    (sealed, used.then_some(*base))
+                }
+                None => {
+                    let dictionary = j.dictionary.as_deref();
+                    (pack::encode_blob(&ctx.keys, j.kind, &j.data, Some(&mut compressor), dictionary), None)
+                }
+            })
             .collect();
         let full = {
             let mut p = ctx.shared.packer.lock().expect("packer");
             let mut s = ctx.shared.stats.lock().expect("stats");
             let mut full = Vec::new();
-            for (job, sealed) in jobs.iter().zip(&sealed) {
-                p.add(job.kind, job.id, sealed, job.data.len() as u32);
+            for (job, (sealed, base)) in jobs.iter().zip(&sealed) {
+                p.add(job.kind, job.id, sealed, job.data.len() as u32, *base);
                 s.blobs += 1;
                 s.raw_bytes += job.data.len() as u64;
                 s.stored_bytes += sealed.len() as u64;

@@ -30,7 +30,7 @@ proptest! {
     fn mutated_index_never_panics(pos in any::<prop::sample::Index>(), val in any::<u8>()) {
         let f = IndexFile {
             supersedes: vec![Id::of_stored(b"a")],
-            packs: vec![(Id::of_stored(b"p"), vec![PackEntry { kind: BlobKind::Data, id: Id::of_stored(b"b"), offset: 0, stored_len: 9, raw_len: 5 }])],
+            packs: vec![(Id::of_stored(b"p"), vec![PackEntry { kind: BlobKind::Data, id: Id::of_stored(b"b"), offset: 0, stored_len: 9, raw_len: 5, base: None }])],
         };
         let mut b = f.encode();
         let i = pos.index(b.len());
@@ -55,7 +55,7 @@ proptest! {
         for i in 0..3u8 {
             let data = vec![i; 100];
             let sealed = pack::encode_blob(&keys, BlobKind::Data, &data, None, None);
-            pb.add(BlobKind::Data, keys.blob_id(BlobKind::Data, &data), &sealed, 100);
+            pb.add(BlobKind::Data, keys.blob_id(BlobKind::Data, &data), &sealed, 100, None);
         }
         let store = MemoryBackend::new();
         let (id, _) = pb.store(&keys, &store).unwrap();
@@ -65,7 +65,7 @@ proptest! {
         if let Ok(entries) = pack::header_from_bytes(&keys, "p", &bytes) {
             for e in entries {
                 if let Some(blob) = bytes.get(e.range().start as usize..e.range().end as usize) {
-                    let _ = pack::decode_blob(&keys, &dictionaries, &e, blob);
+                    let _ = pack::decode_blob(&keys, &dictionaries, &e, blob, None);
                 }
             }
         }

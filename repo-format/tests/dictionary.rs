@@ -1,14 +1,17 @@
 //! Dump content is compressed with a dictionary trained on a session's first dump chunks: it reads
 //! back byte for byte, stores markedly less than the same chunks compressed alone, is used again
-//! by the next session, survives compact, and a lost dictionary is reported by check.
+//! by the next session, survives compact, and a lost dictionary is reported by check. A changed
+//! chunk stored against the chunk it replaces (its base) reads back, keeps its base through prune
+//! and compact, and a lost base is reported.
 
 mod common;
 
 use common::Place;
 use prost::Message;
-use repo_format::archive::{ChunkedContent, FileContent};
-use repo_format::ops::{check, compact};
+use repo_format::archive::{ChunkedContent, FileContent, Origin};
+use repo_format::ops::{check, compact, repair};
 use repo_format::repofile::DICT_DIR;
+use repo_format::repofile::pack::{self, BlobCompressor};
 use repo_format::repofile::tree::{ChunkRef, Node, NodeKind, Tree};
 use repo_format::{BlobKind, Id, Repository, Snapshot, WriteStats, Writer};
 
@@ -196,4 +199,97 @@ fn a_dictionary_zstd_cannot_load_is_an_error_not_a_panic() {
 
 fn rf_id(name: &str) -> Id {
     repo_format::repofile::id_of_name(name).unwrap()
+}
+
+/// Store `data` as dump content with the dictionary `reuse`, saying that each byte was copied
+/// from the chunk of `previous` at the same offset (as an rsync delta of in-place edits would).
+fn store_against(repo: &mut Repository, data: &[u8], previous: &FileContent, reuse: Id) -> (FileContent, WriteStats) {
+    let mut w = Writer::new(repo, 2);
+    w.use_dictionary(&reuse).unwrap();
+    let mut c = ChunkedContent::dump(repo.chunker(true).unwrap());
+    let mut origins = Vec::new();
+    let mut at = 0;
+    for chunk in &previous.chunks {
+        let blob = Id::from_slice(&chunk.id).unwrap();
+        let plain = Some(std::sync::Arc::new(repo.read_blob(&blob).unwrap()));
+        origins.push(Origin { at, len: chunk.length as u64, blob, plain });
+        at += chunk.length as u64;
+    }
+    c.push_from(&mut w, data, origins).unwrap();
+    let content = c.finish(&mut w).unwrap();
+    let (index, stats) = w.finish().unwrap();
+    if let Some((id, f)) = index {
+        repo.add_index(id, &f);
+    }
+    (content, stats)
+}
+
+#[test]
+fn changed_dump_chunks_are_stored_against_the_chunks_they_replace() {
+    let place = Place::local();
+    let mut repo = common::init(&place.backend);
+    let day1 = dump(6 << 20, 4);
+    let (content1, stats1) = store(&mut repo, &day1, true, None);
+    let dictionary = stats1.dictionary.unwrap();
+    commit(&mut repo, &content1, &stats1, 1);
+    let mut day2 = day1.clone();
+    let edit = b"an edited row";
+    for i in (50_000..day2.len()).step_by(20_000) {
+        day2[i..i + edit.len()].copy_from_slice(edit);
+    }
+
+    let (content2, stats2) = store_against(&mut repo, &day2, &content1, dictionary);
+    // Each new chunk compressed with the dictionary alone, as before bases.
+    let d = repo.dictionaries().load(&dictionary).unwrap();
+    let mut compressor = BlobCompressor::new(repo.config().compression_level).unwrap();
+    let new: Vec<&ChunkRef> = content2.chunks.iter().filter(|c| !content1.chunks.contains(c)).collect();
+    let alone: usize = new
+        .iter()
+        .map(|c| {
+            let raw = repo.read_blob(&Id::from_slice(&c.id).unwrap()).unwrap();
+            pack::encode_blob(repo.keys(), BlobKind::Data, &raw, Some(&mut compressor), Some(&d)).len()
+        })
+        .sum();
+    assert_eq!(stats2.blobs, new.len() as u64);
+    assert!(
+        stats2.stored_bytes * 5 < alone as u64,
+        "against their bases {} bytes, with the dictionary alone {alone}: bases should save four fifths",
+        stats2.stored_bytes,
+    );
+    let based: Vec<(Id, Id)> = repo.index().iter().filter_map(|l| Some((l.entry.id, l.entry.base?))).collect();
+    assert!(based.len() as u64 * 10 >= stats2.blobs * 9, "{} of {} blobs have a base", based.len(), stats2.blobs);
+    assert_eq!(read_back(&common::reopen(place.backend.clone()), &content2.chunks).unwrap(), day2);
+    commit(&mut repo, &content2, &stats2, 2);
+
+    // Day 1 pruned: its chunks that are bases stay, the others go; everything still verifies.
+    let mut repo = common::reopen(place.backend.clone());
+    let first = repo.snapshots().unwrap()[0].0;
+    repo.delete_snapshot(&first).unwrap();
+    let compacted = compact::compact(&mut repo, compact::CompactOptions { max_garbage: 0.0 }).unwrap();
+    assert!(compacted.blobs_removed > 0, "day 1's unchanged-and-unused chunks are removed");
+    assert!(based.iter().all(|(_, base)| repo.index().contains(base)), "every base is kept");
+    assert_eq!(read_back(&repo, &content2.chunks).unwrap(), day2);
+    let verify = check::CheckOptions { verify_data: true, ..Default::default() };
+    let report = check::check(&mut repo, verify).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+
+    // The packs holding the bases lost, and the index rebuilt from what is left: check names
+    // the blobs that cannot be read for want of their base, and reading says so.
+    let base_packs: std::collections::HashSet<Id> = based.iter().map(|(_, b)| repo.locate(b).unwrap().pack).collect();
+    let own_packs: std::collections::HashSet<Id> = based.iter().map(|(id, _)| repo.locate(id).unwrap().pack).collect();
+    assert!(base_packs.is_disjoint(&own_packs), "day 2's blobs were written in packs of their own");
+    for p in &base_packs {
+        place.backend.delete(&repo_format::repofile::pack_name(p)).unwrap();
+    }
+    let mut repo = common::reopen(place.backend.clone());
+    repair::repair(&mut repo, false).unwrap();
+    let report = check::check(&mut repo, Default::default()).unwrap();
+    let (lost, _) = based[0];
+    assert!(
+        report.problems.iter().any(|p| p.object == format!("blob {lost}") && p.message.contains("is missing")),
+        "{:?}",
+        report.problems
+    );
+    let err = repo.read_blob(&lost).unwrap_err().to_string();
+    assert!(err.contains("its base") && err.contains("is missing"), "{err}");
 }

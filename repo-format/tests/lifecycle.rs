@@ -63,7 +63,7 @@ fn compact_removes_packs_left_by_an_interrupted_writer(place: Place) {
     let mut pb = repo_format::repofile::pack::PackBuilder::new();
     let data = common::noise(1000, 2);
     let sealed = repo_format::repofile::pack::encode_blob(repo.keys(), repo_format::BlobKind::Data, &data, None, None);
-    pb.add(repo_format::BlobKind::Data, repo.keys().blob_id(repo_format::BlobKind::Data, &data), &sealed, 1000);
+    pb.add(repo_format::BlobKind::Data, repo.keys().blob_id(repo_format::BlobKind::Data, &data), &sealed, 1000, None);
     let (id, _) = pb.store(repo.keys(), &**repo.backend()).unwrap();
     let c = check::check(&mut repo, Default::default()).unwrap();
     assert!(c.is_clean(), "an unindexed pack is not damage");

@@ -135,6 +135,7 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
     });
     report.problems.extend(problems);
     report.verified = verified;
+    check_bases(repo, &indexed, &mut report);
 
     // Snapshots and the trees they reference.
     let mut seen_trees: HashSet<Id> = HashSet::new();
@@ -170,6 +171,21 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
         }
     }
     Ok(report)
+}
+
+/// Every base a blob names must be indexed, as a data blob without a base of its own: without it
+/// the blob cannot be read.
+fn check_bases(repo: &Repository, indexed: &HashMap<Id, Vec<PackEntry>>, report: &mut CheckReport) {
+    for e in indexed.values().flatten() {
+        let Some(base) = e.base else { continue };
+        let problem = match repo.index().get(&base) {
+            None => "is missing",
+            Some(loc) if loc.entry.kind != pack::BlobKind::Data => "is not a data blob",
+            Some(loc) if loc.entry.base.is_some() => "has a base of its own (bases are one level deep)",
+            Some(_) => continue,
+        };
+        report.problem(format!("blob {}", e.id), format!("its base {base} {problem}; the blob cannot be read"));
+    }
 }
 
 fn check_tree(repo: &Repository, snap: &Id, root: Id, path: String, seen: &mut HashSet<Id>, report: &mut CheckReport) {
@@ -259,7 +275,7 @@ fn check_pack(
                 return out;
             }
         };
-        pack::verify_whole(repo.keys(), repo.dictionaries(), &id, &bytes).map(|v| {
+        pack::verify_whole(repo.keys(), repo.dictionaries(), &id, &bytes, &|b| repo.read_blob(b).map(Some)).map(|v| {
             if !v.intact {
                 problem("content does not match its name (BLAKE3)".into());
             }

@@ -12,6 +12,7 @@ use std::collections::HashSet;
 
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::index::Location;
 use crate::repofile::index::IndexFile;
 use crate::repofile::pack::{self, PackEntry};
 use crate::repofile::{self as rf};
@@ -108,7 +109,7 @@ pub fn compact(repo: &mut Repository, opts: CompactOptions) -> Result<CompactRep
             let sealed =
                 pack::blob_bytes(&bytes, e).ok_or_else(|| Error::corrupt(&name, "shorter than its index says"))?;
             // Never carry damage into a new pack unnoticed.
-            pack::decode_blob(repo.keys(), repo.dictionaries(), e, sealed)?;
+            repo.decode_blob(&Location { pack: *pack, entry: *e }, sealed, pack::Check::Id)?;
             repacker.add(e, sealed)?;
         }
         delete.push(*pack);

@@ -12,7 +12,7 @@ use crate::id::Id;
 use crate::repofile::tree::NodeKind;
 use crate::repository::Repository;
 
-/// Every blob (trees and data) referenced by the given snapshot roots.
+/// Every blob (trees and data) referenced by the given snapshot roots, and their bases.
 pub(crate) fn referenced_blobs(repo: &Repository, roots: &[Id]) -> Result<HashSet<Id>> {
     let mut used = HashSet::new();
     let mut stack: Vec<Id> = roots.to_vec();
@@ -35,6 +35,9 @@ pub(crate) fn referenced_blobs(repo: &Repository, roots: &[Id]) -> Result<HashSe
             }
         }
     }
+    // A blob compressed against a base keeps it alive (bases are data blobs without bases).
+    let bases: Vec<Id> = used.iter().filter_map(|id| repo.index().get(id)?.entry.base).collect();
+    used.extend(bases);
     Ok(used)
 }
 
@@ -60,7 +63,7 @@ impl<'a> Repacker<'a> {
     }
 
     pub fn add(&mut self, e: &crate::repofile::pack::PackEntry, sealed: &[u8]) -> Result<()> {
-        self.current.add(e.kind, e.id, sealed, e.raw_len);
+        self.current.add(e.kind, e.id, sealed, e.raw_len, e.base);
         if self.current.len() >= self.repo.config().pack_size as usize {
             self.flush()?;
         }

@@ -62,7 +62,13 @@ pub fn repair(repo: &mut Repository, verify_data: bool) -> Result<RepairReport> 
             continue;
         }
         let bytes = repo.backend().get(&o.name, None)?;
-        let v = match pack::verify_whole(repo.keys(), repo.dictionaries(), &id, &bytes) {
+        // The index being rebuilt may not know a base yet: such a blob is kept unjudged.
+        let read_base = |b: &Id| match repo.read_blob(b) {
+            Ok(raw) => Ok(Some(raw)),
+            Err(Error::BlobMissing(_)) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let v = match pack::verify_whole(repo.keys(), repo.dictionaries(), &id, &bytes, &read_base) {
             Ok(v) => v,
             Err(e @ Error::UnsupportedVersion { .. }) => return Err(e),
             Err(e) => {
