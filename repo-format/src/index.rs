@@ -14,6 +14,18 @@ use crate::repofile::pack::{BlobKind, PackEntry};
 
 const TREE_BIT: u32 = 1 << 31;
 
+/// Bytewise order of ids, decided by their first 8 bytes as one integer whenever they differ
+/// there (ids are uniformly random, so almost always): comparing `[u8; 32]` calls `memcmp`, and
+/// sorting a bench repository's index that way was 4% of a day-2 pull's CPU.
+fn id_order(a: &[u8; 32], b: &[u8; 32]) -> std::cmp::Ordering {
+    head(a).cmp(&head(b)).then_with(|| a.cmp(b))
+}
+
+/// An id's first 8 bytes, big-endian.
+fn head(id: &[u8; 32]) -> u64 {
+    u64::from_be_bytes(id[..8].try_into().expect("8 bytes"))
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     id: [u8; 32],
@@ -40,6 +52,11 @@ pub struct MasterIndex {
     entries: Vec<Entry>,
     /// Blob → its base, for the blobs that have one.
     bases: HashMap<Id, Id>,
+    /// `starts[b]` is the first entry whose id's top `bucket_bits` bits are ≥ b: a lookup
+    /// searches one bucket of 4 to 8 entries instead of the whole table (17 steps, each a cache
+    /// miss, for 100k entries; 5% of a day-2 pull's collector CPU). At most one byte per entry.
+    starts: Vec<u32>,
+    bucket_bits: u32,
     sorted: bool,
 }
 
@@ -78,15 +95,33 @@ impl MasterIndex {
     /// Sort after adding; lookups need it.
     pub fn finalize(&mut self) {
         if !self.sorted {
-            self.entries.sort_unstable_by_key(|a| a.id);
+            self.entries.sort_unstable_by(|a, b| id_order(&a.id, &b.id));
             self.entries.shrink_to_fit();
+            self.bucket_bits = (self.entries.len() / 4).max(1).ilog2().min(32);
+            let mut starts = vec![0u32; (1 << self.bucket_bits) + 1];
+            for e in &self.entries {
+                starts[self.bucket(&e.id) + 1] += 1;
+            }
+            for b in 1..starts.len() {
+                starts[b] += starts[b - 1];
+            }
+            self.starts = starts;
             self.sorted = true;
         }
     }
 
+    fn bucket(&self, id: &[u8; 32]) -> usize {
+        head(id).checked_shr(64 - self.bucket_bits).unwrap_or(0) as usize
+    }
+
     fn position(&self, id: &Id) -> Option<usize> {
         assert!(self.sorted, "MasterIndex used before finalize()");
-        self.entries.binary_search_by(|e| e.id.cmp(&id.0)).ok()
+        if self.starts.is_empty() {
+            return None;
+        }
+        let b = self.bucket(&id.0);
+        let (from, to) = (self.starts[b] as usize, self.starts[b + 1] as usize);
+        self.entries[from..to].binary_search_by(|e| id_order(&e.id, &id.0)).ok().map(|i| from + i)
     }
 
     /// Whether the blob is stored.
@@ -147,6 +182,7 @@ impl MasterIndex {
             + self.packs.capacity() * 32
             + self.pack_ord.capacity() * (32 + 4 + 8)
             + self.bases.capacity() * (32 + 32 + 1)
+            + self.starts.capacity() * 4
     }
 }
 
@@ -171,5 +207,25 @@ mod tests {
         assert_eq!(m.get(&b).unwrap().entry.kind, BlobKind::Tree);
         assert_eq!(m.get(&a).unwrap().pack, p);
         assert!(!m.contains(&Id::random()));
+    }
+
+    /// The bucket table finds every entry, at every size (from empty to many buckets), and
+    /// nothing else; ids sharing their first 8 bytes fall back to comparing the rest.
+    #[test]
+    fn every_entry_is_found_at_every_size() {
+        for n in [0usize, 1, 3, 8, 9, 100, 5000] {
+            let mut ids: Vec<Id> = (0..n).map(|_| Id::random()).collect();
+            if let Some(&first) = ids.first() {
+                let mut twin = first;
+                twin.0[31] ^= 1;
+                ids.push(twin);
+            }
+            let mut m = MasterIndex::new();
+            let entry = |id| PackEntry { kind: BlobKind::Data, id, offset: 0, stored_len: 1, raw_len: 1, base: None };
+            m.add_pack(Id::random(), &ids.iter().map(|&id| entry(id)).collect::<Vec<_>>());
+            m.finalize();
+            assert!(ids.iter().all(|id| m.contains(id)), "{n} entries");
+            assert!((0..100).all(|_| !m.contains(&Id::random())), "{n} entries");
+        }
     }
 }
