@@ -91,12 +91,15 @@ impl<'r> OldContent<'r> {
                 .ok_or_else(|| anyhow::anyhow!("blob {id} is shorter than its reference"))?;
             out.extend_from_slice(piece);
             if let Some(origins) = self.origins.as_mut().filter(|_| note) {
+                let from = from as u64;
                 match origins.last_mut() {
-                    Some(o) if o.blob == id && o.at + o.len == self.produced => o.len += take,
-                    _ => origins.push(Origin { at: self.produced, len: take, blob: id, plain: Some(blob.clone()) }),
+                    Some(o) if o.blob == id && o.at + o.len == self.produced && o.from + o.len == from => o.len += take,
+                    _ => {
+                        origins.push(Origin { at: self.produced, len: take, blob: id, from, plain: Some(blob.clone()) })
+                    }
                 }
                 let last = origins.last_mut().expect("just added to");
-                if last.len == c.length as u64 && within + take == c.length as u64 {
+                if last.from == 0 && last.len == blob.len() as u64 {
                     last.plain = None;
                 }
             }

@@ -38,10 +38,22 @@ pub struct Origin {
     pub len: u64,
     /// The blob it was copied from.
     pub blob: Id,
+    /// Where in that blob's plaintext the stretch starts.
+    pub from: u64,
     /// That blob's plaintext; `None` when the stretch is the whole blob, which the new content
     /// then most likely holds unchanged (a duplicate needs no base, and holding every such
     /// blob until it is cut cost the collector 25 MiB on the bench's day 2).
     pub plain: Option<Arc<Vec<u8>>>,
+}
+
+/// Where a dump chunk's bytes come from, as the origins say.
+enum ChunkOrigin {
+    /// Exactly one stored blob, whole.
+    Copy(Id),
+    /// Mostly this stored blob (with its plaintext), changed.
+    Changed(Id, Arc<Vec<u8>>),
+    /// Nothing known.
+    New,
 }
 
 /// How much of a piece [`ChunkedContent::push`] buffers before cutting.
@@ -104,10 +116,15 @@ impl ChunkedContent {
         self.push(w, piece)
     }
 
-    /// The stored blob the chunk `start..start + len` copies most of its bytes from, if that is
-    /// at least half of them; the origins wholly before the chunk's end are dropped.
-    fn base_of(&mut self, start: u64, len: u64) -> Option<(Id, Arc<Vec<u8>>)> {
+    /// What the origins say of the chunk `start..start + len`; the origins wholly before the
+    /// chunk's end are dropped.
+    fn origin_of(&mut self, start: u64, len: u64) -> ChunkOrigin {
         let end = start + len;
+        if let Some(o) = self.origins.front().filter(|o| o.at == start && o.len == len && o.plain.is_none()) {
+            let blob = o.blob;
+            self.origins.pop_front();
+            return ChunkOrigin::Copy(blob);
+        }
         let mut best: Option<(&Origin, u64)> = None;
         let mut run: Option<(&Origin, u64)> = None;
         for o in self.origins.iter().take_while(|o| o.at < end) {
@@ -124,19 +141,21 @@ impl ChunkedContent {
         while self.origins.front().is_some_and(|o| o.at + o.len <= end) {
             self.origins.pop_front();
         }
-        found
+        found.map_or(ChunkOrigin::New, |(blob, plain)| ChunkOrigin::Changed(blob, plain))
     }
 
     fn cut(&mut self, w: &mut Writer<'_>, at_end: bool) -> Result<()> {
         let mut pos = 0;
         while let Some(n) = self.chunker.next_cut(&self.buf[pos..], at_end) {
-            let chunk = self.buf[pos..pos + n].to_vec();
-            let id = if !self.dump {
-                w.add(BlobKind::Data, chunk)?
-            } else if let Some((base, plain)) = self.base_of(self.out.size, n as u64) {
-                w.add_dump_against(chunk, base, plain)?
-            } else {
-                w.add_dump(chunk)?
+            let origin = if self.dump { self.origin_of(self.out.size, n as u64) } else { ChunkOrigin::New };
+            let chunk = || self.buf[pos..pos + n].to_vec();
+            let id = match origin {
+                _ if !self.dump => w.add(BlobKind::Data, chunk())?,
+                // The bytes are the stored blob's, so its id is theirs: not hashed again (half of
+                // a bench day-2 dump's chunks), nor looked up.
+                ChunkOrigin::Copy(blob) => blob,
+                ChunkOrigin::Changed(base, plain) => w.add_dump_against(chunk(), base, plain)?,
+                ChunkOrigin::New => w.add_dump(chunk())?,
             };
             self.out.chunks.push(ChunkRef { id: id.0.to_vec(), offset: 0, length: n as u32 });
             self.out.size += n as u64;
