@@ -56,7 +56,7 @@ impl<'r> OldContent<'r> {
     }
 
     /// Note, or stop noting, where the deltas' copies come from. Each origin holds its old
-    /// chunk's plaintext until taken and used: meant for database dumps, whose chunks are 8 KiB;
+    /// chunk's plaintext until taken and used: meant for database dumps, whose chunks are 32 KiB;
     /// a file's 1 MiB chunks would hold tens of MiB per window queued.
     pub fn note_origins(&mut self, on: bool) {
         self.origins = on.then(Vec::new);

@@ -1,6 +1,6 @@
 //! Ingest (chunk → id → compress → seal → pack → store) and read-back on both cores, on
 //! compressible text and on incompressible data, next to the limits of the parts (zstd alone,
-//! keyed BLAKE3 alone, FastCDC alone); and dump content in 8 KiB chunks with and without its
+//! keyed BLAKE3 alone, FastCDC alone); and dump content in dump-sized chunks with and without its
 //! dictionary (FORMAT.md §12).
 //!
 //! cargo bench -p magpie-repo-format --bench pipeline
@@ -117,7 +117,7 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-/// Store `data` as dump content in 8 KiB chunks: with the stored dictionary `dictionary`, or,
+/// Store `data` as dump content in dump-sized chunks: with the stored dictionary `dictionary`, or,
 /// without one, compressed chunk by chunk. Returns the stored bytes.
 fn ingest_dump(repo: &mut Repository, data: &[u8], dictionary: Option<Id>) -> u64 {
     let chunker = repo.chunker(true).unwrap();
@@ -162,7 +162,7 @@ fn dump_chunks(c: &mut Criterion) {
     let (_b, mut r, d) = repo_with_dictionary(sample);
     let with = ingest_dump(&mut r, data, Some(d));
     eprintln!(
-        "dump in 8 KiB chunks: {DUMP} bytes stored as {plain} ({:.3}) alone, {with} ({:.3}) with the dictionary",
+        "dump in dump-sized chunks: {DUMP} bytes stored as {plain} ({:.3}) alone, {with} ({:.3}) with the dictionary",
         plain as f64 / DUMP as f64,
         with as f64 / DUMP as f64
     );

@@ -27,8 +27,11 @@ impl ChunkerParams {
     pub const FILES: ChunkerParams = ChunkerParams { min: 256 * 1024, avg: 1024 * 1024, max: 4 * 1024 * 1024 };
 
     /// For database dumps: changed rows are spread through the dump (PostgreSQL even moves
-    /// updated rows to the end), so small chunks re-store far less per day (see FORMAT.md).
-    pub const DUMPS: ChunkerParams = ChunkerParams { min: 2 * 1024, avg: 8 * 1024, max: 32 * 1024 };
+    /// updated rows to the end), so chunks are small enough that most of a day's dump is
+    /// unchanged chunks; a changed one is stored against the chunk it replaces, whatever its
+    /// size, so larger ones cost less per blob. 32 KiB against 8 KiB on the bench: day 1 stores
+    /// 1% less, day 2 a quarter less, in about the same time (see FORMAT.md).
+    pub const DUMPS: ChunkerParams = ChunkerParams { min: 8 * 1024, avg: 32 * 1024, max: 128 * 1024 };
 
     /// Check the bounds FastCDC only asserts in debug builds.
     pub fn validate(&self) -> Result<()> {
@@ -173,12 +176,13 @@ mod tests {
 
     #[test]
     fn bounds_and_resync_after_insert() {
-        let c = Chunker::new(ChunkerParams::DUMPS, 42).unwrap();
+        let p = ChunkerParams::DUMPS;
+        let c = Chunker::new(p, 42).unwrap();
         let data = noise(4 << 20, 7);
         let chunks = c.split(&data);
         assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), data.len());
         for ch in &chunks[..chunks.len() - 1] {
-            assert!(ch.len() >= 2 * 1024 && ch.len() <= 32 * 1024);
+            assert!(ch.len() >= p.min as usize && ch.len() <= p.max as usize);
         }
         let mut edited = data.clone();
         edited.splice(2_000_000..2_000_000, b"inserted bytes".iter().copied());

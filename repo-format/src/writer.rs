@@ -7,7 +7,7 @@
 //! caller knows which stored chunk a new one replaces ([`Writer::add_dump_against`]), against
 //! that chunk.
 //!
-//! Blobs go to the workers in batches of about 256 KiB: a dump's 8 KiB chunks sent one by one
+//! Blobs go to the workers in batches of about 256 KiB: a dump's small chunks sent one by one
 //! cost a worker wake-up each.
 //!
 //! Memory is bounded by the queue (`2 × threads` batches of at most 256 KiB and one maximum

@@ -166,8 +166,8 @@ pub fn encode_blob(
 /// least three quarters, else as `encode_blob` would. Returns whether the base was used; its id
 /// must then go into the blob's entry ([`PackBuilder::add`]).
 ///
-/// A changed 8 KiB chunk of a database dump compresses to a few hundred bytes against the chunk
-/// it replaces, against a third of its size with the dump dictionary, and three to five times
+/// A changed chunk of a database dump compresses to a few hundred bytes against the chunk it
+/// replaces, against a third of its size with the dump dictionary, and three to five times
 /// faster (FORMAT.md §12).
 pub fn encode_blob_against(
     keys: &Keys,
