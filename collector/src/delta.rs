@@ -90,17 +90,24 @@ impl<'r> OldContent<'r> {
                 .get(from..from + take as usize)
                 .ok_or_else(|| anyhow::anyhow!("blob {id} is shorter than its reference"))?;
             out.extend_from_slice(piece);
+            let blob_len = blob.len() as u64;
             if let Some(origins) = self.origins.as_mut().filter(|_| note) {
                 let from = from as u64;
                 match origins.last_mut() {
                     Some(o) if o.blob == id && o.at + o.len == self.produced && o.from + o.len == from => o.len += take,
-                    _ => {
-                        origins.push(Origin { at: self.produced, len: take, blob: id, from, plain: Some(blob.clone()) })
-                    }
+                    _ => origins.push(Origin {
+                        at: self.produced,
+                        len: take,
+                        blob: id,
+                        from,
+                        whole: false,
+                        base: self.blobs.base_for(&id),
+                    }),
                 }
                 let last = origins.last_mut().expect("just added to");
-                if last.from == 0 && last.len == blob.len() as u64 {
-                    last.plain = None;
+                if last.from == 0 && last.len == blob_len {
+                    last.whole = true;
+                    last.base = None;
                 }
             }
             if note {

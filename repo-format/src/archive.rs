@@ -40,17 +40,22 @@ pub struct Origin {
     pub blob: Id,
     /// Where in that blob's plaintext the stretch starts.
     pub from: u64,
-    /// That blob's plaintext; `None` when the stretch is the whole blob, which the new content
-    /// then most likely holds unchanged (a duplicate needs no base, and holding every such
-    /// blob until it is cut cost the collector 25 MiB on the bench's day 2).
-    pub plain: Option<Arc<Vec<u8>>>,
+    /// Whether the stretch is the whole blob: the new content then most likely holds it
+    /// unchanged.
+    pub whole: bool,
+    /// The blob a changed version of this one is compressed against, and its plaintext: this
+    /// blob, or its base if it has one (bases are one level deep, so a chunk changed day after
+    /// day keeps the first version as base). `None` for a whole stretch: a duplicate needs no
+    /// base, and holding every such blob until it is cut cost the collector 25 MiB on the
+    /// bench's day 2.
+    pub base: Option<(Id, Arc<Vec<u8>>)>,
 }
 
 /// Where a dump chunk's bytes come from, as the origins say.
 enum ChunkOrigin {
     /// Exactly one stored blob, whole.
     Copy(Id),
-    /// Mostly this stored blob (with its plaintext), changed.
+    /// Mostly a stored blob, changed: the blob to compress it against, and its plaintext.
     Changed(Id, Arc<Vec<u8>>),
     /// Nothing known.
     New,
@@ -120,7 +125,7 @@ impl ChunkedContent {
     /// chunk's end are dropped.
     fn origin_of(&mut self, start: u64, len: u64) -> ChunkOrigin {
         let end = start + len;
-        if let Some(o) = self.origins.front().filter(|o| o.at == start && o.len == len && o.plain.is_none()) {
+        if let Some(o) = self.origins.front().filter(|o| o.at == start && o.len == len && o.whole) {
             let blob = o.blob;
             self.origins.pop_front();
             return ChunkOrigin::Copy(blob);
@@ -137,7 +142,7 @@ impl ChunkedContent {
                 best = run;
             }
         }
-        let found = best.filter(|(_, n)| n * 2 >= len).and_then(|(o, _)| Some((o.blob, o.plain.clone()?)));
+        let found = best.filter(|(_, n)| n * 2 >= len).and_then(|(o, _)| o.base.clone());
         while self.origins.front().is_some_and(|o| o.at + o.len <= end) {
             self.origins.pop_front();
         }

@@ -29,7 +29,7 @@ pub struct BlobReader {
     check: Check,
     /// Shared, so that a caller may keep a blob beyond its turn here (as the base of a new
     /// version of it, see [`crate::archive::Origin`]) without a copy.
-    recent: VecDeque<(Id, Arc<Vec<u8>>)>,
+    recent: VecDeque<(Id, Arc<Vec<u8>>, Option<Id>)>,
     /// A pack, where in it `stored` starts, and the stored bytes of a run of blobs.
     ahead: Option<(Id, u64, Vec<u8>)>,
     /// Reads the bases of the blobs that have one, with read-ahead of their own: the bases of a
@@ -60,7 +60,7 @@ impl BlobReader {
     /// reader's base reader is asked for the bases of those blobs, and one generic function
     /// calling itself with a wrapped iterator would never finish compiling.
     fn get_with<'u>(&mut self, repo: &Repository, id: &Id, upcoming: &Upcoming<'u>) -> Result<&Arc<Vec<u8>>> {
-        if let Some(pos) = self.recent.iter().position(|(i, _)| i == id) {
+        if let Some(pos) = self.recent.iter().position(|(i, ..)| i == id) {
             return Ok(&self.recent[pos].1);
         }
         let loc = repo.locate(id)?;
@@ -104,8 +104,17 @@ impl BlobReader {
         if self.recent.len() >= RECENT {
             self.recent.pop_front();
         }
-        self.recent.push_back((*id, Arc::new(data)));
+        self.recent.push_back((*id, Arc::new(data), loc.entry.base));
         Ok(&self.recent.back().expect("just pushed").1)
+    }
+
+    /// For a blob among the last read: the blob a changed version of it is compressed against,
+    /// with its plaintext: itself, or its base if it has one (read with it, so at hand).
+    pub fn base_for(&self, id: &Id) -> Option<(Id, Arc<Vec<u8>>)> {
+        let (_, plain, base) = self.recent.iter().find(|(i, ..)| i == id)?;
+        let Some(base) = base else { return Some((*id, plain.clone())) };
+        let (_, plain, _) = self.bases.as_ref()?.recent.iter().find(|(i, ..)| i == base)?;
+        Some((*base, plain.clone()))
     }
 
     /// The stored bytes at `range` of `pack`, if the last read holds them.

@@ -211,8 +211,8 @@ fn store_against(repo: &mut Repository, data: &[u8], previous: &FileContent, reu
     let mut at = 0;
     for chunk in &previous.chunks {
         let blob = Id::from_slice(&chunk.id).unwrap();
-        let plain = Some(std::sync::Arc::new(repo.read_blob(&blob).unwrap()));
-        origins.push(Origin { at, len: chunk.length as u64, blob, from: 0, plain });
+        let base = Some((blob, std::sync::Arc::new(repo.read_blob(&blob).unwrap())));
+        origins.push(Origin { at, len: chunk.length as u64, blob, from: 0, whole: false, base });
         at += chunk.length as u64;
     }
     c.push_from(&mut w, data, origins).unwrap();

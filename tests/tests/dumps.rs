@@ -527,9 +527,9 @@ fn a_large_dump_with_a_small_change_moves_a_small_fraction() {
     assert!(fs::read(out.join("app.dump")).unwrap() == data, "the rebuilt dump differs");
 }
 
-/// A dump whose rows change in place here and there: each changed chunk is stored against the
-/// chunk it replaces, so the day adds a small part of what it changed, and the dump restores
-/// and verifies.
+/// A dump whose rows change in place here and there, two days running: each changed chunk is
+/// stored against the chunk it replaces (or that chunk's base), so a day adds a small part of
+/// what it changed, and the dump restores and verifies.
 #[test]
 fn scattered_row_changes_are_stored_against_the_chunks_they_replace() {
     let tmp = tempfile::tempdir().unwrap();
@@ -557,7 +557,17 @@ fn scattered_row_changes_are_stored_against_the_chunks_they_replace() {
     assert!(added < edit_count * 512, "{added} bytes stored for {edit_count} edits");
     assert!(added * 10 < day1, "day 2 stored {added} bytes, day 1 {day1}");
 
-    let out = s.restore(second["snapshot"].as_str().unwrap(), &s.path("out"));
+    // The next day the same rows change again: chunks whose old version has a base of its own
+    // are stored against that base (bases are one level deep), as small.
+    for i in (100_000..data.len() - 20).step_by(40_000) {
+        data[i..i + 12].copy_from_slice(b"edited row 2");
+    }
+    fs::write(dir.join("data"), &data).unwrap();
+    let third = s.pull("app", &[]).expect("third pull");
+    let added = third["stored_added"].as_u64().unwrap();
+    assert!(added < edit_count * 512, "day 3: {added} bytes stored for {edit_count} edits");
+
+    let out = s.restore(third["snapshot"].as_str().unwrap(), &s.path("out"));
     assert!(fs::read(out.join("app.dump")).unwrap() == data, "the rebuilt dump differs");
     let check = s.collector.run(&["check", "--verify-data"]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
