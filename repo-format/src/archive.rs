@@ -156,8 +156,8 @@ impl ChunkedContent {
             let chunk = || self.buf[pos..pos + n].to_vec();
             let id = match origin {
                 _ if !self.dump => w.add(BlobKind::Data, chunk())?,
-                // The bytes are the stored blob's, so its id is theirs: not hashed again (half of
-                // a bench day-2 dump's chunks), nor looked up.
+                // The bytes are the stored blob's, so its id is theirs: the unchanged part of a
+                // dump is not hashed again, nor looked up.
                 ChunkOrigin::Copy(blob) => blob,
                 ChunkOrigin::Changed(base, plain) => w.add_dump_against(chunk(), base, plain)?,
                 ChunkOrigin::New => w.add_dump(chunk())?,
