@@ -35,8 +35,6 @@ pub struct BlobReader {
     /// Reads the bases of the blobs that have one, with read-ahead of their own: the bases of a
     /// dump's changed chunks are the previous version's chunks, stored together elsewhere.
     bases: Option<Box<BlobReader>>,
-    /// Whether this reads bases (which have no base of their own).
-    for_bases: bool,
 }
 
 impl BlobReader {
@@ -84,13 +82,13 @@ impl BlobReader {
         }
         let base = match loc.entry.base {
             None => None,
-            Some(b) if self.for_bases => {
-                return Err(Error::corrupt(format!("blob {id}"), format!("is a base and has a base of its own ({b})")));
-            }
             Some(b) => {
+                // Checked first, so that the base reader never needs a reader of its own.
+                if let Some(why) = repo.unusable_base(&b) {
+                    return Err(Error::corrupt(format!("blob {id}"), format!("its base {b} {why}")));
+                }
                 let check = self.check;
-                let reader =
-                    self.bases.get_or_insert_with(|| Box::new(BlobReader { for_bases: true, ..Self::new(check) }));
+                let reader = self.bases.get_or_insert_with(|| Box::new(Self::new(check)));
                 let next_bases: &Upcoming<'_> =
                     &|| Box::new(upcoming().filter_map(|u| repo.locate(&u).ok()?.entry.base));
                 Some(reader.get_with(repo, &b, next_bases)?.clone())

@@ -341,13 +341,22 @@ impl Repository {
         )
     }
 
-    /// The plaintext of `base`, the base of blob `of`: a data blob without a base of its own
-    /// (bases are one level deep, so a blob is never more than two reads away).
+    /// Why `base` cannot be a blob's base, or `None` if it can: a base is an indexed data blob
+    /// without a base of its own (bases are one level deep, so a blob is never more than two
+    /// reads away).
+    pub fn unusable_base(&self, base: &Id) -> Option<&'static str> {
+        match self.index.get(base) {
+            None => Some("is missing"),
+            Some(loc) if loc.entry.kind != BlobKind::Data => Some("is not a data blob"),
+            Some(loc) if loc.entry.base.is_some() => Some("has a base of its own (bases are one level deep)"),
+            Some(_) => None,
+        }
+    }
+
+    /// The plaintext of `base`, the base of blob `of`.
     pub fn read_base(&self, of: &Id, base: &Id) -> Result<Vec<u8>> {
-        let what = || format!("blob {of}");
-        let loc = self.index.get(base).ok_or_else(|| Error::corrupt(what(), format!("its base {base} is missing")))?;
-        if loc.entry.kind != BlobKind::Data || loc.entry.base.is_some() {
-            return Err(Error::corrupt(what(), format!("its base {base} is not a data blob without a base")));
+        if let Some(why) = self.unusable_base(base) {
+            return Err(Error::corrupt(format!("blob {of}"), format!("its base {base} {why}")));
         }
         self.read_blob(base)
     }

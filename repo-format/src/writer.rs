@@ -185,7 +185,7 @@ impl<'r> Writer<'r> {
     /// [`pack::encode_blob_against`]). A base that cannot be one (not stored, not data, or
     /// compressed against a base itself: bases are one level deep) is ignored.
     pub fn add_dump_against(&mut self, data: Vec<u8>, base: Id, base_plain: Arc<Vec<u8>>) -> Result<Id> {
-        let usable = self.repo.index().get(&base).is_some_and(|l| l.entry.kind == BlobKind::Data && l.entry.base.is_none())
+        let usable = self.repo.unusable_base(&base).is_none()
             // zstd would parse such a base as a dictionary of its own format, not as content.
             && !base_plain.starts_with(&zstd::zstd_safe::MAGIC_DICTIONARY.to_le_bytes());
         self.add_dump_job(data, usable.then_some((base, base_plain)))

@@ -177,14 +177,9 @@ pub fn check(repo: &mut Repository, opts: CheckOptions) -> Result<CheckReport> {
 /// the blob cannot be read.
 fn check_bases(repo: &Repository, indexed: &HashMap<Id, Vec<PackEntry>>, report: &mut CheckReport) {
     for e in indexed.values().flatten() {
-        let Some(base) = e.base else { continue };
-        let problem = match repo.index().get(&base) {
-            None => "is missing",
-            Some(loc) if loc.entry.kind != pack::BlobKind::Data => "is not a data blob",
-            Some(loc) if loc.entry.base.is_some() => "has a base of its own (bases are one level deep)",
-            Some(_) => continue,
-        };
-        report.problem(format!("blob {}", e.id), format!("its base {base} {problem}; the blob cannot be read"));
+        if let Some((base, why)) = e.base.and_then(|b| Some((b, repo.unusable_base(&b)?))) {
+            report.problem(format!("blob {}", e.id), format!("its base {base} {why}; the blob cannot be read"));
+        }
     }
 }
 
