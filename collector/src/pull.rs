@@ -885,7 +885,7 @@ async fn pull_delta(
             let mut window = Vec::with_capacity(f.window_len.min(delta::MAX_WINDOW) as usize);
             match old.apply(&f.delta, f.window_len, &mut window) {
                 Ok(()) => {
-                    if std::mem::take(&mut first) && !(src.dumps || is_database_content(&window)) {
+                    if std::mem::take(&mut first) && !is_dump(src.dumps, &window) {
                         old.note_origins(false);
                     }
                     let origins = old.take_origins();
@@ -900,6 +900,13 @@ async fn pull_delta(
         agent.name,
         String::from_utf8_lossy(&entry.path)
     )
+}
+
+/// Whether content starting with `head` is stored as a database dump: everything in a dump
+/// source, elsewhere what its first bytes say is database content. The network side of a delta
+/// decides by it too (whether to note where copies come from), so both sides agree.
+fn is_dump(dump_source: bool, head: &[u8]) -> bool {
+    dump_source || is_database_content(head)
 }
 
 /// The chunkers of a source: database content (by its first bytes) gets the dump chunker and
@@ -919,12 +926,9 @@ impl Chunkers {
     /// A file's content, starting with `first` then `then` (only their first bytes are looked at).
     fn content(&self, first: &[u8], then: &[u8]) -> ChunkedContent {
         use repo_format::chunker::DATABASE_HEAD;
-        if self.dump_source {
-            return ChunkedContent::dump(self.dumps.clone());
-        }
         let mut head = first[..first.len().min(DATABASE_HEAD)].to_vec();
         head.extend_from_slice(&then[..then.len().min(DATABASE_HEAD - head.len())]);
-        if is_database_content(&head) {
+        if is_dump(self.dump_source, &head) {
             ChunkedContent::dump(self.dumps.clone())
         } else {
             ChunkedContent::new(self.files.clone())

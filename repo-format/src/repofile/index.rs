@@ -17,7 +17,7 @@
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::magic;
-use crate::repofile::pack::{BlobKind, PackEntry};
+use crate::repofile::pack::{BlobKind, PackEntry, base_bytes, base_from};
 
 const ENTRY_LEN: usize = 49;
 const ENTRY_LEN_BASES: usize = ENTRY_LEN + 32;
@@ -79,7 +79,7 @@ impl IndexFile {
             out.extend_from_slice(&e.raw_len.to_le_bytes());
             out.push(e.kind as u8);
             if bases {
-                out.extend_from_slice(&e.base.map_or([0; 32], |b| b.0));
+                out.extend_from_slice(&base_bytes(e.base));
             }
         }
         out
@@ -123,7 +123,7 @@ impl IndexFile {
             let raw_len = r.u32().expect("length checked");
             let kind =
                 BlobKind::from_u8(r.take(1).expect("length checked")[0]).ok_or_else(|| bad("unknown blob kind"))?;
-            let base = if bases { r.id().filter(|b| b.0 != [0; 32]) } else { None };
+            let base = if bases { base_from(r.take(32).expect("length checked")) } else { None };
             if prev.is_some_and(|p| p > id) {
                 return Err(bad("entries are not sorted"));
             }

@@ -77,6 +77,16 @@ impl PackEntry {
 const ENTRY_LEN: usize = 41;
 const ENTRY_LEN_BASES: usize = ENTRY_LEN + 32;
 
+/// A base as pack-header and index entries store it: 32 bytes, all zero for none (no blob id is).
+pub(crate) fn base_bytes(base: Option<Id>) -> [u8; 32] {
+    base.map_or([0; 32], |b| b.0)
+}
+
+/// The base an entry's 32 base bytes name.
+pub(crate) fn base_from(bytes: &[u8]) -> Option<Id> {
+    Id::from_slice(bytes).filter(|b| b.0 != [0; 32])
+}
+
 /// Largest plaintext a blob may have (a tree of a directory with millions of entries fits).
 pub const MAX_BLOB_SIZE: u32 = 512 * 1024 * 1024;
 
@@ -443,7 +453,7 @@ impl PackBuilder {
             header.extend_from_slice(&e.stored_len.to_le_bytes());
             header.extend_from_slice(&e.raw_len.to_le_bytes());
             if bases {
-                header.extend_from_slice(&e.base.map_or([0; 32], |b| b.0));
+                header.extend_from_slice(&base_bytes(e.base));
             }
         }
         let sealed = keys.seal(Domain::PackHeader, &header);
@@ -516,7 +526,7 @@ fn parse_header(name: &str, header: &[u8], blobs_end: u64) -> Result<Vec<PackEnt
             offset: offset as u32,
             stored_len,
             raw_len,
-            base: e.get(41..73).and_then(Id::from_slice).filter(|b| b.0 != [0; 32]),
+            base: e.get(41..73).and_then(base_from),
         });
         offset += stored_len as u64;
     }
